@@ -1,0 +1,47 @@
+"""The causal-LM shell shared by M2-GPT and the Transformer GPT baseline: token embedding, pre-LN blocks,
+final LayerNorm and an LM head tied to the embedding.
+
+Labels are aligned with positions: labels[:, t] is the token that should follow input_ids[:, t] (the data
+loader shifts them); -100 marks positions without a target.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .base import M2TrainModel
+from .outputs import ModelOutput
+
+
+class CausalLM(M2TrainModel):
+    def __init__(self, cfg: ModelConfig, blocks: list[nn.Module], position_embeddings: bool = False):
+        super().__init__(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if position_embeddings else None
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        L = input_ids.shape[1]
+        if L > self.config.max_seq_len:
+            raise ValueError(f"input length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
+        h = self.embed(input_ids)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed.weight[:L]
+        h = self.dropout(h)
+        for block in self.blocks:
+            h = block(h)
+        h = self.final_norm(h)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss)

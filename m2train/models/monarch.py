@@ -1,0 +1,74 @@
+"""Order-2 Monarch linear layer M = P·L·Pᵀ·R (DESIGN.md §4.1), rectangular, with bias.
+
+R and L are block-diagonal; between them the intermediate vector (nblocks blocks of size q) is viewed as
+(q, nblocks) and transposed, so every block of L sees one entry from every block of R: two batched matmuls
+give a full-rank-capable n×n map in O(n^{3/2}). Output entries are read out in the same transposed order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """x (..., k*p); w1 (k, q, p) block-diagonal R; w2 (l, s, r) block-diagonal L with l*r == k*q.
+
+    Returns (..., s*l): out[..., j*l + b] = sum_i w2[b, j, i] * mid_T[..., b, i] where mid_T is R·x viewed
+    as (r, l) and transposed (the permutation P), and the output is read out transposed again (Pᵀ)."""
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    batch_shape = x.shape[:-1]
+    h = x.reshape(-1, k, p).transpose(0, 1)                       # (k, N, p)
+    h = torch.bmm(h, w1.transpose(1, 2))                          # (k, N, q)
+    h = h.transpose(0, 1).reshape(-1, r, l).permute(2, 0, 1)      # (l, N, r)  -- the permutation
+    h = torch.bmm(h, w2.transpose(1, 2))                          # (l, N, s)
+    return h.permute(1, 2, 0).reshape(*batch_shape, s * l)        # read out as (s, l)
+
+
+class MonarchLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.nblocks = nblocks
+        in_blk = math.ceil(in_features / nblocks)
+        out_blk = math.ceil(out_features / nblocks)
+        self.in_ext, self.out_ext = in_blk * nblocks, out_blk * nblocks
+        # The intermediate width is the larger of the two sides, so neither factor is a bottleneck.
+        mid_blk = max(in_blk, out_blk)
+        self.blkdiag1 = nn.Parameter(torch.empty(nblocks, mid_blk, in_blk))   # R
+        self.blkdiag2 = nn.Parameter(torch.empty(nblocks, out_blk, mid_blk))  # L
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.blkdiag1, self.blkdiag2):
+            bound = 1.0 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+        if self.bias is not None:
+            b = 1.0 / math.sqrt(self.out_features)
+            nn.init.uniform_(self.bias, -b, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_ext != self.in_features:
+            x = F.pad(x, (0, self.in_ext - self.in_features))
+        y = monarch_matmul(x, self.blkdiag1, self.blkdiag2)
+        if self.out_ext != self.out_features:
+            y = y[..., : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense (out_features, in_features) matrix (no bias): y = x @ W.T + b."""
+        eye = torch.eye(self.in_ext, dtype=self.blkdiag1.dtype, device=self.blkdiag1.device)
+        w = monarch_matmul(eye, self.blkdiag1, self.blkdiag2).T
+        return w[: self.out_features, : self.in_features]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"nblocks={self.nblocks}, bias={self.bias is not None}")

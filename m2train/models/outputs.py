@@ -1,0 +1,18 @@
+"""What every model returns: logits at every position (by default) and the loss when labels are given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+
+    def __getitem__(self, key: str):  # output["logits"] like Hugging Face outputs
+        return getattr(self, key)

@@ -1,0 +1,38 @@
+"""Causal depthwise short convolution (kernel 3 in M2): y[t] = b + Σ_j w[j]·x[t - (K-1) + j].
+
+Same parameters and result as the reference `nn.Conv1d(C, C, K, groups=C, padding=K-1)` truncated to L,
+written as K shifted multiply-adds: on CPU this is several times faster than conv1d for depthwise K=3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class CausalShortConv(nn.Module):
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.channels = channels
+        self.kernel_size = kernel_size
+        # (C, 1, K): the layout of a depthwise nn.Conv1d, so checkpoints map one to one.
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv1d's default init (fan_in = K for a depthwise conv).
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, L) -> (B, C, L)."""
+        K, L = self.kernel_size, x.shape[-1]
+        w = self.weight[:, 0, :].to(x.dtype)                         # (C, K)
+        y = x * w[:, K - 1, None] + self.bias.to(x.dtype)[:, None]
+        for shift in range(1, min(K, L)):
+            y[..., shift:] += x[..., :-shift] * w[:, K - 1 - shift, None]
+        return y
