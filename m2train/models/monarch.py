@@ -38,8 +38,9 @@ class MonarchLinear(nn.Module):
         in_blk = math.ceil(in_features / nblocks)
         out_blk = math.ceil(out_features / nblocks)
         self.in_ext, self.out_ext = in_blk * nblocks, out_blk * nblocks
-        # The intermediate width is the larger of the two sides, so neither factor is a bottleneck.
-        mid_blk = max(in_blk, out_blk)
+        # The intermediate width is the smaller side: the product's rank is bounded by it anyway, so a
+        # wider middle would only add parameters (the convention of the Monarch reference layers).
+        mid_blk = min(in_blk, out_blk)
         self.blkdiag1 = nn.Parameter(torch.empty(nblocks, mid_blk, in_blk))   # R
         self.blkdiag2 = nn.Parameter(torch.empty(nblocks, out_blk, mid_blk))  # L
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None

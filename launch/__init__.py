@@ -1,0 +1,3 @@
+"""Distributed launch helpers (rank/world from torchrun, the deepspeed launcher or Slurm).
+
+Installed as `m2train.launch`."""

