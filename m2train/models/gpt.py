@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .base import M2TrainModel
-from .outputs import ModelOutput
+from .outputs import ModelOutput, upcast
 
 
 class CausalLM(M2TrainModel):
@@ -43,5 +43,5 @@ class CausalLM(M2TrainModel):
         logits = F.linear(h, weight)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .outputs import upcast
+
 
 class MLMHead(nn.Module):
     """Linear(H,H) → GELU → LayerNorm(1e-12) → decoder tied to the word embeddings + its own bias."""
@@ -45,7 +47,7 @@ def mlm_forward(head: MLMHead, hidden: torch.Tensor, labels: torch.Tensor | None
     if picked.shape[0] == 0:
         loss = picked.sum() * 0.0   # no labelled position: a zero that still has a graph
     else:
-        loss = F.cross_entropy(picked.float(), labels[selected])
+        loss = F.cross_entropy(upcast(picked), labels[selected])
     return logits, loss
 
 
@@ -73,5 +75,5 @@ class ClassificationHead(nn.Module):
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.shape[-1] == 1:                       # regression (e.g. STS-B)
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+        return F.mse_loss(upcast(logits.squeeze(-1)), labels.to(upcast(logits).dtype))
+    return F.cross_entropy(upcast(logits), labels)

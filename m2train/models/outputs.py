@@ -16,3 +16,8 @@ class ModelOutput:
 
     def __getitem__(self, key: str):  # output["logits"] like Hugging Face outputs
         return getattr(self, key)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in at least fp32 (bf16 logits lose too much), and in fp64 for fp64 models."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+# Nothing in the test suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_model_cfg(arch: str = "m2_bert", **overrides):
+    """A small but complete config of each architecture for fast CPU tests."""
+    from m2train.config import ModelConfig
+
+    base = dict(vocab_size=101, hidden_size=32, num_layers=2, intermediate_size=64, max_seq_len=40,
+                filter_order=16, num_heads=4, hidden_dropout=0.0)
+    if arch in ("m2_gpt", "gpt"):
+        base.update(bidirectional=False, position_embeddings=(arch == "gpt"), layer_norm_eps=1e-5)
+    base.update(overrides)
+    return ModelConfig(arch=arch, **base)
