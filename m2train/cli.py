@@ -22,7 +22,9 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
+    p.add_argument("--val-windows", type=int, default=128,
+                   help="validation windows evaluated each time (default 128; the held-out set is larger)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/quickstart", help="where the tokenizer, metrics and weights go")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.hidden_size=256")
