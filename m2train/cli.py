@@ -63,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides (key=value) may come before or after options: `model-summary CFG --seq-len 64 a.b=1`.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [e for e in extra if "=" not in e or e.startswith("-")]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = list(args.overrides) + extra
     from .config import ConfigError
     try:
         if args.command == "quickstart":

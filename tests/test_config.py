@@ -79,3 +79,9 @@ def test_cli_reports_config_errors_cleanly(capsys):
     assert main(["model-summary", "configs/m2_bert_tiny.yaml", "model.hiden_size=3"]) == 2
     err = capsys.readouterr().err
     assert "config error" in err and "model.hiden_size" in err
+
+
+def test_cli_overrides_may_follow_options(capsys):
+    from m2train.cli import main
+    assert main(["model-summary", "configs/m2_bert_tiny.yaml", "--seq-len", "64", "model.num_layers=1"]) == 0
+    assert "FLOPs per token" in capsys.readouterr().out
