@@ -85,3 +85,9 @@ def test_cli_overrides_may_follow_options(capsys):
     from m2train.cli import main
     assert main(["model-summary", "configs/m2_bert_tiny.yaml", "--seq-len", "64", "model.num_layers=1"]) == 0
     assert "FLOPs per token" in capsys.readouterr().out
+
+
+def test_float_spellings_yaml_reads_as_strings(tmp_path):
+    cfg = load_config(write(tmp_path, "eps.yaml", "model:\n  layer_norm_eps: 1e-12\noptim:\n  lr: 3e-4\n"))
+    assert cfg.model.layer_norm_eps == 1e-12 and cfg.optim.lr == 3e-4
+    assert "model.layer_norm_eps" in error_of(None, ["model.layer_norm_eps=tiny"])
