@@ -70,3 +70,21 @@ def test_monarch_is_P_L_Pt_R():
     torch.testing.assert_close(layer.dense_weight(), M, rtol=1e-12, atol=1e-12)
     # and it is not block-diagonal: every output depends on every input
     assert (M.abs() > 0).all()
+
+
+@pytest.mark.parametrize("features,order", [(16, 2), (27, 3), (16, 4), (5, 1)])
+def test_order_p_monarch_equals_dense(features, order):
+    from m2train.models.monarch import MonarchLinearOrderP
+    _check_equals_dense(MonarchLinearOrderP(features, order), features)
+
+
+def test_order_2_is_the_order_2_monarch():
+    from m2train.models.monarch import MonarchLinearOrderP
+    b = 4
+    p2 = MonarchLinearOrderP(b * b, 2, bias=False).double()
+    m = MonarchLinear(b * b, b * b, nblocks=b, bias=False).double()
+    with torch.no_grad():
+        m.blkdiag1.copy_(p2.factors[0])       # R: blocks on contiguous chunks
+        m.blkdiag2.copy_(p2.factors[1])       # L: blocks on the transposed view
+    torch.testing.assert_close(p2.dense_weight(), m.dense_weight(), rtol=1e-12, atol=1e-12)
+

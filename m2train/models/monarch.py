@@ -73,3 +73,49 @@ class MonarchLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"nblocks={self.nblocks}, bias={self.bias is not None}")
+
+
+class MonarchLinearOrderP(nn.Module):
+    """Square order-p Monarch on n = b^p features: p block-diagonal factors with blocks of size b = n^{1/p}.
+
+    View the input as a p-dimensional (b, …, b) array. Factor i multiplies along axis i by a b×b matrix
+    chosen by the values of all the other axes (b^{p-1} different blocks): a block-diagonal matrix
+    conjugated by the permutation that brings axis i last. p = 2 is exactly `MonarchLinear`'s P·L·Pᵀ·R
+    (factor 0 = R, factor 1 = L); p = log2 n with 2×2 blocks is the butterfly/FFT structure.
+    Cost O(p · n · b) per vector instead of O(n²)."""
+
+    def __init__(self, features: int, order: int, bias: bool = True):
+        super().__init__()
+        b = round(features ** (1.0 / order))
+        if order < 1 or b ** order != features:
+            raise ValueError(f"order-{order} Monarch needs features = b^{order}, got {features}")
+        self.features, self.order, self.block = features, order, b
+        self.factors = nn.ParameterList(nn.Parameter(torch.empty(b ** (order - 1), b, b)) for _ in range(order))
+        self.bias = nn.Parameter(torch.empty(features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.block)
+        for w in self.factors:
+            nn.init.uniform_(w, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1.0 / math.sqrt(self.features), 1.0 / math.sqrt(self.features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p = self.block, self.order
+        batch_shape = x.shape[:-1]
+        h = x.reshape(-1, *([b] * p))                              # (N, b, ..., b); axis 0 most significant
+        for i, w in enumerate(self.factors):
+            # factor 0 acts on the least significant axis (contiguous chunks, like R), then upwards
+            axis = p - i
+            moved = h.movedim(axis, -1)                            # (N, ...other axes..., b)
+            shape = moved.shape
+            out = torch.einsum("nkj,kij->nki", moved.reshape(shape[0], -1, b), w)
+            h = out.reshape(shape).movedim(-1, axis)
+        y = h.reshape(*batch_shape, self.features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def dense_weight(self) -> torch.Tensor:
+        eye = torch.eye(self.features, dtype=self.factors[0].dtype, device=self.factors[0].device)
+        y = self.forward(eye)
+        return (y - self.bias if self.bias is not None else y).T
