@@ -49,3 +49,12 @@ def long_conv(v: torch.Tensor, k_fwd: torch.Tensor, k_rev: torch.Tensor | None =
     """Causal (k_rev None) or bidirectional long convolution of v (..., H, L) with kernels (H, L)."""
     n = fft_size(v.shape[-1])
     return fft_conv(v, kernel_spectrum(k_fwd, k_rev, n), n)
+
+
+def padded_fft_conv(x_padded: torch.Tensor, k_spec: torch.Tensor) -> torch.Tensor:
+    """Circular convolution of x_padded (..., H, n), already zero-padded (x in the first L ≤ n/2 taps), with
+    a kernel spectrum (H, n//2+1); returns the full (..., H, n) result, of which [..., :L] is the linear
+    convolution. For no-grad fast paths: the caller pads into a reused buffer (torch.fft would otherwise
+    allocate and copy a padded input) and the spectrum product is done in place. Same dtype in and out
+    (fp32 or fp64)."""
+    return torch.fft.irfft(torch.fft.rfft(x_padded).mul_(k_spec), n=x_padded.shape[-1])

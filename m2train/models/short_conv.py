@@ -12,6 +12,19 @@ import torch
 import torch.nn as nn
 
 
+def causal_short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (B, *C, L), weight (*C, K), bias (*C) -> (B, *C, L); *C is the channel shape, e.g. (C,) or (3, C).
+
+    One fused multiply-add per tap (addcmul) written into the output, so the only allocation is the
+    output itself: on CPU, fresh large temporaries cost more in page faults than the arithmetic."""
+    K, L = weight.shape[-1], x.shape[-1]
+    w = weight.to(x.dtype)
+    y = torch.addcmul(bias.to(x.dtype)[..., None], x, w[..., K - 1, None])   # tap at lag 0
+    for shift in range(1, min(K, L)):                                         # tap at lag `shift`
+        y[..., shift:].addcmul_(x[..., :-shift], w[..., K - 1 - shift, None])
+    return y
+
+
 class CausalShortConv(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 3):
         super().__init__()
@@ -30,9 +43,4 @@ class CausalShortConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, L) -> (B, C, L)."""
-        K, L = self.kernel_size, x.shape[-1]
-        w = self.weight[:, 0, :].to(x.dtype)                         # (C, K)
-        y = x * w[:, K - 1, None] + self.bias.to(x.dtype)[:, None]
-        for shift in range(1, min(K, L)):
-            y[..., shift:] += x[..., :-shift] * w[:, K - 1 - shift, None]
-        return y
+        return causal_short_conv(x, self.weight[:, 0, :], self.bias)
