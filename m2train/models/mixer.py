@@ -12,10 +12,11 @@ Every step is either per-position, depthwise causal, or a long convolution whose
 Two implementations of the same math:
 - `_forward_reference`: whole-tensor ops, used whenever autograd records (training) or under autocast.
 - `_forward_fused`: for no-grad fp32/fp64 forwards (inference, evaluation). It walks the channels in
-  chunks, doing in_linear rows → short conv → gating → both FFT convolutions for one chunk while it is in
-  cache, and lets the matmuls absorb the (B, L, H) <-> (B, H, L) transposes. On CPU this is several times
-  faster: every intermediate stays small (large fresh tensors cost more in page faults than the arithmetic
-  on them) and the FFTs work on cache-resident blocks.
+  blocks (CHANNEL_CHUNK), doing in_linear rows → short conv → gating → both FFT convolutions for one block
+  while it is in L3, and lets the matmuls absorb the (B, L, H) <-> (B, H, L) transposes. Measured on a
+  2-core CPU at L=4096 it takes about two thirds of the reference path's time: no intermediate is larger
+  than a block (large fresh tensors cost more in page faults than the arithmetic on them), no padded copy
+  is made for the FFTs, and no bias is broadcast-copied before a GEMM.
 """
 
 from __future__ import annotations
@@ -159,10 +160,8 @@ class M2SequenceMixer(nn.Module):
             g = slice(c0, min(c0 + C, H))
             self._mix_block(u_t, y[:, g], g, spec, spec_res, [p[:, :g.stop - g.start] for p in pads])
         # out_linear on the channels-first y: y[b]ᵀ @ Wᵀ, the transpose absorbed by the GEMM.
-        out = u.new_empty(B, L, H)
-        for i in range(B):
-            torch.mm(y[i].t(), self.out_linear.weight.t(), out=out[i])
-        return out.add_(self.out_linear.bias)                      # (addmm would copy the bias first)
+        out = torch.bmm(y.mT, self.out_linear.weight.t().expand(B, H, H))
+        return out.add_(self.out_linear.bias)
 
     def _mix_block(self, u_t, out, g: slice, spec, spec_res, pads) -> None:
         """Steps 1-6 of the mixer for the channels g, written into `out` (B, C, L).
@@ -172,10 +171,8 @@ class M2SequenceMixer(nn.Module):
         C = g.stop - g.start
         # 1. in_linear rows [x1; x2; v] of these channels, channels-first: (3C, H) @ u[b]ᵀ per sample.
         w = self.in_linear.weight.view(3, H, H)[:, g].reshape(3 * C, H)
-        z = u_t.new_empty(B, 3 * C, L)
-        for i in range(B):
-            torch.mm(w, u_t[i], out=z[i])
-        z = z.view(B, 3, C, L).add_(self.in_linear.bias.view(3, H, 1)[:, g])
+        z = torch.bmm(w.expand(B, 3 * C, H), u_t).view(B, 3, C, L)
+        z.add_(self.in_linear.bias.view(3, H, 1)[:, g])           # (addmm would copy the bias first)
         # 2-3. short conv, split, v ⊙ x1 (written straight into the padded FFT input)
         w_sc, b_sc = self.short_conv.weight.view(3, H, -1)[:, g], self.short_conv.bias.view(3, H)[:, g]
         x1, x2, v = causal_short_conv(z, w_sc, b_sc).unbind(1)
