@@ -51,6 +51,10 @@ class ModelConfig:
     position_embeddings: bool = True
 
     # --- M2 sequence mixer -------------------------------------------------------------------
+    # How the long convolutions are computed: "fft" (the reference, zero-padded FFT) or
+    # "monarch_causal" (learned causal Monarch evaluation/interpolation, m2train/models/causal_monarch.py;
+    # equal to "fft" at initialisation).
+    sequence_mixer: Literal["fft", "monarch_causal"] = "fft"
     bidirectional: bool = True
     residual_long_conv: bool = True
     # Reference "hyena_training_additions": LayerNorm(eps 1e-5) on the mixer input (80M checkpoint).
@@ -113,6 +117,8 @@ class ModelConfig:
             raise err("head", f"arch {self.arch!r} is a bidirectional encoder: use 'mlm' or 'classification'")
         if self.arch == "m2_gpt" and self.bidirectional:
             raise err("bidirectional", "M2-GPT must be causal: set model.bidirectional=false")
+        if self.arch in ("bert", "gpt") and self.sequence_mixer != "fft":
+            raise err("sequence_mixer", f"the Transformer baseline {self.arch!r} has no M2 sequence mixer")
         if self.arch in ("bert", "gpt") and self.hidden_size % self.num_heads:
             raise err("num_heads", f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.mlp_type == "monarch" and self.intermediate_size % self.mlp_nblocks:
@@ -139,6 +145,9 @@ class OptimConfig:
     no_decay_bias_and_norm: bool = True
     # Exclude the per-channel D skips of the long convolutions from weight decay.
     no_decay_skip: bool = True
+    # Learned causal Monarch basis (nodes and levels; model.sequence_mixer=monarch_causal): never decayed,
+    # lr defaults to optim.lr.
+    monarch_basis_lr: Optional[float] = None
 
     def validate(self, prefix: str = "optim") -> None:
         if self.lr <= 0:
@@ -148,6 +157,9 @@ class OptimConfig:
         for key in ("eps", "weight_decay", "filter_weight_decay", "pos_emb_lr", "pos_emb_weight_decay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.monarch_basis_lr is not None and self.monarch_basis_lr <= 0:
+            raise ConfigError(f"{prefix}.monarch_basis_lr: must be > 0 (or null to use optim.lr), "
+                              f"got {self.monarch_basis_lr}")
         if self.filter_lr is not None and self.filter_lr <= 0:
             raise ConfigError(f"{prefix}.filter_lr: must be > 0 (or null to use optim.lr), got {self.filter_lr}")
 

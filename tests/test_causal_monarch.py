@@ -251,3 +251,55 @@ def test_warm_start_gives_the_same_operator():
     conv._points = None
     assert torch.allclose(conv(x, k), y_warm_moved, atol=1e-12)
     assert not torch.allclose(y_cold, y_warm_moved, atol=1e-6)
+
+
+# --- wiring into M2-GPT through model.sequence_mixer -------------------------------------------------
+
+def _gpt_cfg(**kw):
+    from m2train.config import ModelConfig
+    base = dict(arch="m2_gpt", bidirectional=False, position_embeddings=False, vocab_size=50,
+                hidden_size=16, num_layers=2, intermediate_size=32, max_seq_len=24, filter_order=8,
+                hidden_dropout=0.0, layer_norm_eps=1e-5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_config_switch_builds_monarch_mixer_equal_to_fft_at_init():
+    from m2train.models import build_model
+    from m2train.models.causal_monarch import CausalMonarchLongConv
+    torch.manual_seed(0)
+    fft_model = build_model(_gpt_cfg()).double().eval()
+    mon_model = build_model(_gpt_cfg(sequence_mixer="monarch_causal")).double().eval()
+    assert isinstance(mon_model.blocks[0].mixer.long_conv, CausalMonarchLongConv)
+    assert isinstance(mon_model.blocks[0].mixer.residual_conv, CausalMonarchLongConv)
+    missing, unexpected = mon_model.load_state_dict(fft_model.state_dict(), strict=False)
+    assert not unexpected and all(".monarch." in k for k in missing)
+    ids = torch.randint(1, 50, (2, 24))
+    with torch.no_grad():                     # no-grad: the FFT model may take its fused path
+        torch.testing.assert_close(mon_model(ids).logits, fft_model(ids).logits, rtol=1e-9, atol=1e-9)
+    # training step through the whole model reaches the basis parameters
+    mon_model.train()
+    mon_model(ids, labels=ids).loss.backward()
+    assert mon_model.blocks[0].mixer.long_conv.monarch.node_offsets.grad.abs().sum() > 0
+
+
+def test_monarch_basis_parameter_group_is_never_decayed():
+    from m2train.config import OptimConfig
+    from m2train.models import build_model
+    model = build_model(_gpt_cfg(sequence_mixer="monarch_causal"))
+    groups = {g["name"]: g for g in model.param_groups(OptimConfig(weight_decay=0.1, monarch_basis_lr=1e-4))}
+    basis = groups["monarch_basis"]
+    assert basis["weight_decay"] == 0.0 and basis["lr"] == 1e-4
+    assert len(basis["params"]) == 2 * 2 * 2          # nodes + levels, two convs, two layers
+    # init_weights returns the basis to the DFT setting
+    with torch.no_grad():
+        model.blocks[0].mixer.long_conv.monarch.node_offsets.add_(0.1)
+    model.init_weights()
+    assert model.blocks[0].mixer.long_conv.monarch.node_offsets.abs().sum() == 0
+
+
+def test_baselines_reject_monarch_sequence_mixer():
+    import pytest
+    from m2train.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="model.sequence_mixer"):
+        load_config("gpt_tiny", ["model.sequence_mixer=monarch_causal"])

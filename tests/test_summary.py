@@ -228,3 +228,14 @@ def test_cli_model_summary(capsys):
     out = capsys.readouterr().out
     assert "layers=2" in out and "L=64" in out
     assert main(["model-summary", "m2_gpt_tiny", "--seq-len", "100000"]) == 2
+
+
+def test_monarch_causal_mixer_is_classified_and_counted():
+    from m2train.config import load_config
+    cfg = load_config("m2_gpt_tiny", ["model.sequence_mixer=monarch_causal"]).model
+    model = build_meta_model(cfg)
+    parts = parameter_breakdown(model)
+    assert "other" not in parts, parts
+    assert sum(v for k, v in parts.items() if k != "total") == model.num_parameters()
+    flops = forward_flops_per_token(cfg, 256)
+    assert flops["mixer.long_conv_monarch"] > 0 and "mixer.long_conv_fft" not in flops

@@ -64,16 +64,20 @@ class M2TrainModel(nn.Module):
         - "filter": forward implicit-filter MLPs and the shared Sin frequency (reference lr 1e-3, wd 0.1;
           the reverse MLP is NOT in this group, as in the reference)
         - "pos_emb": the filters' positional features z (lr 1e-5, no decay)
+        - "monarch_basis": nodes and levels of a learned causal Monarch mixer (never decayed)
         - "no_decay": biases, LayerNorm parameters, D skips (as configured)
         - "default": everything else."""
         norm_params = {id(p) for m in self.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-        groups: dict[str, list] = {"default": [], "no_decay": [], "filter": [], "pos_emb": []}
+        groups: dict[str, list] = {"default": [], "no_decay": [], "filter": [], "pos_emb": [],
+                                   "monarch_basis": []}
         seen: set[int] = set()
         for name, p in self.named_parameters():
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            if name.endswith("filter.z"):
+            if ".monarch." in name:
+                groups["monarch_basis"].append(p)
+            elif name.endswith("filter.z"):
                 groups["pos_emb"].append(p)
             elif ".filter.mlp." in name or name.endswith("filter.sin.freq"):
                 groups["filter"].append(p)
@@ -88,6 +92,7 @@ class M2TrainModel(nn.Module):
             "no_decay": (optim.lr, 0.0),
             "filter": (optim.filter_lr if optim.filter_lr is not None else optim.lr, optim.filter_weight_decay),
             "pos_emb": (optim.pos_emb_lr, optim.pos_emb_weight_decay),
+            "monarch_basis": (optim.monarch_basis_lr or optim.lr, 0.0),
         }
         return [{"name": k, "params": v, "lr": settings[k][0], "weight_decay": settings[k][1]}
                 for k, v in groups.items() if v]

@@ -315,6 +315,13 @@ class CausalMonarchConv(nn.Module):
         self.level_log_offsets = nn.Parameter(torch.zeros(1 if bidirectional else self.n, 2))
         self._points: torch.Tensor | None = None    # warm start for the root finder (see `factors`)
 
+    def reset_parameters(self) -> None:
+        """Back to the DFT setting (nodes 0, levels = roots of unity), where the operator is the FFT conv."""
+        with torch.no_grad():
+            self.node_offsets.zero_()
+            self.level_log_offsets.zero_()
+        self._points = None
+
     def factors(self) -> MonarchFactors:
         """The shared factors for the current nodes/levels. The points of the previous call seed the root
         finder (a plain attribute, not state: it only speeds up convergence, the converged points do not

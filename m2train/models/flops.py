@@ -52,7 +52,9 @@ SIN_FLOPS = 2            # freq·x, sin
 DECAY_FLOPS = 3          # t·|δ|, exp, multiply
 COMPLEX_MUL_FLOPS = 6    # (a+bi)(c+di): 4 multiplies, 2 adds
 
-TRAINING_FACTOR = {"matmul": 3.0, "fft": 3.0, "fft_kernel": 2.0, "elementwise": 3.0}
+# monarch_conv: the learned causal Monarch long conv (model.sequence_mixer=monarch_causal), complex GEMMs
+# whose backward, like any GEMM's, costs twice the forward.
+TRAINING_FACTOR = {"matmul": 3.0, "fft": 3.0, "fft_kernel": 2.0, "elementwise": 3.0, "monarch_conv": 3.0}
 KINDS = tuple(TRAINING_FACTOR)
 
 FILTER_INNER_LAYERS = 2  # FilterMLP: Linear(emb→O), Sin, [Linear(O→O), Sin] × 2, Linear(O→H)
@@ -79,6 +81,22 @@ class FlopItem:
     @property
     def training_flops(self) -> float:
         return self.flops * TRAINING_FACTOR[self.kind]
+
+
+def monarch_conv_flops_per_channel(L: int) -> float:
+    """Learned causal Monarch conv of one channel, n = ceil(sqrt(2L)) (N' = n² points; causal_monarch.py):
+    evaluation = an n×n complex Vandermonde on the real (n, n) input (4n³) + n complex n×n blocks (8n³);
+    pointwise product (6n²); interpolation = inverse blocks (8n³) + inverse Vandermonde (8n³). The shared
+    factor build (roots, blocks, inverses: O(n³) once per forward for all channels) is not counted."""
+    from .causal_monarch import grid_size
+    n = grid_size(L)
+    return 28 * n ** 3 + COMPLEX_MUL_FLOPS * n * n
+
+
+def monarch_kernel_flops_per_channel(L: int) -> float:
+    """M·k̃ for one channel's kernel (real input: 4n³ + 8n³), once per forward."""
+    from .causal_monarch import grid_size
+    return 12 * grid_size(L) ** 3
 
 
 def _structured_matmul(kind: str, n_in: int, n_out: int, nblocks: int) -> float:
@@ -142,7 +160,10 @@ def flop_items(model_cfg: ModelConfig, seq_len: int | None = None, *, batch_size
         add("mixer.short_conv", "elementwise", 2 * K * 3 * H)
         # v·x1, (·)·x2, and + residual conv
         add("mixer.gating", "elementwise", 2 * H + (H if cfg.residual_long_conv else 0))
-        add("mixer.long_conv_fft", "fft", nconv * H * fft_conv_flops_per_channel(L) / L)
+        if cfg.sequence_mixer == "monarch_causal":
+            add("mixer.long_conv_monarch", "monarch_conv", nconv * H * monarch_conv_flops_per_channel(L) / L)
+        else:
+            add("mixer.long_conv_fft", "fft", nconv * H * fft_conv_flops_per_channel(L) / L)
         add("mixer.skip", "elementwise", nconv * 2 * H)
         # Implicit filters: per forward, amortised over batch_size·L tokens.
         tokens = batch_size * L
@@ -152,7 +173,10 @@ def flop_items(model_cfg: ModelConfig, seq_len: int | None = None, *, batch_size
         mlp_ew = sum(b + SIN_FLOPS * b for b in dims[1:]) + DECAY_FLOPS * H   # biases, Sin, decay
         add("mixer.filters", "matmul", nmlp * L * mlp_mm / tokens)
         add("mixer.filters", "elementwise", nmlp * L * mlp_ew / tokens)
-        add("mixer.filters", "fft_kernel", nconv * H * real_fft_flops(fft_size(L)) / tokens)
+        if cfg.sequence_mixer == "monarch_causal":
+            add("mixer.filters", "monarch_conv", nconv * H * monarch_kernel_flops_per_channel(L) / tokens)
+        else:
+            add("mixer.filters", "fft_kernel", nconv * H * real_fft_flops(fft_size(L)) / tokens)
         add("mixer.out_proj", "matmul", 2 * H * H)
         add("mixer.out_proj", "elementwise", H)
     else:

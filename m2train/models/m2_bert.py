@@ -17,7 +17,7 @@ def build_mixer(cfg: ModelConfig, bidirectional: bool) -> M2SequenceMixer:
         residual_long_conv=cfg.residual_long_conv, input_norm=cfg.mixer_input_norm,
         dropout=cfg.mixer_dropout, short_conv_kernel=cfg.short_conv_kernel,
         filter_order=cfg.filter_order, filter_emb_dim=cfg.filter_emb_dim,
-        filter_sin_freq=cfg.filter_sin_freq, pad_masking=cfg.pad_masking)
+        filter_sin_freq=cfg.filter_sin_freq, pad_masking=cfg.pad_masking, long_conv=cfg.sequence_mixer)
 
 
 class M2BertLayer(nn.Module):

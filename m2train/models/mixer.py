@@ -87,11 +87,22 @@ def _same_values(snapshot: list[torch.Tensor], tensors: list[torch.Tensor]) -> b
         for s, t in zip(snapshot, tensors))
 
 
+def long_conv_class(kind: str) -> type[nn.Module]:
+    """The long-convolution module for `model.sequence_mixer`: the FFT conv or the learned causal Monarch
+    conv (same constructor, forward and filter/skip parameter names)."""
+    if kind == "fft":
+        return LongConv
+    if kind == "monarch_causal":
+        from .causal_monarch import CausalMonarchLongConv
+        return CausalMonarchLongConv
+    raise ValueError(f"unknown sequence mixer {kind!r}: use 'fft' or 'monarch_causal'")
+
+
 class M2SequenceMixer(nn.Module):
     def __init__(self, hidden_size: int, max_len: int, *, bidirectional: bool,
                  residual_long_conv: bool = True, input_norm: bool = False, dropout: float = 0.0,
                  short_conv_kernel: int = 3, filter_order: int = 128, filter_emb_dim: int = 5,
-                 filter_sin_freq: float = 10.0, pad_masking: bool = False):
+                 filter_sin_freq: float = 10.0, pad_masking: bool = False, long_conv: str = "fft"):
         super().__init__()
         H = hidden_size
         self.hidden_size = H
@@ -103,8 +114,9 @@ class M2SequenceMixer(nn.Module):
         self.short_conv = CausalShortConv(3 * H, short_conv_kernel)
         conv_args = dict(max_len=max_len, order=filter_order, emb_dim=filter_emb_dim,
                          sin_freq=filter_sin_freq, bidirectional=bidirectional)
-        self.long_conv = LongConv(H, **conv_args)
-        self.residual_conv = LongConv(H, **conv_args) if residual_long_conv else None
+        conv_cls = long_conv_class(long_conv)
+        self.long_conv = conv_cls(H, **conv_args)
+        self.residual_conv = conv_cls(H, **conv_args) if residual_long_conv else None
         self.dropout = nn.Dropout(dropout)
         self.out_linear = nn.Linear(H, H)
 
@@ -141,6 +153,7 @@ class M2SequenceMixer(nn.Module):
         """The fused path skips autograd bookkeeping, autocast casts and dropout, so it runs only when
         none of them would do anything."""
         return (not torch.is_grad_enabled()
+                and isinstance(self.long_conv, LongConv)           # the fused path is FFT-only
                 and not torch.is_autocast_enabled(u.device.type)
                 and u.dim() == 3 and u.dtype in (torch.float32, torch.float64)
                 and u.dtype == self.in_linear.weight.dtype

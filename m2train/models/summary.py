@@ -24,6 +24,7 @@ PARAM_COMPONENTS = (
     "seq mixer: long-conv filter MLPs",
     "seq mixer: filter positional features z",
     "seq mixer: D skips",
+    "seq mixer: causal Monarch basis (nodes, levels)",
     "seq mixer: out projection",
     "attention: qkv projection",
     "attention: out projection",
@@ -47,6 +48,7 @@ FLOP_LABELS = {
     "mixer.short_conv": "seq mixer: short conv",
     "mixer.gating": "seq mixer: gating + residual add",
     "mixer.long_conv_fft": "seq mixer: FFT long convs",
+    "mixer.long_conv_monarch": "seq mixer: causal Monarch long convs",
     "mixer.skip": "seq mixer: D skips",
     "mixer.filters": "seq mixer: filters (MLP + rfft, per seq)",
     "mixer.out_proj": "seq mixer: out projection",
@@ -78,6 +80,7 @@ def build_meta_model(model_cfg: ModelConfig) -> nn.Module:
 
 
 def _classify(path: str, pname: str, owner: nn.Module, ancestors: list[nn.Module]) -> str:
+    from .causal_monarch import CausalMonarchConv, CausalMonarchLongConv
     from .filter import ImplicitFilter
     from .glu import MonarchGLU
     from .heads import ClassificationHead, MLMHead
@@ -104,8 +107,10 @@ def _classify(path: str, pname: str, owner: nn.Module, ancestors: list[nn.Module
     if under(ImplicitFilter) is not None:
         return ("seq mixer: filter positional features z" if isinstance(owner, ImplicitFilter) and pname == "z"
                 else "seq mixer: long-conv filter MLPs")
-    if isinstance(owner, LongConv) and pname == "skip":
+    if pname == "skip" and isinstance(owner, (LongConv, CausalMonarchLongConv)):
         return "seq mixer: D skips"
+    if isinstance(owner, CausalMonarchConv):
+        return "seq mixer: causal Monarch basis (nodes, levels)"
     if isinstance(owner, CausalShortConv):
         return "seq mixer: short conv"
     mixer = under(M2SequenceMixer)
