@@ -10,10 +10,9 @@ Part 1 (`ops`): time of forward and forward+backward, and peak memory, at N = 1K
 Part 2 (`train`): tiny M2-GPT (configs/m2_gpt_tiny.yaml) trained on the BBC News corpus with the FFT mixer
     and with the learned causal Monarch mixer: same seed, same batches, same steps, same initial weights
     (the Monarch convs start at the DFT setting with the FFT model's filters copied, so both models are
-    the same function at step 0). The Monarch model is obtained by monkey-patching the built model:
-    each block's `mixer.long_conv` and `mixer.residual_conv` is replaced by a CausalMonarchLongConv and
-    the mixer's fused no-grad path (FFT-only) is switched off. The node/level parameters get their own
-    optimizer group (base lr, no weight decay).
+    the same function at step 0). The Monarch model is the same config with
+    `model.sequence_mixer=monarch_causal`; its node/level parameters are the optimizer group
+    "monarch_basis" (lr = base lr × --basis-lr-mult, no weight decay).
 
     .venv/bin/python benchmarks/causal_monarch.py ops   [--sizes 1024 2048 4096 8192 16384]
     .venv/bin/python benchmarks/causal_monarch.py train [--steps 200]
@@ -32,7 +31,7 @@ import time
 
 import torch
 
-from m2train.models.causal_monarch import CausalMonarchConv, CausalMonarchLongConv, monarch_factors
+from m2train.models.causal_monarch import CausalMonarchConv, monarch_factors
 from m2train.models.longconv import long_conv
 
 
@@ -117,31 +116,11 @@ def print_table(rows: list[dict]) -> None:
 # training comparison
 # ------------------------------------------------------------------------------------------------
 
-def swap_in_causal_monarch(model) -> list:
-    """Monkey-patch a built M2-GPT: every mixer's long_conv / residual_conv becomes a CausalMonarchLongConv
-    with the same filter and skip weights (so the model is unchanged at init). Returns the basis params."""
-    basis = []
-    for block in model.blocks:
-        mixer = block.mixer
-        for name in ("long_conv", "residual_conv"):
-            old = getattr(mixer, name)
-            if old is None:
-                continue
-            f = old.filter
-            new = CausalMonarchLongConv(f.channels, f.max_len, order=f.sin.freq.shape[1],
-                                        emb_dim=f.z.shape[1], sin_freq=10.0, bidirectional=False)
-            missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
-            assert not unexpected and all(m.startswith("monarch.") for m in missing)
-            setattr(mixer, name, new)
-            basis += [new.monarch.node_offsets, new.monarch.level_log_offsets]
-        mixer._can_fuse = lambda u: False       # the fused no-grad path calls the FFT spectrum directly
-    return basis
-
-
 def run_train(args) -> dict:
     from m2train.config import load_config
     from m2train.data_prep.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
     from m2train.models import build_model
+    from m2train.optim import build_optimizer
     from m2train.quickstart import evaluate, load_documents, lr_at, pack
 
     cfg = load_config("m2_gpt_tiny", [f"model.max_seq_len={args.seq_len}"])
@@ -156,20 +135,18 @@ def run_train(args) -> dict:
     print(f"corpus: {source}; {len(train)} train windows, {len(val)} validation windows of {args.seq_len + 1}")
 
     results = {}
+    torch.manual_seed(args.seed)
+    fft_init = build_model(cfg.model).state_dict()
     for variant in ("fft", "monarch_causal"):
-        torch.manual_seed(args.seed)
-        model = build_model(cfg.model)
-        basis = swap_in_causal_monarch(model) if variant == "monarch_causal" else []
-        groups = model.param_groups(cfg.optim)
-        ids = {id(p) for p in basis}
-        for g in groups:
-            g["params"] = [p for p in g["params"] if id(p) not in ids]
-        if basis:
-            groups.append({"name": "monarch_basis", "params": basis, "lr": cfg.optim.lr * args.basis_lr_mult,
-                           "weight_decay": 0.0})
-        groups = [g for g in groups if g["params"]]
-        assert cfg.optim.name == "adamw"
-        opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        vcfg = load_config("m2_gpt_tiny", [f"model.max_seq_len={args.seq_len}",
+                                           f"model.sequence_mixer={variant}",
+                                           f"optim.monarch_basis_lr={cfg.optim.lr * args.basis_lr_mult}"])
+        model = build_model(vcfg.model)
+        # identical weights at step 0: the Monarch basis starts at the DFT setting, where it is the FFT conv
+        missing, unexpected = model.load_state_dict(fft_init, strict=False)
+        assert not unexpected and all(".monarch." in k for k in missing)
+        basis = [p for n, p in model.named_parameters() if ".monarch." in n]
+        opt = build_optimizer(model, vcfg.optim)
         peaks = [g["lr"] for g in opt.param_groups]
         gen = torch.Generator().manual_seed(args.seed)
         initial = evaluate(model, val, args.batch_size)
