@@ -74,15 +74,15 @@ class ImplicitFilter(nn.Module):
         min_decay = math.log(target) / slow_decay_pct
         self.register_buffer("deltas", torch.linspace(min_decay, max_decay, channels))
 
-    def _kernel(self, mlp: FilterMLP, L: int) -> torch.Tensor:
-        h = mlp(self.z[:L])                                       # (L, H)
-        h = h * torch.exp(-self.t[:L] * self.deltas.abs())        # decay along time
-        return h.transpose(0, 1)                                  # (H, L)
+    def _kernel(self, mlp: FilterMLP, L: int, decay: torch.Tensor) -> torch.Tensor:
+        return (mlp(self.z[:L]) * decay).transpose(0, 1)          # (L, H) decayed along time -> (H, L)
 
     def forward(self, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(k_fwd, k_rev), each (H, L); k_rev is None for a causal filter."""
         if L > self.max_len:
             raise ValueError(f"sequence length {L} exceeds the filter's max_seq_len {self.max_len}")
-        k_fwd = self._kernel(self.mlp, L)
-        k_rev = self._kernel(self.mlp_rev, L) if self.mlp_rev is not None else None
+        # exp(-t·|δ|) over (L, H) is as costly as a filter MLP at long L: compute it once for both MLPs.
+        decay = torch.exp(-self.t[:L] * self.deltas.abs())
+        k_fwd = self._kernel(self.mlp, L, decay)
+        k_rev = self._kernel(self.mlp_rev, L, decay) if self.mlp_rev is not None else None
         return k_fwd, k_rev
