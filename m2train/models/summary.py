@@ -113,34 +113,18 @@ def _classify(path: str, pname: str, owner: nn.Module, ancestors: list[nn.Module
         return "seq mixer: causal Monarch basis (nodes, levels)"
     if isinstance(owner, CausalShortConv):
         return "seq mixer: short conv"
-    mixer = under(M2SequenceMixer)
-    if mixer is not None:
-        if owner is getattr(mixer, "in_linear", None):
-            return "seq mixer: in projection"
-        if owner is getattr(mixer, "out_linear", None):
-            return "seq mixer: out projection"
-        return "other"
-    attn = under(SelfAttention)
-    if attn is not None:
-        if owner is getattr(attn, "qkv", None):
-            return "attention: qkv projection"
-        if owner is getattr(attn, "out", None):
-            return "attention: out projection"
-        return "other"
-    glu = under(MonarchGLU)
-    if glu is not None:
-        if owner is getattr(glu, "gated_layers", None):
-            return "dimension mixer: GLU in (gate+value)"
-        if owner is getattr(glu, "wo", None):
-            return "dimension mixer: GLU out"
-        return "other"
-    mlp = under(MLP)
-    if mlp is not None:
-        if owner is getattr(mlp, "fc1", None):
-            return "MLP: fc1"
-        if owner is getattr(mlp, "fc2", None):
-            return "MLP: fc2"
-        return "other"
+    # Projections identified by the attribute that holds them in their enclosing block.
+    projections = (
+        (M2SequenceMixer, {"in_linear": "seq mixer: in projection", "out_linear": "seq mixer: out projection"}),
+        (SelfAttention, {"qkv": "attention: qkv projection", "out": "attention: out projection"}),
+        (MonarchGLU, {"gated_layers": "dimension mixer: GLU in (gate+value)", "wo": "dimension mixer: GLU out"}),
+        (MLP, {"fc1": "MLP: fc1", "fc2": "MLP: fc2"}),
+    )
+    for cls, labels in projections:
+        block = under(cls)
+        if block is not None:
+            return next((label for attr, label in labels.items() if owner is getattr(block, attr, None)),
+                        "other")
     if under(MLMHead) is not None:
         return "head: MLM decoder bias" if "bias" in pname and isinstance(owner, MLMHead) else "head: MLM transform"
     if under(ClassificationHead) is not None:
