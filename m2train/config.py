@@ -165,16 +165,128 @@ class OptimConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the prepared (`m2train prep`) MDS dataset is and how batches are drawn from it.
+
+    `path` holds `train/` and `val/` split folders (each an MDS dataset with index.json) and
+    `prep_stats.json`; it may be a local folder or a remote (s3://, gs://, or a second plain folder),
+    in which case shards are cached under `local_cache` (default: RUN_DIR/data_cache)."""
+
+    path: Optional[str] = None
+    local_cache: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    # Loader processes per data-parallel rank (0: load in the training process).
+    num_workers: int = 0
+    shuffle: bool = True
+    # BERT masked-LM recipe (reference M2-BERT: 30% in pretraining, 15% for evaluation; 80/10/10).
+    mlm_probability: float = 0.30
+    eval_mlm_probability: float = 0.15
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers: must be >= 0, got {self.num_workers}")
+        for key in ("mlm_probability", "eval_mlm_probability"):
+            v = getattr(self, key)
+            if not 0.0 < v < 1.0:
+                raise ConfigError(f"{prefix}.{key}: must be in (0, 1), got {v}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: batch sizes, schedule, precision, checkpoints, logging, stopping."""
+
+    run_dir: Optional[str] = None          # default: runs/NAME
+    seed: int = 0
+    micro_batch_size: int = 8              # sequences per rank per forward
+    # global = micro_batch_size x data-parallel size x grad_accum_steps; give either (or both, checked).
+    global_batch_size: Optional[int] = None
+    grad_accum_steps: Optional[int] = None
+    max_steps: int = 1000                  # optimizer steps
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    # cosine: decay to lr * min_lr_ratio (GPT recipe); linear: decay to lr * min_lr_ratio at max_steps
+    # (M2-BERT recipe: 0.02).
+    min_lr_ratio: float = 0.1
+    grad_clip: Optional[float] = 1.0       # max global grad norm; null disables clipping
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # none | every_block | every_k (every checkpoint_every_k-th block) | mixer (sequence mixers only)
+    activation_checkpointing: Literal["none", "every_block", "every_k", "mixer"] = "none"
+    checkpoint_every_k: int = 2
+    log_every: int = 10
+    eval_every: int = 100                  # 0 disables periodic validation
+    eval_batches: int = 20                 # validation batches per evaluation (per rank)
+    save_every: int = 500                  # 0 disables periodic checkpoints (a final one is still written)
+    checkpoint_dir: Optional[str] = None   # default: RUN_DIR/checkpoints
+    keep_last: int = 3                     # retention: the newest K checkpoints ...
+    keep_every: Optional[int] = None       # ... plus every step that is a multiple of M
+    time_budget_s: Optional[float] = None  # save and exit cleanly before this wall-clock budget runs out
+    max_nonfinite_steps: int = 5           # consecutive non-finite losses/grad norms tolerated
+    on_nonfinite: Literal["stop", "rollback"] = "stop"
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "m2train"
+    tensorboard: bool = True
+
+    def validate(self, prefix: str = "train") -> None:
+        for key in ("micro_batch_size", "max_steps", "log_every", "checkpoint_every_k", "keep_last",
+                    "max_nonfinite_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "eval_batches", "save_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("global_batch_size", "grad_accum_steps", "keep_every"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"{prefix}.{key}: must be >= 1 (or null), got {v}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{prefix}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"{prefix}.grad_clip: must be > 0 (or null to disable), got {self.grad_clip}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"{prefix}.time_budget_s: must be > 0, got {self.time_budget_s}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes. data-parallel size = world / (tensor x context)."""
+
+    zero_stage: int = 0                    # DeepSpeed ZeRO stage 0/1/2/3
+    offload_optimizer: bool = False        # ZeRO optimizer state in CPU memory
+    offload_params: bool = False           # ZeRO-3 parameters in CPU memory
+    tensor_parallel: int = 1               # megatron-core tensor-parallel size
+    context_parallel: int = 1              # sequence sharding around the long convolutions
+    backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl with CUDA, else gloo
+
+    def validate(self, prefix: str = "parallel") -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{prefix}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"{prefix}.offload_params: needs zero_stage 3 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError(f"{prefix}.offload_optimizer: needs zero_stage >= 1")
+        for key in ("tensor_parallel", "context_parallel"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class Config:
-    """One run. Later stages (data, train, parallel) add their own sections here."""
+    """One run: the model, its optimizer, the data, the training loop and the parallel layout."""
 
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
         self.optim.validate()
+        self.data.validate()
+        self.train.validate()
+        self.parallel.validate()
         return self
 
     def to_dict(self) -> dict:

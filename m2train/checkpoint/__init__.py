@@ -1,0 +1,1 @@
+"""Sharded checkpoints: DeepSpeed per-rank files + our client state + manifest; atomic `latest`."""

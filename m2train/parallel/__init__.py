@@ -1,0 +1,1 @@
+"""Applies parallelism to a built model (tensor/context parallel -> activation checkpointing -> engine)."""

@@ -1,0 +1,1 @@
+"""The training engine: `m2train train`, evaluation and export."""
