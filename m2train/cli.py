@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_model_summary(sub)
     _add_import(sub)
+    from .train.cli import register as register_train
+    register_train(sub)
     return parser
 
 
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     from .config import ConfigError
     try:
+        if hasattr(args, "handler"):   # subcommands that register themselves (set_defaults(handler=...))
+            return args.handler(args)
         if args.command == "quickstart":
             from .quickstart import run_quickstart
             return run_quickstart(args)

@@ -1,0 +1,85 @@
+"""Graceful stop: SIGTERM / SIGUSR1 set a flag; the trainer reduces it across ranks at every step
+boundary (so a signal that reached only one rank still stops all of them at the same step), saves a
+checkpoint and exits with EXIT_STOPPED.
+
+Slurm sends SIGTERM (or `--signal=USR1@120`) before preemption or the time limit; torchrun forwards
+SIGTERM to its workers.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+# Exit codes of `m2train train` (documented in `m2train train --help`).
+EXIT_FINISHED = 0        # max_steps reached, final checkpoint written
+EXIT_ERROR = 1           # unexpected error (traceback printed)
+EXIT_CONFIG = 2          # invalid config / data / resume mismatch, before any training
+EXIT_STOPPED = 3         # stopped early (signal or time budget), checkpoint saved: rerun to resume
+EXIT_NONFINITE = 4       # too many consecutive non-finite steps: stopped without saving
+
+EXIT_CODE_TABLE = f"""exit codes:
+  {EXIT_FINISHED}  finished: train.max_steps reached, final checkpoint saved
+  {EXIT_ERROR}  unexpected error
+  {EXIT_CONFIG}  bad config, data or checkpoint (nothing trained)
+  {EXIT_STOPPED}  stopped early by SIGTERM/SIGUSR1 or train.time_budget_s, checkpoint saved: rerun the same
+     command to resume
+  {EXIT_NONFINITE}  stopped: train.max_nonfinite_steps consecutive non-finite losses/grad norms
+     (the message names the step; the last checkpoint is intact)"""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Remembers that a stop signal arrived (the handler only sets a flag: async-signal safe)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.received_at: float | None = None
+        self._previous: dict = {}
+
+    def install(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            self.received_at = time.time()
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+class TimeBudget:
+    """Decides when to stop so that one more step plus a checkpoint save still fit in `budget_s`.
+
+    The step time is a running maximum of recent steps (a cautious estimate); the save time is the last
+    measured save, or a guess of 10 step times before the first save has been measured."""
+
+    def __init__(self, budget_s: float | None, start: float | None = None, margin: float = 1.2) -> None:
+        self.budget_s = budget_s
+        self.start = time.time() if start is None else start
+        self.margin = margin
+        self.step_s = 0.0
+        self.save_s: float | None = None
+
+    def record_step(self, seconds: float) -> None:
+        self.step_s = max(seconds, 0.9 * self.step_s)
+
+    def record_save(self, seconds: float) -> None:
+        self.save_s = seconds
+
+    def exhausted(self, now: float | None = None) -> bool:
+        if self.budget_s is None:
+            return False
+        now = time.time() if now is None else now
+        save = self.save_s if self.save_s is not None else 10 * self.step_s
+        return (now - self.start) + self.margin * (self.step_s + save) >= self.budget_s
