@@ -97,35 +97,6 @@ def model_config_differences(saved: dict, current: dict, prefix: str = "model") 
             for k in keys if saved.get(k) != current.get(k)]
 
 
-class BatchStream:
-    """Endless micro-batches: when an epoch ends the loader is iterated again (the next epoch, reshuffled
-    by the dataset), so max_steps may exceed one epoch. The loader's state_dict is the resume point."""
-
-    def __init__(self, loader) -> None:
-        self.loader = loader
-        self._it = None
-        self.epochs_started = 0
-
-    def next(self) -> dict:
-        for _ in range(2):
-            if self._it is None:
-                self._it = iter(self.loader)
-                self.epochs_started += 1
-            try:
-                return next(self._it)
-            except StopIteration:
-                self._it = None
-        raise RuntimeError("the training split yields no batch (is train.micro_batch_size larger than the "
-                           "split's samples per rank?)")
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-        self._it = None
-
-
 def _evaluate(model, loader, max_batches: int) -> dict:
     from .evaluate import evaluate
     return evaluate(model, loader, max_batches)
@@ -207,14 +178,17 @@ class Trainer:
         cache = cfg.data.local_cache or str(self.run_dir / "data_cache")
         loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                          dp_rank=self.rank, dp_world=self.dp, cache_dir=cache)
-        self.train_stream = BatchStream(build_dataloader(
+        # The train loader is one endless stream across epochs (reshuffled per epoch), so max_steps may
+        # exceed an epoch; its state_dict is the exact resume point.
+        self.train_loader = build_dataloader(
             cfg.data, split="train", mlm_probability=None if cfg.model.is_causal else cfg.data.mlm_probability,
-            **loader_kw))
+            info=self.info, **loader_kw)
         self.val_loader = None
         if cfg.train.eval_every:
             self.val_loader = build_dataloader(
                 cfg.data, split="val",
-                mlm_probability=None if cfg.model.is_causal else cfg.data.eval_mlm_probability, **loader_kw)
+                mlm_probability=None if cfg.model.is_causal else cfg.data.eval_mlm_probability,
+                info=self.info, **loader_kw)
         self.ckpt = CheckpointManager(self.ckpt_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
 
     # ---------------------------------------------------------------------------------------------
@@ -234,7 +208,7 @@ class Trainer:
                                  skipped_steps=int(client.get("skipped_steps", 0)),
                                  consecutive_nonfinite=int(client.get("consecutive_nonfinite", 0)))
         if data:
-            self.train_stream.load_state_dict(client["data"])
+            self.train_loader.load_state_dict(client["data"])
         if client.get("rng") is not None:
             from ..checkpoint import restore_rng_state
             restore_rng_state(client["rng"])
@@ -249,7 +223,7 @@ class Trainer:
             return
         t0 = time.time()
         p = self.progress
-        client = {"data": self.train_stream.state_dict(), "rng": capture_rng_state(),
+        client = {"data": self.train_loader.state_dict(), "rng": capture_rng_state(),
                   "skipped_steps": p.skipped_steps, "consecutive_nonfinite": p.consecutive_nonfinite,
                   "monarch_points": monarch_warm_starts(self.model)}
         meta = {"config": to_plain(self.cfg), "step": p.step, "tokens_seen": p.tokens_seen,
@@ -269,7 +243,7 @@ class Trainer:
         tokens = 0
         nonfinite = 0
         for micro in range(accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_stream.next().items()}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.train_loader).items()}
             tokens += batch["input_ids"].numel()
             with autocast_context(cfg, self.device):
                 loss = engine(**batch).loss
