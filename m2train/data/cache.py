@@ -1,0 +1,112 @@
+"""Per-loader cache folders and the /dev/shm registrations streaming keeps for them.
+
+Why each loader gets its own local folder (CACHE/<host>/<split>-<n>):
+  * shards are zstd-compressed; streaming decompresses them into `local`. Reading the prepared folder in
+    place would write there (it may be read-only, or shared by concurrent jobs that do not lock each other),
+    so the prepared folder is always streaming's `remote` and `local` is a cache we own.
+  * `local` must be node-local and is shared by the ranks of one node (the local leader fills it): the host
+    name keeps two nodes that share a network CACHE apart.
+  * streaming refuses two live datasets on one `local` (its /dev/shm registry): n, a per-process counter,
+    keeps train and val loaders and repeated builds in one process apart. Every rank builds the same loaders
+    in the same order (SPMD), so the ranks of a node agree on n.
+
+Stale registrations: a killed run leaves /dev/shm entries naming its `local` folders, and a restarted run
+reuses those names. streaming's own `clean_stale_shared_memory()` unlinks EVERY streaming entry on the
+host, including live loaders of other jobs (and this process's other loader), so we only release entries
+that name our own folders, on the local leader, before the dataset registers; other ranks wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+_SHM_DIR = Path("/dev/shm")
+_LOCALS_RE = re.compile(r"^(\d{6})_locals$")
+_build_counter = itertools.count()
+
+
+def default_cache_root() -> Path:
+    """A node-local default when the caller gives no cache dir: TMPDIR/m2train-data/<job key>."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        job = f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
+    if job is None:
+        job = f"pid{os.getpid()}"
+    return Path(tempfile.gettempdir()) / f"m2train-data-{os.getuid()}" / job
+
+
+def next_local_dir(cache_root: Path, split: str) -> Path:
+    """CACHE/<host>/<split>-<n> for the next loader this process builds."""
+    return Path(cache_root).resolve() / socket.gethostname() / f"{split}-{next(_build_counter)}"
+
+
+def release_stale_registrations(local_dirs: list[str]) -> int:
+    """Unlink streaming's /dev/shm entries whose registration names any of `local_dirs`. Returns how many
+    registrations were released. Only call where no live dataset can own those folders (see module doc)."""
+    if not _SHM_DIR.is_dir():  # not Linux: streaming's shm lives elsewhere; nothing we can inspect
+        return 0
+    from streaming.base.constant import SHM_TO_CLEAN
+
+    wanted = {os.path.abspath(d) for d in local_dirs}
+    released = 0
+    for entry in os.listdir(_SHM_DIR):
+        m = _LOCALS_RE.match(entry)
+        if not m:
+            continue
+        try:
+            data = (_SHM_DIR / entry).read_bytes()
+        except OSError:
+            continue
+        if len(data) < 4:
+            continue
+        size = int.from_bytes(data[:4], "little", signed=True)
+        names = data[4:size].decode("utf-8", "replace").split("\0")[:-1] if size > 4 else []
+        if not wanted.intersection(names):
+            continue
+        prefix = m.group(1)
+        for name in SHM_TO_CLEAN:
+            try:
+                (_SHM_DIR / f"{prefix}_{name}").unlink()
+            except FileNotFoundError:
+                pass
+        released += 1
+        log.info("released stale streaming shared memory %s_* naming %s", prefix, sorted(wanted & set(names)))
+    return released
+
+
+def refresh_local_cache(remote_split: str, local_dir: Path) -> None:
+    """Empty `local_dir` if it caches a different dataset than `remote_split` (its index.json differs).
+
+    streaming never re-downloads an index.json that exists locally, so a cache reused after the dataset was
+    re-prepared would serve stale shards. Only checked for plain-folder remotes (cheap to compare)."""
+    local_index = local_dir / "index.json"
+    if not local_index.exists() or "://" in remote_split:
+        return
+    remote_index = Path(remote_split) / "index.json"
+    try:
+        same = remote_index.read_bytes() == local_index.read_bytes()
+    except OSError:
+        same = False
+    if not same:
+        log.warning("cache %s holds another version of %s; clearing it", local_dir, remote_split)
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def prepare_local_dir(remote_split: str, local_dir: Path, is_local_leader: bool, barrier: Optional[callable]) -> None:
+    """Leader: release stale registrations of `local_dir` and drop a stale cache; everyone: wait for it."""
+    if is_local_leader:
+        release_stale_registrations([str(local_dir)])
+        refresh_local_cache(remote_split, local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+    if barrier is not None:
+        barrier()
