@@ -100,7 +100,10 @@ def discover_files(spec: SourceSpec) -> list[SourceFile]:
     for inp in spec.inputs:
         found = _expand_input(spec.kind, inp)
         if not found:
-            raise DataError(f"{spec.kind} input {inp!r} matches no {_describe_exts(spec.kind)} file")
+            if glob.has_magic(inp):
+                raise DataError(f"{spec.kind} input glob {inp!r} matches no file")
+            raise DataError(f"{spec.kind} input directory {inp!r} holds no "
+                            f"{_describe_exts(spec.kind)} file")
         paths.update(found)
     files = []
     for p in sorted(paths):

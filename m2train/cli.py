@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(sub)
     from .train.cli import register as register_train
     register_train(sub)
+    from .data_prep.tokenizer_cli import register as register_tokenizer
+    register_tokenizer(sub)
     return parser
 
 
