@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(sub)
     from .data_prep.tokenizer_cli import register as register_tokenizer
     register_tokenizer(sub)
+    from .data_prep.prep_cli import register as register_prep
+    register_prep(sub)
     return parser
 
 
