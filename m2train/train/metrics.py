@@ -79,8 +79,10 @@ def peak_flops_per_device(device: torch.device, precision: str) -> tuple[float, 
             if key in name:
                 return peaks["bf16" if precision == "bf16" else "fp32"], f"data sheet ({name})"
     n = 512
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    # A private generator: the global RNG streams are part of the exactly-resumable training state.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen)
+    b = torch.randn(n, n, device=device, generator=gen)
     a @ b                                           # warm up
     reps, t0 = 0, time.perf_counter()
     while reps < 4 or time.perf_counter() - t0 < 0.2:

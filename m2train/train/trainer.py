@@ -98,8 +98,26 @@ def model_config_differences(saved: dict, current: dict, prefix: str = "model") 
 
 
 def _evaluate(model, loader, max_batches: int) -> dict:
-    from .evaluate import evaluate
+    try:
+        from .evaluate import evaluate
+    except ImportError:      # stand-in until m2train.train.evaluate lands (C1); delete then
+        evaluate = _evaluate_standin
     return evaluate(model, loader, max_batches)
+
+
+@torch.no_grad()
+def _evaluate_standin(model, loader, max_batches: int) -> dict:
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        total += torch.tensor([out.loss.double().item(), 1.0], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    loss = (total[0] / total[1].clamp_min(1)).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,21 +227,18 @@ class Trainer:
                                  consecutive_nonfinite=int(client.get("consecutive_nonfinite", 0)))
         if data:
             self.train_loader.load_state_dict(client["data"])
-        if client.get("rng") is not None:
-            from ..checkpoint import restore_rng_state
-            restore_rng_state(client["rng"])
+        # The manager restored this rank's RNG (python/numpy/torch/cuda), or reseeded it when the
+        # data-parallel layout changed.
         restore_monarch_warm_starts(self.model, client.get("monarch_points"))
         self.last_saved_step = self.progress.step
         return str(path)
 
     def save(self) -> None:
-        from ..checkpoint import capture_rng_state
-
         if self.last_saved_step == self.progress.step:
             return
         t0 = time.time()
         p = self.progress
-        client = {"data": self.train_loader.state_dict(), "rng": capture_rng_state(),
+        client = {"data": self.train_loader.state_dict(),
                   "skipped_steps": p.skipped_steps, "consecutive_nonfinite": p.consecutive_nonfinite,
                   "monarch_points": monarch_warm_starts(self.model)}
         meta = {"config": to_plain(self.cfg), "step": p.step, "tokens_seen": p.tokens_seen,
@@ -312,18 +327,23 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def run(self) -> int:
+        from ..checkpoint import capture_rng_state, restore_rng_state
         from ..models.flops import training_flops_per_token
 
         cfg, t = self.cfg, self.cfg.train
         self.build()
         resumed = self.resume()
         self.stop.install()
+        # Rank 0's side channels (wandb ids, the peak-FLOPs probe) must not shift the RNG streams that an
+        # uninterrupted run would have had here.
+        rng = capture_rng_state()
         logger = MetricsLogger(self.run_dir, enabled=self.is_main, resume_step=self.progress.step,
                                config_dict=to_plain(cfg), run_name=cfg.name, wandb_mode=t.wandb,
                                wandb_project=t.wandb_project, tensorboard=t.tensorboard)
         seq_len = self.info.seq_len
         flops_per_token = training_flops_per_token(cfg.model, seq_len, batch_size=t.micro_batch_size)["total"]
         peak, peak_src = peak_flops_per_device(self.device, t.precision) if self.is_main else (None, "")
+        restore_rng_state(rng)
         logger.print(
             f"m2train train: {cfg.name} ({cfg.model.arch}, {self.model.num_parameters() / 1e6:.2f}M params) "
             f"on {self.env.world_size} process(es) [{self.env.backend}, ZeRO-{cfg.parallel.zero_stage}, "
