@@ -46,6 +46,7 @@ _DIR_EXTS = {
 _HF_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}
 
 _READ_SIZE = 1 << 20          # compressed bytes per read: large reads keep per-call overhead negligible
+_FEED_SIZE = 1 << 16          # compressed bytes per decoder call
 _ARROW_BATCH = 8192           # rows per parquet batch
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -269,8 +270,10 @@ def _new_decoder(codec: str):
 
 def _decompressed_chunks(path: str, codec: str | None) -> Iterator[bytes]:
     """The file's bytes, decompressed, in large chunks. Handles multi-member gzip and multi-frame
-    zstd. Raises _Truncated at the end when the last member/frame is incomplete or corrupt, and
-    DataError when the file cannot be opened or is not of its codec at all."""
+    zstd. Raises _Truncated when the last member/frame is incomplete or the data is corrupt (a
+    corrupt spot that still inflates is only caught by the CRC at the member's end, so lines decoded
+    from it come out first and are mostly counted as malformed_json), and DataError when the file
+    cannot be opened or does not start with its codec's header."""
     try:
         f = open(path, "rb", buffering=0)
     except OSError as e:
@@ -287,8 +290,8 @@ def _decompressed_chunks(path: str, codec: str | None) -> Iterator[bytes]:
                 yield chunk
         import zstandard
         errors = (zlib.error, zstandard.ZstdError)
+        magic = _GZIP_MAGIC if codec == "gz" else _ZSTD_MAGIC
         dec = _new_decoder(codec)
-        produced = False      # any output yet: distinguishes "not a gzip file" from a corrupt tail
         mid_stream = False    # inside a member/frame that has not ended
         offset = 0
         while True:
@@ -298,28 +301,31 @@ def _decompressed_chunks(path: str, codec: str | None) -> Iterator[bytes]:
                 raise DataError(f"cannot read {path}: {e.strerror or e}") from e
             if not comp:
                 break
+            if offset == 0 and not comp.startswith(magic):
+                raise DataError(f"{path}: not a valid {codec} file (no {codec} header)")
+            # Feed the decoder in slices so that output before a corrupt spot still comes out.
+            for lo in range(0, len(comp), _FEED_SIZE):
+                piece = comp[lo: lo + _FEED_SIZE]
+                while piece:
+                    if not mid_stream:
+                        piece = piece.lstrip(b"\0")   # gzip writers may pad between/after members
+                        if not piece:
+                            break
+                    mid_stream = True
+                    try:
+                        out = dec.decompress(piece)
+                    except errors as e:
+                        raise _Truncated(f"corrupt {codec} data before compressed byte "
+                                         f"{offset + lo + len(piece)} ({e})") from None
+                    if out:
+                        yield out
+                    if dec.eof:
+                        piece = dec.unused_data
+                        dec = _new_decoder(codec)
+                        mid_stream = False
+                    else:
+                        piece = b""
             offset += len(comp)
-            while comp:
-                if not mid_stream:
-                    comp = comp.lstrip(b"\0")   # gzip writers may pad between/after members
-                    if not comp:
-                        break
-                mid_stream = True
-                try:
-                    out = dec.decompress(comp)
-                except errors as e:
-                    if not produced:
-                        raise DataError(f"{path}: not a valid {codec} file ({e})") from e
-                    raise _Truncated(f"corrupt {codec} data before compressed byte {offset} ({e})")
-                if out:
-                    produced = True
-                    yield out
-                if dec.eof:
-                    comp = dec.unused_data
-                    dec = _new_decoder(codec)
-                    mid_stream = False
-                else:
-                    comp = b""
         if mid_stream:
             raise _Truncated(f"the {codec} stream ends before its end marker")
 
