@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_tokenizer(sub)
     from .data_prep.prep_cli import register as register_prep
     register_prep(sub)
+    from .train.cli_eval_export import register_eval, register_export
+    register_eval(sub)
+    register_export(sub)
     return parser
 
 
