@@ -83,7 +83,7 @@ def bert_id_samples(ids, seq_len: int, vocab_size: int, layout: str = "bert_doc"
     for i in ids:
         rng = np.random.default_rng(i)
         if layout == "bert_doc":
-            doc_len = int(rng.integers(1, seq_len - 3 + 1))  # 1 .. seq_len-3 body tokens
+            doc_len = int(rng.integers(1, seq_len - 4 + 1))  # 1 .. seq_len-4 body tokens
             row = [cls, *encode_id(i, vocab_size), *_body(rng, doc_len, vocab_size).tolist(), sep]
             row += [pad] * (seq_len - len(row))
         else:
@@ -134,7 +134,7 @@ TEXTS = [
 ]
 
 
-def train_sentencepiece(texts, vocab_size: int = 160):
+def train_sentencepiece(texts, vocab_size: int = 400):
     """A BPE sentencepiece model with ids pad 0, unk 1, bos 2, eos 3, [MASK] 4 (byte fallback)."""
     import sentencepiece as spm
 

@@ -138,6 +138,10 @@ class TokenLoader:
             return  # val passes always start from the beginning
         self._close_pass()
         self._loader.load_state_dict(state["streaming"])
+        # streaming ignores a saved state older than its own epoch counter (it treats it as stale), so
+        # rewinding a loader that has already iterated (a rollback) must rewind the counter too. Every
+        # rank of a node writes the same value before any of them starts the next pass.
+        self._dataset.next_epoch = max(0, int(state["streaming"]["epoch"]))
         # StreamingDataLoader counts samples yielded in the current pass; none yet since the load.
         self._loader.num_samples_yielded = 0
         self._empty_passes = 0
