@@ -1,0 +1,113 @@
+"""Data-parallel loaders in two real processes (gloo), and their state resumed on one process."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from data_fixtures import make_id_dataset, sample_ids_of_batch
+from m2train.config import DataConfig
+from m2train.data import build_dataloader
+
+V, L, N_TRAIN, B, K = 512, 16, 96, 4, 5   # 96 samples / 2 ranks / micro batch 4 = 12 batches per rank
+LAYOUT = "bert_doc"                        # masked LM, so the test also covers masking across ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(batches) -> dict:
+    """sample id -> the (masked) input_ids row the model saw."""
+    out = {}
+    for b in batches:
+        for i, row in zip(sample_ids_of_batch(b, LAYOUT, V), b["input_ids"]):
+            out[i] = row.tolist()
+    return out
+
+
+def _ids(batches) -> list:
+    return [i for b in batches for i in sample_ids_of_batch(b, LAYOUT, V)]
+
+
+def _rank_main(rank: int, world: int, port: int, data: str, cache: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = DataConfig(path=data, num_workers=0)
+        # Pure data parallelism: each rank is its own data-parallel rank.
+        ld = build_dataloader(cfg, "train", micro_batch_size=B, seed=0, dp_rank=rank, dp_world=world,
+                              cache_dir=cache, drop_last=False)
+        per_epoch = len(ld)
+        first = list(itertools.islice(ld, K))
+        state = ld.state_dict()
+        rest = list(itertools.islice(ld, per_epoch - K))
+        # Tensor parallel 2 / data parallel 1: both ranks must see the same batches.
+        rep = build_dataloader(cfg, "train", micro_batch_size=B, seed=0, dp_rank=0, dp_world=1,
+                               cache_dir=cache, drop_last=False)
+        replicated = list(itertools.islice(rep, 6))
+        result = {"per_epoch": per_epoch, "first": _ids(first), "rest": _ids(rest), "state": state,
+                  "rows": _rows(first + rest), "replicated": _ids(replicated),
+                  "replicated_rows": _rows(replicated)}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes that import torch + streaming: ~20-60 s on 2 busy cores
+def test_two_ranks_partition_and_resume_on_one(tmp_path):
+    data = make_id_dataset(tmp_path / "data", LAYOUT, n_train=N_TRAIN, n_val=8, seq_len=L, vocab_size=V)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(data), str(tmp_path / "cache"), str(tmp_path)), nprocs=2,
+             join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["per_epoch"] == r1["per_epoch"] == N_TRAIN // 2 // B
+
+    # Disjoint, and together exactly the split.
+    all0, all1 = r0["first"] + r0["rest"], r1["first"] + r1["rest"]
+    assert len(set(all0)) == len(all0) == len(set(all1)) == len(all1) == N_TRAIN // 2
+    assert not set(all0) & set(all1)
+    assert sorted(all0 + all1) == list(range(N_TRAIN))
+    assert r0["state"] == r1["state"]                    # one global position, whichever rank saves it
+    assert r0["state"]["streaming"]["sample_in_epoch"] == 2 * K * B
+
+    # The same run on one process: the first 2*K*B samples are the ones both ranks consumed in K steps
+    # (order independent of rank count), and each sample is masked identically.
+    cfg = DataConfig(path=str(data), num_workers=0)
+    single = build_dataloader(cfg, "train", micro_batch_size=B, seed=0, cache_dir=tmp_path / "cache1",
+                              drop_last=False)
+    one = list(itertools.islice(single, N_TRAIN // B))
+    one_ids = _ids(one)
+    consumed = 2 * K * B
+    assert set(one_ids[:consumed]) == set(r0["first"] + r1["first"])
+    one_rows = _rows(one)
+    for r in (r0, r1):
+        for i, row in r["rows"].items():
+            assert one_rows[int(i)] == row, f"sample {i} masked differently on 2 ranks"
+
+    # Resume the 2-rank state on 1 rank: the rest of the epoch, nothing repeated or skipped.
+    resumed = build_dataloader(cfg, "train", micro_batch_size=B, seed=0, cache_dir=tmp_path / "cache1",
+                               drop_last=False)
+    resumed.load_state_dict(r0["state"])
+    rest = list(itertools.islice(resumed, (N_TRAIN - consumed) // B))
+    rest_ids = _ids(rest)
+    assert len(rest_ids) == len(set(rest_ids)) == N_TRAIN - consumed
+    assert set(rest_ids) == set(range(N_TRAIN)) - set(r0["first"] + r1["first"])
+    assert rest_ids == one_ids[consumed:]                # exactly where a 1-rank run would be
+    assert _rows(rest) == {i: one_rows[i] for i in rest_ids}
+    next_batch = next(resumed)                           # and then epoch 1 starts
+    assert resumed.epoch == 1 and len(next_batch["input_ids"]) == B
+
+    # Model-parallel replicas (dp_world=1 on 2 ranks) get identical batches, the same as one process.
+    assert r0["replicated"] == r1["replicated"] == one_ids[:6 * B]
+    assert r0["replicated_rows"] == r1["replicated_rows"]
