@@ -15,8 +15,9 @@ import numpy as np
 
 LAYOUTS = ("gpt_packed", "bert_doc", "bert_packed")
 # Special tokens each layout needs from the tokenizer.
-REQUIRED_SPECIALS = {"gpt_packed": ("eos",), "bert_doc": ("cls", "sep", "pad"),
-                     "bert_packed": ("cls", "sep")}
+# ([MASK] is not written by prep, but masked-LM training needs it, so fail here rather than later.)
+REQUIRED_SPECIALS = {"gpt_packed": ("eos",), "bert_doc": ("cls", "sep", "pad", "mask"),
+                     "bert_packed": ("cls", "sep", "mask")}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -437,11 +437,12 @@ def _job_args(cfg: PrepConfig, files: list[SourceFile], tokenizer_sha: str, dtyp
     """Everything the output depends on (and nothing it does not: not the worker count)."""
     src = asdict(cfg.source)
     src.pop("inputs")           # the resolved file list below is what matters
-    return {"format_version": FORMAT_VERSION, "source": src,
+    args = {"format_version": FORMAT_VERSION, "source": src,
             "files": [{"path": f.path, "bytes": f.bytes} for f in files],
             "tokenizer_sha256": tokenizer_sha, "layout": cfg.layout, "seq_len": cfg.seq_len,
             "dtype": dtype.name, "val_fraction": cfg.val_fraction, "docs_per_unit": cfg.docs_per_unit,
             "compression": cfg.compression, "num_shards": num_shards, "shard_index": shard_index}
+    return json.loads(json.dumps(args))     # as it reads back from args.json (tuples become lists)
 
 
 def _owned_entries(job_dir: Path) -> list[Path]:
@@ -449,19 +450,25 @@ def _owned_entries(job_dir: Path) -> list[Path]:
     return [p for p in job_dir.iterdir() if p.name in names or p.name.startswith("part-")]
 
 
-def _lock(job_dir: Path):
+def _lock(job_dir: Path, wait_s: float = 30.0):
     """An exclusive lock on the job folder for this process and its workers. The kernel drops it when
     the last of them exits, so a rerun after a crash is never blocked by a stale file."""
     import fcntl
 
     fd = os.open(job_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise PrepError(f"another prep job is writing {job_dir} (its lock is held); wait for it or "
-                        f"stop it first") from None
-    return fd
+    # Workers of a killed job notice within one batch that their parent is gone and exit; give them
+    # that long before declaring the folder busy.
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise PrepError(f"another prep job is writing {job_dir} (its lock is held); wait for it "
+                                f"or stop it first") from None
+            time.sleep(0.1)
 
 
 def _prepare_job_dir(job_dir: Path, args: dict, overwrite: bool, done_name: str) -> bool:
