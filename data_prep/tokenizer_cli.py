@@ -143,6 +143,7 @@ def run_train(args) -> int:
 
 def _train(args) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .sentencepiece_tokenizer import train_sentencepiece
     from .tokenizers import load_tokenizer
@@ -164,7 +165,9 @@ def _train(args) -> int:
     print(f"source: {args.source}, {len(files)} file(s), {total_bytes / 1e6:.1f} MB")
 
     t0 = time.time()
-    with tqdm(total=args.sample_docs, desc="sampling documents", unit="doc", unit_scale=True) as bar:
+    # Per-file skip warnings go through tqdm so they do not tear the progress bar.
+    with logging_redirect_tqdm(), tqdm(total=args.sample_docs, desc="sampling documents", unit="doc",
+                                       unit_scale=True) as bar:
         docs, counts = sample_documents(spec, files, args.sample_docs, args.seed, progress=bar)
     skipped = {r: c for r, c in sorted(counts.items()) if r != "good"}
     if not docs:
