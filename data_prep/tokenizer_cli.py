@@ -52,27 +52,13 @@ def register(subparsers) -> None:
                     "skipped documents by reason, sha256 of the source file list and of the model). "
                     "Bad documents (malformed JSON, invalid UTF-8, missing/empty text, oversized, "
                     "truncated files) are skipped and counted, as in `m2train prep`.")
-    t.add_argument("--source", required=True, choices=KINDS,
-                   help="input format: c4 (json/json.gz lines with text, timestamp, url), pile (jsonl/"
-                        "jsonl.zst with text and meta.pile_set_name), jsonl (any JSON lines, see "
-                        "--text-field), text (one document per .txt file), hf (a local Hugging Face "
-                        "dataset folder: save_to_disk .arrow files, parquet or json files)")
-    t.add_argument("--input", required=True, action="append", metavar="PATH_OR_GLOB",
-                   help="input file, directory or glob, e.g. 'c4/en/c4-train.*.json.gz' (quote globs); "
-                        "repeat for several")
+    add_source_arguments(t)
     t.add_argument("--out", required=True, metavar="DIR", help="output directory")
     t.add_argument("--vocab-size", type=int, default=32000,
                    help="number of pieces, special and byte-fallback pieces included")
     t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece algorithm")
     t.add_argument("--sample-docs", type=int, default=200_000,
                    help="documents to train on (fewer if the source has fewer good documents)")
-    t.add_argument("--text-field", default="text", help="field holding the document (jsonl, hf)")
-    t.add_argument("--pile-include", action="append", default=[], metavar="SUBSET",
-                   help="only PILE documents whose meta.pile_set_name is SUBSET (repeatable)")
-    t.add_argument("--pile-exclude", action="append", default=[], metavar="SUBSET",
-                   help="skip PILE documents whose meta.pile_set_name is SUBSET (repeatable)")
-    t.add_argument("--max-doc-bytes", type=int, default=10_000_000,
-                   help="skip documents larger than this many UTF-8 bytes")
     t.add_argument("--normalization", choices=("identity", "nfkc", "nmt_nfkc"), default="identity",
                    help="identity keeps text exactly (newlines, spaces); nfkc adds Unicode NFKC; "
                         "nmt_nfkc also folds whitespace runs and newlines into single spaces")
@@ -81,6 +67,33 @@ def register(subparsers) -> None:
                    help="sentencepiece trainer threads")
     t.add_argument("--overwrite", action="store_true", help="replace an existing OUT/tokenizer.model")
     t.set_defaults(handler=run_train)
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that describe a source (--source, --input, --text-field, --pile-include,
+    --pile-exclude, --max-doc-bytes); shared by every command that reads raw documents."""
+    p.add_argument("--source", required=True, choices=KINDS,
+                   help="input format: c4 (json/json.gz lines with text, timestamp, url), pile (jsonl/"
+                        "jsonl.zst with text and meta.pile_set_name), jsonl (any JSON lines, see "
+                        "--text-field), text (one document per .txt file), hf (a local Hugging Face "
+                        "dataset folder: save_to_disk .arrow files, parquet or json files)")
+    p.add_argument("--input", required=True, action="append", metavar="PATH_OR_GLOB",
+                   help="input file, directory or glob, e.g. 'c4/en/c4-train.*.json.gz' (quote globs); "
+                        "repeat for several")
+    p.add_argument("--text-field", default="text", help="field holding the document (jsonl, hf)")
+    p.add_argument("--pile-include", action="append", default=[], metavar="SUBSET",
+                   help="only PILE documents whose meta.pile_set_name is SUBSET (repeatable)")
+    p.add_argument("--pile-exclude", action="append", default=[], metavar="SUBSET",
+                   help="skip PILE documents whose meta.pile_set_name is SUBSET (repeatable)")
+    p.add_argument("--max-doc-bytes", type=int, default=10_000_000,
+                   help="skip documents larger than this many UTF-8 bytes")
+
+
+def source_spec_from_args(args) -> SourceSpec:
+    """The SourceSpec that add_source_arguments' options describe."""
+    return SourceSpec(args.source, tuple(args.input), text_field=args.text_field,
+                      pile_include=tuple(args.pile_include), pile_exclude=tuple(args.pile_exclude),
+                      max_doc_bytes=args.max_doc_bytes)
 
 
 def sample_documents(spec: SourceSpec, files: list[SourceFile], n_docs: int,
@@ -157,9 +170,7 @@ def _train(args) -> int:
     model_path = out / "tokenizer.model"
     if model_path.exists() and not args.overwrite:
         raise DataError(f"{model_path} exists; pass --overwrite to replace it")
-    spec = SourceSpec(args.source, tuple(args.input), text_field=args.text_field,
-                      pile_include=tuple(args.pile_include), pile_exclude=tuple(args.pile_exclude),
-                      max_doc_bytes=args.max_doc_bytes)
+    spec = source_spec_from_args(args)
     files = discover_files(spec)
     total_bytes = sum(f.bytes for f in files)
     print(f"source: {args.source}, {len(files)} file(s), {total_bytes / 1e6:.1f} MB")
