@@ -535,6 +535,7 @@ def _setup(cfg: PrepConfig):
 def run_prep(cfg: PrepConfig) -> dict:
     """Run (or continue) a prep job. Returns prep_stats (a whole dataset) or the part summary (one
     Slurm part of several)."""
+    t_start = time.perf_counter()
     files, tok, layout, dtype = _setup(cfg)
     job_dir = cfg.job_dir()
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -556,7 +557,8 @@ def run_prep(cfg: PrepConfig) -> dict:
         lanes = worker_lanes(lanes, workers)
         workers = min(workers, len(lanes)) or 1
         t0 = time.perf_counter()
-        _run_lanes(cfg, files, layout, dtype, lanes, workers)
+        progress = _run_lanes(cfg, files, layout, dtype, lanes, workers)
+        t1 = time.perf_counter()
         if cfg.num_shards > 1:
             summary = _check_units(job_dir, files, cfg.docs_per_unit,
                                    part_lanes(len(files), cfg.num_shards, cfg.shard_index))
@@ -565,7 +567,11 @@ def run_prep(cfg: PrepConfig) -> dict:
             _write_json(job_dir / PART_DONE, summary)
             return summary
         stats = finalize(job_dir, files, args, tok, layout, dtype, str(tok.path))
-        log.info("prep finished in %.1f s", time.perf_counter() - t0)
+        t2 = time.perf_counter()
+        # Read by benchmarks/data_prep.py (steady-state rate = tokens / worker phase).
+        log.info("timing: setup %.2f s, workers %.2f s, finalize %.2f s; %d tokens this run, %.2fM tok/s "
+                 "in the worker phase (%d workers)", t0 - t_start, t1 - t0, t2 - t1, progress.tokens,
+                 progress.tokens / max(t1 - t0, 1e-9) / 1e6, workers)
         return stats
     finally:
         os.close(lock)

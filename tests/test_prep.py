@@ -320,3 +320,25 @@ def test_cli_help_documents_every_option():
         r = subprocess.run([sys.executable, "-m", "m2train", sub, "--help"], capture_output=True, text=True,
                            cwd=REPO, timeout=60)
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_slurm_array_script_runs_prep_and_merge(corpus, reference, tmp_path):
+    """slurm/prep_c4.sh as Slurm would run it: two array tasks, then the dependent merge stage."""
+    script = REPO / "slurm" / "prep_c4.sh"
+    for s in (script, REPO / "slurm" / "prep_pile.sh"):
+        assert subprocess.run(["bash", "-n", str(s)]).returncode == 0
+    out = tmp_path / "slurm_out"
+    env = dict(os.environ, C4_GLOB=corpus["c4"], TOKENIZER=corpus["tok"], OUT=str(out), SEQ_LEN="64",
+               VAL_FRACTION="0.05", M2TRAIN=f"{sys.executable} -m m2train",
+               EXTRA_ARGS="--docs-per-unit 25 --batch-docs 8", SLURM_ARRAY_TASK_COUNT="2",
+               SLURM_ARRAY_TASK_MIN="0", SLURM_CPUS_PER_TASK="1")
+    for i in range(2):
+        r = subprocess.run(["bash", str(script)], env=dict(env, SLURM_ARRAY_TASK_ID=str(i)), cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    merge_env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", str(script)], env=dict(merge_env, PREP_STAGE="merge"), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "prep_stats.json").read_text()) == reference[1]
+    assert_same_dataset(reference[0], out)
