@@ -97,27 +97,12 @@ def model_config_differences(saved: dict, current: dict, prefix: str = "model") 
             for k in keys if saved.get(k) != current.get(k)]
 
 
-def _evaluate(model, loader, max_batches: int) -> dict:
-    try:
-        from .evaluate import evaluate
-    except ImportError:      # stand-in until m2train.train.evaluate lands (C1); delete then
-        evaluate = _evaluate_standin
-    return evaluate(model, loader, max_batches)
-
-
-@torch.no_grad()
-def _evaluate_standin(model, loader, max_batches: int) -> dict:
-    device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, batch in enumerate(loader):
-        if i >= max_batches:
-            break
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        total += torch.tensor([out.loss.double().item(), 1.0], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    loss = (total[0] / total[1].clamp_min(1)).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+def _evaluate(model, loader, max_batches: int, precision: str) -> dict:
+    """Validation metrics, all-reduced over ranks, prefixed `val_` (val_loss, val_perplexity, ...)."""
+    from .evaluate import evaluate
+    results = evaluate(model, loader, max_batches,
+                       autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    return {k if k.startswith("val_") else f"val_{k}": v for k, v in results.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,8 +316,11 @@ class Trainer:
         from ..models.flops import training_flops_per_token
 
         cfg, t = self.cfg, self.cfg.train
+        t_setup = time.time()
         self.build()
+        t_built = time.time()
         resumed = self.resume()
+        t_resumed = time.time()
         self.stop.install()
         # Rank 0's side channels (wandb ids, the peak-FLOPs probe) must not shift the RNG streams that an
         # uninterrupted run would have had here.
@@ -344,14 +332,16 @@ class Trainer:
         flops_per_token = training_flops_per_token(cfg.model, seq_len, batch_size=t.micro_batch_size)["total"]
         peak, peak_src = peak_flops_per_device(self.device, t.precision) if self.is_main else (None, "")
         restore_rng_state(rng)
-        logger.print(
-            f"m2train train: {cfg.name} ({cfg.model.arch}, {self.model.num_parameters() / 1e6:.2f}M params) "
-            f"on {self.env.world_size} process(es) [{self.env.backend}, ZeRO-{cfg.parallel.zero_stage}, "
-            f"{t.precision}], global batch {t.global_batch_size} = {t.micro_batch_size} x {self.dp} x "
-            f"{t.grad_accum_steps}, {seq_len} tokens/sample; peak {peak and peak / 1e9:.0f} GFLOP/s/device "
-            f"({peak_src}); run dir {self.run_dir}")
-        logger.print(f"resumed from {resumed} at step {self.progress.step}" if resumed
-                     else "starting from scratch (no checkpoint found)")
+        if self.is_main:
+            logger.print(
+                f"m2train train: {cfg.name} ({cfg.model.arch}, {self.model.num_parameters() / 1e6:.2f}M params) "
+                f"on {self.env.world_size} process(es) [{self.env.backend}, ZeRO-{cfg.parallel.zero_stage}, "
+                f"{t.precision}], global batch {t.global_batch_size} = {t.micro_batch_size} x {self.dp} x "
+                f"{t.grad_accum_steps}, {seq_len} tokens/sample; peak {peak / 1e9:.0f} GFLOP/s/device "
+                f"({peak_src}); run dir {self.run_dir}; engine + loaders {t_built - t_setup:.1f} s, "
+                f"resume {t_resumed - t_built:.1f} s")
+            logger.print(f"resumed from {resumed} at step {self.progress.step}" if resumed
+                         else "starting from scratch (no checkpoint found)")
         code = signals.EXIT_FINISHED
         interval_tokens, interval_time, step_time_ema = 0, 0.0, None
         try:
@@ -388,8 +378,7 @@ class Trainer:
                     interval_tokens, interval_time = 0, 0.0
                 if t.eval_every and (p.step % t.eval_every == 0 or p.step == t.max_steps):
                     self.engine.eval()
-                    with autocast_context(cfg, self.device):
-                        results = _evaluate(self.model, self.val_loader, t.eval_batches)
+                    results = _evaluate(self.model, self.val_loader, t.eval_batches, t.precision)
                     self.engine.train()
                     record = (record or {"step": p.step}) | results
                     logger.print(f"step {p.step} validation: "
@@ -412,7 +401,8 @@ class Trainer:
                     self.save()
             else:
                 self.save()
-                logger.print(f"finished {t.max_steps} steps; final checkpoint in {self.ckpt_dir}")
+                logger.print(f"finished {t.max_steps} steps in {time.time() - t_resumed:.1f} s "
+                             f"(last save {self.budget.save_s or 0:.1f} s); final checkpoint in {self.ckpt_dir}")
         except NonFiniteStop as e:
             logger.print(f"m2train train: {e}")
             code = signals.EXIT_NONFINITE
