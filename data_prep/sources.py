@@ -6,8 +6,9 @@ Kinds (`SourceSpec.kind`):
          `pile_include` / `pile_exclude` filter on meta.pile_set_name.
   jsonl  generic JSON lines; the document is the string field `text_field`.
   text   plain .txt files, one document per file, UTF-8.
-  hf     a local Hugging Face dataset: a `save_to_disk` folder (.arrow files), a folder of parquet or
-         json/jsonl data files, or one such file; the document is column/field `text_field`.
+  hf     a local Hugging Face dataset: a `save_to_disk` folder (.arrow files; a DatasetDict folder
+         contributes every split, so name one split's folder to use only that one), a folder of
+         parquet or json/jsonl data files, or one such file; the document is column/field `text_field`.
 
 Every document read is reported once, in file order, as (index_in_file, text, None) or
 (index_in_file, None, reason) with reason one of SKIP_REASONS, so a caller can keep

@@ -319,6 +319,24 @@ def test_hf_save_to_disk_folder(tmp_path):
         read_all(SourceSpec("hf", (str(tmp_path / "ds"),), text_field="body"), files[0])
 
 
+HF_FIXTURES = os.path.join(os.path.dirname(__file__), "data", "hf_save_to_disk")
+
+
+def test_hf_folders_written_by_the_datasets_library():
+    texts = _hf_rows(200)
+    spec = SourceSpec("hf", (os.path.join(HF_FIXTURES, "dataset"),))
+    files = discover_files(spec)
+    assert [os.path.basename(f.path) for f in files] == ["data-00000-of-00002.arrow",
+                                                         "data-00001-of-00002.arrow"]
+    assert [t for f in files for _, t, _ in read_all(spec, f)] == texts
+    # A DatasetDict folder contributes every split (sorted by path: test before train).
+    spec = SourceSpec("hf", (os.path.join(HF_FIXTURES, "dataset_dict"),))
+    files = discover_files(spec)
+    assert [os.path.relpath(f.path, HF_FIXTURES) for f in files] == [
+        "dataset_dict/test/data-00000-of-00001.arrow", "dataset_dict/train/data-00000-of-00001.arrow"]
+    assert [t for f in files for _, t, _ in read_all(spec, f)] == texts[150:] + texts[:150]
+
+
 def test_hf_parquet_and_json_folders(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
