@@ -3,6 +3,7 @@ spawned processes and real DeepSpeed engines on tiny models."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
@@ -31,7 +32,11 @@ def _entry(fn, rank, world, port, args, queue):
         deepspeed.init_distributed(dist_backend="gloo")
         result = fn(rank, world, *args)
         torch.distributed.barrier()
-        queue.put((rank, True, result))
+        # As bytes: tensors sent through a multiprocessing queue travel as shared-memory handles that
+        # die with this process.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # report every failure to the parent, which raises it
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -53,7 +58,7 @@ def run_distributed(fn, world: int, *args, timeout: float = 300.0) -> list:
         for _ in range(world):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break
