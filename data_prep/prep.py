@@ -87,7 +87,8 @@ def unit_name(f: int, k: int) -> str:
 
 def _write_json(path: Path, obj) -> None:
     """Atomic: a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
+    # A per-process temporary name: lanes sharing a file may write its marker at the same moment.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
@@ -288,6 +289,7 @@ class _WorkerContext:
             n_docs = _read_json(file_marker)["docs"]
             mine = [k for k in range(-(-n_docs // C)) if lane.owns(k)]
             if all(k in done for k in mine):
+                self.report("lane", lane)
                 return
         # Start at the first chunk of ours still to do; from one of our finished chunks before it
         # when there is one, so that the read always reaches a document and learns the file's length.
@@ -390,6 +392,8 @@ def _run_lanes(cfg: PrepConfig, files, layout, dtype, lanes: list[Lane], workers
         # fork: workers start in milliseconds and inherit the imported modules (no torch is imported
         # here, so there is no thread pool to break).
         mpctx = mp.get_context("fork")
+        # One process per core already: HF tokenizers must not start a thread pool in each of them.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tasks, results = mpctx.Queue(), mpctx.Queue()
         # Largest files first, so the last lanes to finish are short ones.
         for lane in sorted(lanes, key=lambda l: (-files[l.file].bytes / l.stride, l.file, l.offset)):

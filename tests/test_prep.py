@@ -342,3 +342,19 @@ def test_slurm_array_script_runs_prep_and_merge(corpus, reference, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "prep_stats.json").read_text()) == reference[1]
     assert_same_dataset(reference[0], out)
+
+
+def test_killed_during_finalize_resumes(corpus, reference, tmp_path):
+    """Every unit done but no prep_stats.json (killed while finalizing): the rerun only finalizes."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    (out / "prep_stats.json").unlink()
+    shutil.rmtree(out / "train" / "tail")
+    (out / "val" / "index.json").unlink()
+    units = out / ".prep" / "units"
+    kept = {p.name: p.stat().st_mtime_ns for p in units.glob("*.json")}
+    assert run_prep(cfg_for(corpus, out, workers=2)) == reference[1]
+    assert {n: (units / n).stat().st_mtime_ns for n in kept} == kept
+    assert_same_dataset(reference[0], out)
