@@ -380,3 +380,37 @@ def test_wrong_sample_length_is_a_clear_error(tmp_path):
                            "val": gpt_id_samples(range(2), L, V)})
     with pytest.raises(ValueError, match=r"sample \d+ has \(12,\) tokens, expected \(17,\)"):
         next(loader(path, tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- cache, bench
+def test_reused_cache_folder_follows_a_re_prepared_dataset(tmp_path, monkeypatch):
+    """A restarted job reuses its cache folder names; if the dataset was prepared again in between, the
+    stale decompressed shards must not be served (streaming never re-reads a cached index.json)."""
+    from m2train.data import cache as cache_mod
+
+    path = tmp_path / "data"
+    write_prepared(path, "gpt_packed", L, V, {"train": gpt_id_samples(range(8), L, V),
+                                              "val": gpt_id_samples(range(2), L, V)})
+    monkeypatch.setattr(cache_mod, "_build_counter", itertools.count(0))
+    first = loader(path, tmp_path, shuffle=False, micro_batch_size=8)
+    assert sample_ids_of_batch(next(first), "gpt_packed", V) == list(range(8))
+    first.close()
+    del first
+    import shutil
+    shutil.rmtree(path)
+    write_prepared(path, "gpt_packed", L, V, {"train": gpt_id_samples(range(50, 58), L, V),
+                                              "val": gpt_id_samples(range(2), L, V)})
+    monkeypatch.setattr(cache_mod, "_build_counter", itertools.count(0))
+    again = loader(path, tmp_path, shuffle=False, micro_batch_size=8)
+    assert sample_ids_of_batch(next(again), "gpt_packed", V) == list(range(50, 58))
+
+
+def test_loader_throughput_measurement(gpt_data):
+    from m2train.data.bench import main, measure_loader_throughput
+
+    r = measure_loader_throughput(str(gpt_data), micro_batch_size=B, batches=30)   # crosses an epoch
+    assert r["batches"] == 30 and r["samples"] == 30 * B and r["samples_per_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * L, rel=0.01)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0

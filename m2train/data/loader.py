@@ -117,6 +117,11 @@ class TokenLoader:
             inner._shutdown_workers()
         if it is not None and hasattr(it, "close"):
             it.close()
+        # Without workers, streaming's prefetch threads run in this process and keep downloading and
+        # decompressing ahead until told to stop; stop them (and wait) so nothing writes to the cache after.
+        threads = getattr(self._dataset, "_iterator", None)
+        if threads is not None:
+            threads.exit()
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
@@ -155,6 +160,7 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
                      mlm_probability: Optional[float] = None, *, drop_last: Optional[bool] = None,
                      num_canonical_nodes: int = DEFAULT_NUM_CANONICAL_NODES,
                      shuffle_block_size: int = DEFAULT_SHUFFLE_BLOCK_SIZE,
+                     cache_limit: Optional[int | str] = None,
                      info: Optional[DatasetInfo] = None) -> TokenLoader:
     """A loader over `data_cfg.path`'s train or val split for data-parallel rank `dp_rank` of `dp_world`.
 
@@ -165,9 +171,15 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
     mlm_probability: None -> data_cfg's train/eval probability (BERT layouts only).
     drop_last: drop each epoch's incomplete final batch (default: True for train, keeping every batch the
         same shape; False for val). Every rank gets equally many batches either way.
+    dp_rank / dp_world: this process's data-parallel coordinates. With tensor/context parallelism,
+        dp_world = WORLD_SIZE / (tp * cp) and dp_rank = RANK // (tp * cp): the model-parallel ranks must be
+        the innermost rank dimension (megatron-core's default); anything else is refused (see world.py).
     num_canonical_nodes / shuffle_block_size: fixed shuffle geometry; a resumed state keeps the values it
         was saved with. Raise NCN (to a multiple or divisor of the node count) for many-node runs on remote
         data so that each node reads fewer shards.
+    cache_limit: bytes (or "100gb") of decompressed shards kept per node before the coldest are evicted;
+        None keeps the whole split (a full decompressed copy per loader and node).
+    info: an already-read DatasetInfo (skips reading prep_stats.json again).
     When WORLD_SIZE > 1, torch.distributed must be initialised and every rank must call this with the same
     arguments in the same order.
     """
@@ -207,7 +219,7 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
         remote=remote_split, local=str(local_dir), batch_size=micro_batch_size,
         shuffle=bool(train and data_cfg.shuffle), shuffle_algo=SHUFFLE_ALGO, shuffle_seed=seed,
         shuffle_block_size=shuffle_block_size, num_canonical_nodes=num_canonical_nodes,
-        partition_algo="relaxed", replication=world.replication,
+        partition_algo="relaxed", replication=world.replication, cache_limit=cache_limit,
     )
     per_rank = -(-dataset.num_samples // world.dp_world)
     if drop_last and per_rank < micro_batch_size:

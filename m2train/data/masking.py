@@ -32,6 +32,9 @@ class MLMMasker:
         self.mask_id = int(mask_id)
         self.seed = int(seed)
         self.structural = np.asarray(sorted(set(int(i) for i in structural_ids)), dtype=np.int64)
+        # A lookup table is several times faster than np.isin on every sample.
+        self._is_structural = np.zeros(vocab_size, dtype=bool)
+        self._is_structural[self.structural] = True
         # Random replacements are ordinary tokens: never [MASK] or a structural token.
         excluded = np.append(self.structural, self.mask_id)
         self.replacement_pool = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), excluded)
@@ -51,7 +54,7 @@ class MLMMasker:
         action_u = rng.random(n)
         replacement = self.replacement_pool[rng.integers(0, self.replacement_pool.size, size=n)]
 
-        eligible = ~np.isin(tokens, self.structural)
+        eligible = ~self._is_structural[tokens]
         selected = eligible & (select_u < self.probability)
         to_mask = selected & (action_u < 0.8)
         to_random = selected & (action_u >= 0.8) & (action_u < 0.9)
