@@ -17,9 +17,14 @@ import torch
 from conftest import tiny_model_cfg
 from m2train.launch import free_port
 from m2train.models import build_model
-from m2train.parallel.activation_checkpointing import (MODES, apply_activation_checkpointing, is_checkpointed,
-                                                       model_blocks, remove_activation_checkpointing,
-                                                       saved_activation_bytes)
+from m2train.parallel.activation_checkpointing import (MODES, apply_activation_checkpointing,
+                                                       checkpointed_module_names, is_checkpointed, model_blocks,
+                                                       remove_activation_checkpointing, saved_activation_bytes)
+
+
+def _apply(model, mode, every_k=2) -> list[str]:
+    assert apply_activation_checkpointing(model, mode, every_k) is model      # in place, same object
+    return checkpointed_module_names(model)
 
 # (arch, head): M2-GPT, M2-BERT (MLM and classification) and both Transformer baselines.
 MODELS = [("m2_gpt", "causal_lm"), ("m2_bert", "mlm"), ("m2_bert", "classification"), ("gpt", "causal_lm"),
@@ -64,7 +69,7 @@ def test_every_mode_gives_identical_outputs_and_gradients(arch, head):
     ref_logits, ref_loss, ref_grads = _forward_backward(model, batch)
     assert len(ref_grads) == sum(1 for p in model.parameters() if p.requires_grad)   # every weight trained
     for mode in MODES:
-        names = apply_activation_checkpointing(model, mode, every_k=2)
+        names = _apply(model, mode, every_k=2)
         logits, loss, grads = _forward_backward(model, batch)
         _assert_same(logits, ref_logits, f"{arch}/{head} {mode} logits")
         _assert_same(loss, ref_loss, f"{arch}/{head} {mode} loss")
@@ -82,13 +87,13 @@ def test_modes_select_the_documented_modules(arch, head):
     model = _model(arch, head)
     prefix = "blocks" if arch in ("m2_gpt", "gpt") else "bert.layers"
     mixer = "attn" if arch == "gpt" else "mixer"
-    assert apply_activation_checkpointing(model, "none") == []
-    assert apply_activation_checkpointing(model, "every_block") == [f"{prefix}.{i}" for i in range(4)]
-    assert apply_activation_checkpointing(model, "every_k", every_k=2) == [f"{prefix}.1", f"{prefix}.3"]
-    assert apply_activation_checkpointing(model, "every_k", every_k=3) == [f"{prefix}.2"]
-    assert apply_activation_checkpointing(model, "every_k", every_k=1) == [f"{prefix}.{i}" for i in range(4)]
+    assert _apply(model, "none") == []
+    assert _apply(model, "every_block") == [f"{prefix}.{i}" for i in range(4)]
+    assert _apply(model, "every_k", every_k=2) == [f"{prefix}.1", f"{prefix}.3"]
+    assert _apply(model, "every_k", every_k=3) == [f"{prefix}.2"]
+    assert _apply(model, "every_k", every_k=1) == [f"{prefix}.{i}" for i in range(4)]
     # a new call replaces the old choice instead of stacking on it
-    assert apply_activation_checkpointing(model, "mixer") == [f"{prefix}.{i}.{mixer}" for i in range(4)]
+    assert _apply(model, "mixer") == [f"{prefix}.{i}.{mixer}" for i in range(4)]
     assert not any(is_checkpointed(b) for b in model_blocks(model))
     assert sum(is_checkpointed(m) for m in model.modules()) == 4
 
@@ -196,7 +201,8 @@ ZERO_WORKER = textwrap.dedent("""
     from conftest import tiny_model_cfg
     from m2train.launch import init_distributed
     from m2train.models import build_model
-    from m2train.parallel.activation_checkpointing import apply_activation_checkpointing
+    from m2train.parallel.activation_checkpointing import (apply_activation_checkpointing,
+                                                           checkpointed_module_names)
 
     env = init_distributed()
     torch.set_num_threads(1)
@@ -205,7 +211,8 @@ ZERO_WORKER = textwrap.dedent("""
         for mode in ("none", "every_block", "mixer"):
             torch.manual_seed(0)
             model = build_model(tiny_model_cfg("m2_gpt", num_layers=3, hidden_dropout=0.1))
-            names = apply_activation_checkpointing(model, mode)
+            apply_activation_checkpointing(model, mode)
+            names = checkpointed_module_names(model)
             calls = []
             model.blocks[1].norm1.register_forward_hook(lambda *a: calls.append(1))
             ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -256,3 +263,14 @@ def test_zero2_and_zero3_losses_match_without_checkpointing(tmp_path):
             # block 1's norm1 recomputed in backward only when the whole block is checkpointed
             assert res[f"zero{stage}/every_block"]["calls"] == 8
             assert res[f"zero{stage}/mixer"]["calls"] == 4
+
+
+def test_trainer_entry_point_applies_the_configured_mode():
+    """m2train.parallel.apply_parallelism (what `m2train train` calls) honours train.activation_checkpointing."""
+    from m2train.config import load_config
+    from m2train.parallel import apply_parallelism
+
+    cfg = load_config("m2_gpt_tiny", ["train.activation_checkpointing=every_k", "train.checkpoint_every_k=2"])
+    model = build_model(cfg.model)
+    assert apply_parallelism(model, cfg) is model
+    assert checkpointed_module_names(model) == ["blocks.1", "blocks.3"]

@@ -106,16 +106,16 @@ def remove_activation_checkpointing(model: nn.Module) -> None:
         uncheckpoint_module(m)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str = "every_block", every_k: int = 2) -> list[str]:
-    """Checkpoint the modules `mode` selects, in place, replacing any earlier choice.
+def apply_activation_checkpointing(model: nn.Module, mode: str = "every_block", every_k: int = 2) -> nn.Module:
+    """Checkpoint the modules `mode` selects, in place, replacing any earlier choice; returns `model`
+    (the same object: nothing is wrapped). `checkpointed_module_names(model)` lists what was chosen.
 
-    Returns the qualified names of the checkpointed modules (e.g. ["blocks.0", "blocks.1"]). Call it on the
-    bare model, after tensor/context parallelism and before the DeepSpeed engine wraps it."""
+    Call it on the bare model, after tensor/context parallelism and before the DeepSpeed engine wraps it."""
     if mode not in MODES:
         raise ValueError(f"train.activation_checkpointing: unknown mode {mode!r} (use one of {', '.join(MODES)})")
     remove_activation_checkpointing(model)
     if mode == "none":
-        return []
+        return model
     blocks = model_blocks(model)
     if mode == "every_block":
         chosen = blocks
@@ -127,8 +127,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "every_block", 
         chosen = [m for b in blocks for m in _mixers(b)]
     for m in chosen:
         checkpoint_module(m)
-    ids = {id(m) for m in chosen}
-    return [name for name, m in model.named_modules() if id(m) in ids]
+    return model
+
+
+def checkpointed_module_names(model: nn.Module) -> list[str]:
+    """Qualified names of the checkpointed modules, e.g. ["blocks.0", "blocks.1"]."""
+    return [name for name, m in model.named_modules() if is_checkpointed(m)]
 
 
 # --------------------------------------------------------------------------------------------------
