@@ -78,7 +78,7 @@ def test_prep_stats_errors_name_the_file(tmp_path, gpt_data):
         (lambda s: s.update(vocab_size=70000), "uint16 cannot hold"),
         (lambda s: s["special_tokens"].update(eos=V), "special_tokens.eos"),
         (lambda s: s.update(layout="bert_doc", special_tokens={**s["special_tokens"], "mask": None}),
-         "special_tokens.mask is null"),
+         "needs special_tokens.mask"),
     ]:
         bad = tmp_path / "bad"
         bad.mkdir(exist_ok=True)
@@ -414,3 +414,70 @@ def test_loader_throughput_measurement(gpt_data):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+# ------------------------------------------------------------------------------------------- real prep output
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Datasets written by the real prep job (m2train.data_prep): several work units plus tail/."""
+    from m2train.data_prep.prep import PrepConfig, run_prep
+    from m2train.data_prep.sources import SourceSpec
+
+    from data_fixtures import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("prep")
+    _, proto = train_sentencepiece(TEXTS)
+    (d / "tok.model").write_bytes(proto)
+    docs = [f"Document {i}. {TEXTS[i % len(TEXTS)]} {TEXTS[(i * 7) % len(TEXTS)]}" for i in range(60)]
+    for name, part in (("a", docs[:30]), ("b", docs[30:])):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    out = {}
+    for layout in ("gpt_packed", "bert_doc", "bert_packed"):
+        run_prep(PrepConfig(source=SourceSpec(kind="jsonl", inputs=(str(d / "a.jsonl"), str(d / "b.jsonl"))),
+                            tokenizer=str(d / "tok.model"), out=str(d / layout), layout=layout, seq_len=32,
+                            val_fraction=0.1, workers=1, docs_per_unit=8, progress=False))
+        out[layout] = d / layout
+    return out, docs
+
+
+@pytest.mark.parametrize("layout", ["gpt_packed", "bert_doc", "bert_packed"])
+def test_loader_reads_real_prep_output(prepared, layout, tmp_path):
+    import sentencepiece as spm
+
+    paths, docs = prepared
+    path = paths[layout]
+    info = read_prep_stats(path)
+    sp = spm.SentencePieceProcessor(model_file=str(Path(info.tokenizer_dir) / "tokenizer.model"))
+    norm = lambda t: " ".join(t.split())
+    texts = [norm(t) for t in docs]
+
+    ld = loader(path, tmp_path, shuffle=False, drop_last=False)
+    batches = take(ld, len(ld))
+    assert sum(len(b["input_ids"]) for b in batches) == info.split_samples("train")
+    eos, cls, sep = info.special_tokens["eos"], info.special_tokens["cls"], info.special_tokens["sep"]
+    if layout == "gpt_packed":
+        stream = [t for b in batches for x, y in zip(b["input_ids"], b["labels"]) for t in x.tolist() + y[-1:].tolist()]
+        pieces = [norm(sp.decode(p)) for p in np.split(np.array(stream), np.flatnonzero(np.array(stream) == eos))]
+        # Between two EOS: mostly a whole document; at a work-unit boundary the start of the unit's last
+        # document (its rest went to tail/) runs into the next unit's first document.
+        whole = [p for p in pieces[1:-1] if p in texts]
+        assert len(set(whole)) == len(whole) >= info.splits["train"]["documents"] - 2 * info.stats["units"]
+    else:
+        for b in batches:
+            orig = torch.where(b["labels"] != IGNORE_INDEX, b["labels"], b["input_ids"])
+            for row, m in zip(orig, b["attention_mask"]):
+                ids = row[m.bool()].tolist()
+                assert ids[0] == cls
+                body = [t for t in ids[1:] if t != sep]
+                if layout == "bert_doc":
+                    assert ids[-1] == sep and norm(sp.decode(body)) in " ".join(texts)
+                else:
+                    assert (m == 1).all()
+
+    # Shuffled, resumable, the whole split once per epoch.
+    shuffled = loader(path, tmp_path, drop_last=False)
+    ref = take(shuffled, len(shuffled) + 3)
+    resumed = loader(path, tmp_path, drop_last=False)
+    resumed.load_state_dict(json.loads(json.dumps((lambda l: (take(l, 5), l.state_dict())[1])(
+        loader(path, tmp_path, drop_last=False)))))
+    assert_same_batches(take(resumed, len(ref) - 5), ref[5:])

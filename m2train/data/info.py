@@ -16,6 +16,9 @@ from typing import Any, Optional
 
 LAYOUTS = ("gpt_packed", "bert_doc", "bert_packed")
 STATS_FILE = "prep_stats.json"
+# data_prep/FORMAT.md: the special tokens each layout is built from.
+REQUIRED_SPECIALS = {"gpt_packed": ("eos",), "bert_doc": ("cls", "sep", "pad", "mask"),
+                     "bert_packed": ("cls", "sep", "mask")}
 # Tokens that carry structure rather than text: MLM never masks them, and random replacements never
 # produce them.
 STRUCTURAL_TOKENS = ("cls", "sep", "pad", "bos", "eos")
@@ -74,11 +77,12 @@ class DatasetInfo:
 
     @property
     def tokenizer_dir(self) -> Optional[str]:
-        """The copy of the tokenizer beside the shards (OUT/tokenizer), when the dataset is local."""
+        """The copy of the tokenizer inside the dataset (tokenizer.path relative to OUT, default "tokenizer")."""
+        rel = self.tokenizer.get("path") or "tokenizer"
         if is_remote(self.path):
-            return join_path(self.path, "tokenizer")
-        d = Path(self.path, "tokenizer")
-        return str(d) if d.is_dir() else None
+            return join_path(self.path, rel)
+        d = Path(self.path, rel)  # an absolute tokenizer.path stays absolute
+        return str(d) if d.exists() else None
 
     def split_samples(self, split: str) -> Optional[int]:
         entry = self.splits.get(split)
@@ -158,12 +162,10 @@ def read_prep_stats(path: str | os.PathLike, cache_dir: Optional[str | os.PathLi
         if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid < vocab_size):
             raise ValueError(f"{stats_url}: special_tokens.{name} = {tid!r} is not an id in [0, {vocab_size}) "
                              f"or null")
-    if layout != "gpt_packed":
-        if specials.get("mask") is None:
-            raise ValueError(f"{stats_url}: layout {layout} is masked-LM data but special_tokens.mask is "
-                             f"null; prepare it with a tokenizer that has a [MASK] token")
-        if layout == "bert_doc" and specials.get("pad") is None:
-            raise ValueError(f"{stats_url}: layout bert_doc pads documents but special_tokens.pad is null")
+    for name in REQUIRED_SPECIALS[layout]:
+        if specials.get(name) is None:
+            raise ValueError(f"{stats_url}: layout {layout} needs special_tokens.{name}, which is missing or "
+                             f"null; prepare the data with a tokenizer that has it (data_prep/FORMAT.md)")
     return DatasetInfo(
         path=str(path), layout=layout, seq_len=seq_len, vocab_size=vocab_size, dtype=dtype,
         special_tokens=dict(specials), tokenizer=dict(get("tokenizer", (dict,), {})),
