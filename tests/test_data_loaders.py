@@ -481,3 +481,13 @@ def test_loader_reads_real_prep_output(prepared, layout, tmp_path):
     resumed.load_state_dict(json.loads(json.dumps((lambda l: (take(l, 5), l.state_dict())[1])(
         loader(path, tmp_path, drop_last=False)))))
     assert_same_batches(take(resumed, len(ref) - 5), ref[5:])
+
+
+def test_split_that_disagrees_with_prep_stats_is_refused(tmp_path):
+    path = write_prepared(tmp_path / "d", "gpt_packed", L, V, {"train": gpt_id_samples(range(8), L, V),
+                                                               "val": gpt_id_samples(range(2), L, V)})
+    stats = json.loads((path / "prep_stats.json").read_text())
+    stats["splits"]["train"]["samples"] = 9
+    (path / "prep_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=r"lists 8 samples but .*splits.train.samples = 9"):
+        loader(path, tmp_path)

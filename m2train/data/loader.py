@@ -112,10 +112,8 @@ class TokenLoader:
         """Stop the current pass's workers (before a new pass or a state load reuses the shared memory)."""
         it = self._pass
         self._pass = None
-        inner = getattr(self._loader, "_iterator", None)
-        if inner is not None and hasattr(inner, "_shutdown_workers"):
-            inner._shutdown_workers()
         if it is not None and hasattr(it, "close"):
+            # Closing the generator drops torch's worker iterator, which shuts its workers down.
             it.close()
         # Without workers, streaming's prefetch threads run in this process and keep downloading and
         # decompressing ahead until told to stop; stop them (and wait) so nothing writes to the cache after.
@@ -203,7 +201,7 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
     folder_name = data_cfg.train_split if train else data_cfg.val_split
     remote_split = join_path(info.path, folder_name)
     if not is_remote(remote_split):
-        _check_split_folder(Path(remote_split), info)
+        _check_split_folder(Path(remote_split), info, folder_name)
 
     local_dir = next_local_dir(cache_root, folder_name)
     prepare_local_dir(remote_split, local_dir, world.is_local_leader, barrier)
@@ -236,8 +234,8 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
                        world=world, seed=seed, micro_batch_size=micro_batch_size, local_dir=local_dir)
 
 
-def _check_split_folder(folder: Path, info: DatasetInfo) -> None:
-    """A missing or foreign split folder fails here, naming the path, not in a worker."""
+def _check_split_folder(folder: Path, info: DatasetInfo, split: str) -> None:
+    """A missing, foreign or half-rewritten split folder fails here, naming the path, not in a worker."""
     import json
 
     index = folder / "index.json"
@@ -259,6 +257,11 @@ def _check_split_folder(folder: Path, info: DatasetInfo) -> None:
         enc = encs[names.index("tokens")]
         if not enc.startswith("ndarray"):
             raise ValueError(f"{index}: column 'tokens' is {enc!r}, expected {want!r}")
+    stated = info.split_samples(split)
+    found = sum(int(shard.get("samples", 0)) for shard in shards)
+    if stated is not None and stated != found:
+        raise ValueError(f"{index} lists {found} samples but {info.path}/prep_stats.json says splits.{split}."
+                         f"samples = {stated}: the folder was changed after preparation (re-run `m2train prep`)")
 
 
 def _make_collate(info: DatasetInfo, data_cfg, train: bool, seed: int, mlm_probability: Optional[float],
