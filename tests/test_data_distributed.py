@@ -111,3 +111,36 @@ def test_two_ranks_partition_and_resume_on_one(tmp_path):
     # Model-parallel replicas (dp_world=1 on 2 ranks) get identical batches, the same as one process.
     assert r0["replicated"] == r1["replicated"] == one_ids[:6 * B]
     assert r0["replicated_rows"] == r1["replicated_rows"]
+
+
+@pytest.mark.parametrize("nodes,ranks_per_node", [(1, 2), (2, 1), (2, 2), (4, 2), (8, 1)])
+def test_partition_order_does_not_depend_on_the_world(nodes, ranks_per_node):
+    """The fact world.py relies on, checked on streaming's own partitioner (num_canonical_nodes=1, as
+    build_dataloader fixes it): at every step the ranks together take the next B*W positions of one global
+    order, so any world - and any resumption point saved by another world - continues that order."""
+    from streaming.base.partition import get_partitions
+
+    n, b, ncn = 480, 3, 1
+    world = nodes * ranks_per_node
+
+    def steps(p, r, drop_first=0, workers=1):
+        parts = get_partitions("relaxed", n, ncn, p, r, workers, b, drop_first)
+        # (nodes, ranks, workers, batches, batch) -> per global rank, its batches in the order torch's
+        # DataLoader yields them (round-robin over workers)
+        per_rank = parts.reshape(p * r, workers, -1, b).transpose(0, 2, 1, 3).reshape(p * r, -1, b)
+        return [sorted(x for x in per_rank[:, t].ravel() if x >= 0) for t in range(per_rank.shape[1])]
+
+    single = [i for step in steps(1, 1) for i in step]
+    assert sorted(single) == list(range(n))
+    for workers in (1, 2):
+        multi = steps(nodes, ranks_per_node, workers=workers)
+        for t, step in enumerate(multi):
+            assert step == sorted(single[t * b * world:(t + 1) * b * world])
+    # Resume on one process after k steps of this world, and this world after k steps of one process.
+    k = 7
+    resumed = [i for step in steps(1, 1, drop_first=k * b * world) for i in step]
+    assert resumed == single[k * b * world:]
+    again = steps(nodes, ranks_per_node, drop_first=k * b * world)
+    assert len(again) == len(steps(nodes, ranks_per_node)) - k
+    for t, step in enumerate(again):
+        assert step == sorted(single[(k + t) * b * world:(k + t + 1) * b * world])
