@@ -524,6 +524,9 @@ def _setup(cfg: PrepConfig):
         raise PrepError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
         raise PrepError(f"--shard-index {cfg.shard_index} is not in [0, --num-shards {cfg.num_shards})")
+    algo, _, level = (cfg.compression or "").partition(":")
+    if cfg.compression and (algo != "zstd" or level and not (level.isdigit() and 1 <= int(level) <= 22)):
+        raise PrepError(f"--compression must be zstd or zstd:LEVEL (1-22), got {cfg.compression!r}")
     if cfg.docs_per_unit < 1 or cfg.batch_docs < 1:
         raise PrepError("--docs-per-unit and --batch-docs must be positive")
     files = discover_files(cfg.source)

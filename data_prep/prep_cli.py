@@ -23,13 +23,13 @@ def _slurm_default(name: str) -> int | None:
 
 def add_prep_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source")
-    src.add_argument("--source", choices=("c4", "pile", "jsonl", "text", "hf"), required=True,
-                     help="input format: c4 = json/json.gz lines with 'text'; pile = jsonl/jsonl.zst with "
+    src.add_argument("--source", choices=("c4", "pile", "jsonl", "text", "hf"),
+                     help="(required) input format: c4 = json/json.gz lines with 'text'; pile = jsonl/jsonl.zst with "
                           "'text' and meta.pile_set_name; jsonl = any JSON lines (see --text-field); "
                           "text = .txt files, one document per file; hf = a local Hugging Face dataset "
                           "folder (save_to_disk, or parquet/json data files)")
-    src.add_argument("--input", nargs="+", action="extend", required=True, metavar="GLOB",
-                     help="input files, folders or globs (quote globs: 'c4/en/c4-train.*.json.gz'); "
+    src.add_argument("--input", nargs="+", action="extend", metavar="GLOB",
+                     help="(required) input files, folders or globs (quote globs: 'c4/en/c4-train.*.json.gz'); "
                           "repeatable")
     src.add_argument("--text-field", default="text", help="document field for jsonl / hf (default: text)")
     src.add_argument("--pile-include", nargs="+", action="extend", default=[], metavar="SUBSET",
@@ -40,13 +40,14 @@ def add_prep_arguments(p: argparse.ArgumentParser) -> None:
                      help="skip (and count as 'oversized') documents longer than this many UTF-8 bytes "
                           "(default: 10,000,000)")
     out = p.add_argument_group("output")
-    out.add_argument("--tokenizer", required=True,
-                     help="a sentencepiece .model file, or a folder with tokenizer.model / tokenizer.json / "
+    out.add_argument("--tokenizer",
+                     help="(required) a sentencepiece .model file, or a folder with tokenizer.model / tokenizer.json / "
                           "vocab.txt / vocab.json+merges.txt (local only); copied into OUT/tokenizer")
     out.add_argument("--out", required=True, help="dataset folder (see data_prep/FORMAT.md)")
     out.add_argument("--layout", choices=("gpt_packed", "bert_doc", "bert_packed"), default="gpt_packed",
                      help=LAYOUT_HELP + " (default: gpt_packed)")
-    out.add_argument("--seq-len", type=int, required=True, help="sequence length of a sample")
+    out.add_argument("--seq-len", type=int, help="(required) sequence length of a sample (GPT samples store "
+                                                "seq_len + 1 ids: inputs and shifted labels)")
     out.add_argument("--val-fraction", type=float, default=0.005,
                      help="share of documents in the validation split, by a stable hash of (file name, "
                           "index in file) (default: 0.005; 0 = no validation split)")
@@ -87,6 +88,12 @@ def _shard_args(args) -> tuple[int, int]:
 def config_from_args(args):
     from .prep import PrepConfig
     from .sources import SourceSpec
+
+    # Checked here rather than by argparse because `prep --merge OUT` needs none of them.
+    missing = [f"--{k.replace('_', '-')}" for k in ("source", "input", "tokenizer", "seq_len")
+               if getattr(args, k) in (None, [])]
+    if missing:
+        raise SystemExit(f"m2train prep: error: the following arguments are required: {', '.join(missing)}")
 
     num, idx = _shard_args(args)
     spec = SourceSpec(kind=args.source, inputs=tuple(args.input), text_field=args.text_field,
