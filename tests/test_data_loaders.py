@@ -491,3 +491,9 @@ def test_split_that_disagrees_with_prep_stats_is_refused(tmp_path):
     (path / "prep_stats.json").write_text(json.dumps(stats))
     with pytest.raises(ValueError, match=r"lists 8 samples but .*splits.train.samples = 9"):
         loader(path, tmp_path)
+
+
+def test_relative_dataset_path(gpt_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(gpt_data.parent)
+    ld = loader(Path(gpt_data.name), tmp_path, workers=2)
+    assert sorted(i for b in take(ld, len(ld)) for i in sample_ids_of_batch(b, "gpt_packed", V)) == list(range(N_TRAIN))

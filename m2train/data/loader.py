@@ -201,6 +201,7 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
     folder_name = data_cfg.train_split if train else data_cfg.val_split
     remote_split = join_path(info.path, folder_name)
     if not is_remote(remote_split):
+        remote_split = os.path.abspath(remote_split)  # workers and other ranks may not share our cwd
         _check_split_folder(Path(remote_split), info, folder_name)
 
     local_dir = next_local_dir(cache_root, folder_name)
