@@ -497,3 +497,18 @@ def test_relative_dataset_path(gpt_data, tmp_path, monkeypatch):
     monkeypatch.chdir(gpt_data.parent)
     ld = loader(Path(gpt_data.name), tmp_path, workers=2)
     assert sorted(i for b in take(ld, len(ld)) for i in sample_ids_of_batch(b, "gpt_packed", V)) == list(range(N_TRAIN))
+
+
+def test_a_live_loaders_cache_folder_is_not_taken_over(gpt_data, tmp_path, monkeypatch):
+    """Two jobs wrongly given one cache folder: the second is refused, naming the folder; the first keeps
+    working."""
+    from m2train.data import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_build_counter", itertools.count(0))
+    first = loader(gpt_data, tmp_path, workers=2)
+    ref = take(first, 3)
+    monkeypatch.setattr(cache_mod, "_build_counter", itertools.count(0))
+    with pytest.raises(ValueError, match=f"cache folder {first.local_dir} is in use by a running loader"):
+        loader(gpt_data, tmp_path)
+    assert len(take(first, len(first))) == len(first)     # into the next epoch: new workers attach fine
+    assert len(ref) == 3

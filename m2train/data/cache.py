@@ -13,7 +13,9 @@ Why each loader gets its own local folder (CACHE/<host>/<split>-<n>):
 Stale registrations: a killed run leaves /dev/shm entries naming its `local` folders, and a restarted run
 reuses those names. streaming's own `clean_stale_shared_memory()` unlinks EVERY streaming entry on the
 host, including live loaders of other jobs (and this process's other loader), so we only release entries
-that name our own folders, on the local leader, before the dataset registers; other ranks wait at a barrier.
+that name our own folders and that no live process has mapped (Linux /proc/*/maps), on the local leader,
+before the dataset registers; other ranks wait at a barrier. A live one (two jobs given the same cache
+folder) is an error naming the folder.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def next_local_dir(cache_root: Path, split: str) -> Path:
 
 
 def release_stale_registrations(local_dirs: list[str]) -> int:
-    """Unlink streaming's /dev/shm entries whose registration names any of `local_dirs`. Returns how many
-    registrations were released. Only call where no live dataset can own those folders (see module doc)."""
+    """Unlink streaming's /dev/shm entries whose registration names any of `local_dirs` (left by killed runs).
+    Returns how many were released; raises ValueError if a live process still uses one."""
     if not _SHM_DIR.is_dir():  # not Linux: streaming's shm lives elsewhere; nothing we can inspect
         return 0
     from streaming.base.constant import SHM_TO_CLEAN
@@ -74,6 +75,11 @@ def release_stale_registrations(local_dirs: list[str]) -> int:
         if not wanted.intersection(names):
             continue
         prefix = m.group(1)
+        if _mapped_by_a_live_process(str(_SHM_DIR / entry)):
+            # streaming itself would not notice (it skips numbers whose lock files exist): two loaders would
+            # fill and evict one folder independently.
+            raise ValueError(f"cache folder {sorted(wanted & set(names))[0]} is in use by a running loader "
+                             f"(/dev/shm/{entry}); give each job its own cache dir (data.local_cache)")
         for name in SHM_TO_CLEAN:
             try:
                 (_SHM_DIR / f"{prefix}_{name}").unlink()
@@ -82,6 +88,22 @@ def release_stale_registrations(local_dirs: list[str]) -> int:
         released += 1
         log.info("released stale streaming shared memory %s_* naming %s", prefix, sorted(wanted & set(names)))
     return released
+
+
+def _mapped_by_a_live_process(shm_path: str) -> bool:
+    """Whether any process we can inspect has `shm_path` mapped (streaming keeps its registry mapped for the
+    dataset's lifetime, in the dataset's process and its forked workers)."""
+    needle = shm_path.encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                if needle in f.read():
+                    return True
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    return False
 
 
 def refresh_local_cache(remote_split: str, local_dir: Path) -> None:
@@ -102,11 +124,23 @@ def refresh_local_cache(remote_split: str, local_dir: Path) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)
 
 
-def prepare_local_dir(remote_split: str, local_dir: Path, is_local_leader: bool, barrier: Optional[callable]) -> None:
-    """Leader: release stale registrations of `local_dir` and drop a stale cache; everyone: wait for it."""
+def prepare_local_dir(remote_split: str, local_dir: Path, is_local_leader: bool, distributed: bool) -> None:
+    """Leader: release stale registrations of `local_dir` and drop a stale cache; everyone: wait for it.
+
+    A failure on a leader is raised on every rank (instead of leaving the others waiting at a barrier)."""
+    error = None
     if is_local_leader:
-        release_stale_registrations([str(local_dir)])
-        refresh_local_cache(remote_split, local_dir)
-        local_dir.mkdir(parents=True, exist_ok=True)
-    if barrier is not None:
-        barrier()
+        try:
+            release_stale_registrations([str(local_dir)])
+            refresh_local_cache(remote_split, local_dir)
+            local_dir.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"
+    if distributed:
+        import torch.distributed as tdist
+
+        errors = [None] * tdist.get_world_size()
+        tdist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise ValueError(error)

@@ -193,7 +193,6 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
     if world.world_size > 1 and not dist_ready:
         raise RuntimeError(f"WORLD_SIZE={world.world_size}: initialise torch.distributed before "
                            f"build_dataloader (streaming synchronises ranks through it)")
-    barrier = torch.distributed.barrier if dist_ready else None
 
     cache_root = Path(cache_dir if cache_dir is not None else (data_cfg.local_cache or default_cache_root()))
     if info is None:
@@ -205,7 +204,7 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
         _check_split_folder(Path(remote_split), info, folder_name)
 
     local_dir = next_local_dir(cache_root, folder_name)
-    prepare_local_dir(remote_split, local_dir, world.is_local_leader, barrier)
+    prepare_local_dir(remote_split, local_dir, world.is_local_leader, dist_ready)
 
     collate = _make_collate(info, data_cfg, train, seed, mlm_probability, remote_split)
     drop_last = train if drop_last is None else drop_last
