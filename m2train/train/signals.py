@@ -25,7 +25,9 @@ EXIT_CODE_TABLE = f"""exit codes:
   {EXIT_STOPPED}  stopped early by SIGTERM/SIGUSR1 or train.time_budget_s, checkpoint saved: rerun the same
      command to resume
   {EXIT_NONFINITE}  stopped: train.max_nonfinite_steps consecutive non-finite losses/grad norms
-     (the message names the step; the last checkpoint is intact)"""
+     (the message names the step; the last checkpoint is intact)
+  Every rank exits with the same code. torchrun turns any non-zero worker code into its own exit 1 and
+  prints each rank's code in its failure summary; srun reports the tasks' codes."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
