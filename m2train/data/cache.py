@@ -6,15 +6,16 @@ Why each loader gets its own local folder (CACHE/<host>/<split>-<n>):
     so the prepared folder is always streaming's `remote` and `local` is a cache we own.
   * `local` must be node-local and is shared by the ranks of one node (the local leader fills it): the host
     name keeps two nodes that share a network CACHE apart.
-  * streaming refuses two live datasets on one `local` (its /dev/shm registry): n, a per-process counter,
-    keeps train and val loaders and repeated builds in one process apart. Every rank builds the same loaders
+  * two live datasets must not share one `local` (each keeps its own record of which shards are there and
+    evicts independently): n, a per-process counter, keeps train and val loaders and repeated builds in one
+    process apart. Every rank builds the same loaders
     in the same order (SPMD), so the ranks of a node agree on n.
 
 Stale registrations: a killed run leaves /dev/shm entries naming its `local` folders, and a restarted run
 reuses those names. streaming's own `clean_stale_shared_memory()` unlinks EVERY streaming entry on the
 host, including live loaders of other jobs (and this process's other loader), so we only release entries
 that name our own folders and that no live process has mapped (Linux /proc/*/maps), on the local leader,
-before the dataset registers; other ranks wait at a barrier. A live one (two jobs given the same cache
+before the dataset registers; the other ranks wait for it. A live one (two jobs given the same cache
 folder) is an error naming the folder.
 """
 
@@ -37,7 +38,7 @@ _build_counter = itertools.count()
 
 
 def default_cache_root() -> Path:
-    """A node-local default when the caller gives no cache dir: TMPDIR/m2train-data/<job key>."""
+    """A node-local default when the caller gives no cache dir: TMPDIR/m2train-data-<uid>/<job key>."""
     job = os.environ.get("SLURM_JOB_ID")
     if job is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         job = f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"

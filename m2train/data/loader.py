@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -278,8 +278,3 @@ def _make_collate(info: DatasetInfo, data_cfg, train: bool, seed: int, mlm_proba
     # Validation masks use epoch 0 on every pass, so repeated evaluations score the same corrupted inputs.
     return MLMCollate(info.seq_len, masker, info.pad_id, where, fixed_epoch=None if train else 0)
 
-
-def loader_state_summary(state: dict[str, Any]) -> str:
-    """One line for logs: where a saved loader state points."""
-    s = state.get("streaming") or {}
-    return f"{state.get('split')} epoch {s.get('epoch')} sample {s.get('sample_in_epoch')}"
