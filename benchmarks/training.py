@@ -245,12 +245,13 @@ def _prepare_data(args) -> str:
     if args.data:
         return args.data
     out = Path(tempfile.mkdtemp(prefix="m2_overhead_data_"))
-    proc = subprocess.run([sys.executable, "-m", "m2train", "sample-data", str(out / "sample")],
-                          env=_clean_env(), capture_output=True, text=True)
-    if proc.returncode == 0 and (out / "sample" / "prep_stats.json").exists():
-        return str(out / "sample")
-    print("[overhead] `m2train sample-data` unavailable; using a random-token fixture dataset",
-          file=sys.stderr)
+    print("[overhead] preparing the sample corpus (m2train sample-data)", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-m", "m2train", "sample-data", str(out / "sample"), "--seq-len",
+                           str(args.seq_len), "--no-progress"], env=_clean_env(), capture_output=True, text=True)
+    if proc.returncode == 0 and (out / "sample" / "gpt" / "prep_stats.json").exists():
+        return str(out / "sample" / "gpt")
+    print("[overhead] `m2train sample-data` failed; using a random-token fixture dataset:\n"
+          + proc.stderr[-2000:], file=sys.stderr)
     sys.path.insert(0, str(ROOT / "tests"))
     from data_fixtures import make_id_dataset
 
@@ -295,7 +296,9 @@ def bare_loop_worker(args) -> None:
 def _trainer_tokens_per_s(args, run_dir: Path) -> float:
     overrides = [*args.overrides, f"data.path={args.data}", f"train.run_dir={run_dir}",
                  f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.eval_every=0",
-                 "train.save_every=0", "train.wandb=disabled", "parallel.zero_stage=0"]
+                 "train.save_every=0", "train.wandb=disabled", "parallel.zero_stage=0",
+                 # the LR schedule's shape costs nothing; only its warmup must fit into a short run
+                 "train.warmup_steps=0"]
     proc = subprocess.run([sys.executable, "-m", "m2train", "train", args.config, *overrides],
                           env=_clean_env(), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -372,8 +375,9 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=None,
                    help="prepared dataset (default: `m2train sample-data` into a temp dir, else a "
                         "random-token fixture)")
-    p.add_argument("--seq-len", type=int, default=128, help="seq len of the fixture dataset (default 128)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="sequence length of the prepared sample corpus (default 256)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
     p.add_argument("--warmup", type=int, default=10, help="first steps excluded from the rate (default 10)")
     p.add_argument("--log-every", type=int, default=10, help="trainer logging interval (default 10)")
     p.add_argument("--repeats", type=int, default=3, help="alternating trainer/bare rounds (default 3)")
