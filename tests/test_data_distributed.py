@@ -39,10 +39,14 @@ def _ids(batches) -> list:
     return [i for b in batches for i in sample_ids_of_batch(b, LAYOUT, V)]
 
 
-def _rank_main(rank: int, world: int, port: int, data: str, cache: str, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init(rank: int, world: int, local_world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % local_world),
+                      LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _rank_main(rank: int, world: int, port: int, data: str, cache: str, out_dir: str) -> None:
+    _init(rank, world, world, port)
     try:
         cfg = DataConfig(path=data, num_workers=0)
         # Pure data parallelism: each rank is its own data-parallel rank.
@@ -144,3 +148,29 @@ def test_partition_order_does_not_depend_on_the_world(nodes, ranks_per_node):
     assert len(again) == len(steps(nodes, ranks_per_node)) - k
     for t, step in enumerate(again):
         assert step == sorted(single[(k + t) * b * world:(k + t + 1) * b * world])
+
+
+def _node_main(rank: int, world: int, port: int, data: str, cache: str, out_dir: str) -> None:
+    _init(rank, world, 1, port)          # one rank per "node", both nodes on this host
+    try:
+        ld = build_dataloader(DataConfig(path=data, num_workers=1), "train", micro_batch_size=B, seed=0,
+                              dp_rank=rank, dp_world=world, cache_dir=cache, drop_last=False)
+        ids = _ids(itertools.islice(ld, len(ld)))
+        Path(out_dir, f"node{rank}.json").write_text(json.dumps({"ids": ids, "state": ld.state_dict(),
+                                                                 "local_dir": str(ld.local_dir)}))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes that import torch + streaming
+def test_two_nodes_simulated_on_one_host(tmp_path):
+    """LOCAL_WORLD_SIZE=1: two local leaders on one host, one shared cache root (streaming's /dev/shm prefix
+    race and a shared decompression folder are what broke this before)."""
+    data = make_id_dataset(tmp_path / "data", LAYOUT, n_train=N_TRAIN, n_val=8, seq_len=L, vocab_size=V)
+    mp.spawn(_node_main, args=(2, _free_port(), str(data), str(tmp_path / "cache"), str(tmp_path)), nprocs=2,
+             join=True)
+    n0, n1 = (json.loads((tmp_path / f"node{r}.json").read_text()) for r in (0, 1))
+    assert n0["local_dir"] != n1["local_dir"]
+    assert not set(n0["ids"]) & set(n1["ids"]) and sorted(n0["ids"] + n1["ids"]) == list(range(N_TRAIN))
+    assert n0["state"] == n1["state"] and n0["state"]["streaming"]["sample_in_epoch"] == N_TRAIN

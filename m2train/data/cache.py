@@ -1,11 +1,11 @@
 """Per-loader cache folders and the /dev/shm registrations streaming keeps for them.
 
-Why each loader gets its own local folder (CACHE/<host>/<split>-<n>):
+Why each loader gets its own local folder (CACHE/<host>-node<i>/<split>-<n>):
   * shards are zstd-compressed; streaming decompresses them into `local`. Reading the prepared folder in
     place would write there (it may be read-only, or shared by concurrent jobs that do not lock each other),
     so the prepared folder is always streaming's `remote` and `local` is a cache we own.
-  * `local` must be node-local and is shared by the ranks of one node (the local leader fills it): the host
-    name keeps two nodes that share a network CACHE apart.
+  * `local` must be node-local and is shared by the ranks of one node (the local leader fills it): host name
+    and node index keep two nodes that share a network CACHE (or one host) apart.
   * two live datasets must not share one `local` (each keeps its own record of which shards are there and
     evicts independently): n, a per-process counter, keeps train and val loaders and repeated builds in one
     process apart. Every rank builds the same loaders
@@ -47,9 +47,10 @@ def default_cache_root() -> Path:
     return Path(tempfile.gettempdir()) / f"m2train-data-{os.getuid()}" / job
 
 
-def next_local_dir(cache_root: Path, split: str) -> Path:
-    """CACHE/<host>/<split>-<n> for the next loader this process builds."""
-    return Path(cache_root).resolve() / socket.gethostname() / f"{split}-{next(_build_counter)}"
+def next_local_dir(cache_root: Path, split: str, node: int) -> Path:
+    """CACHE/<host>-node<i>/<split>-<n> for the next loader this process builds (i = RANK // LOCAL_WORLD_SIZE:
+    nodes simulated on one host, e.g. a local Slurm test cluster, still get separate folders)."""
+    return Path(cache_root).resolve() / f"{socket.gethostname()}-node{node}" / f"{split}-{next(_build_counter)}"
 
 
 def release_stale_registrations(local_dirs: list[str]) -> int:

@@ -8,8 +8,9 @@ Shared-memory prefix: every streaming dataset on a host owns a numbered /dev/shm
 0.13 each rank of a node scans for the first free number on its own and non-leaders then attach to what
 the leader registered; when another job on the host registers a dataset between the scans (observed with
 several test sessions on one machine), the ranks disagree and construction fails ("prefix=N was not
-registered by local leader"). Here the local leader alone scans and registers, and the other ranks take
-its number over torch.distributed.
+registered by local leader"), and two leaders on one host (simulated nodes) can pick the same number at
+once (FileExistsError). Here each local leader alone scans and registers (scanning again if the number was
+taken meanwhile), and the other ranks of its node take its number over torch.distributed.
 
 This relies on internals of mosaicml-streaming 0.13 (`_resume_incr_epoch`, `get_item`, the module-level
 `get_shm_prefix` binding and the prefix helpers); the guard below fails loudly if a release renames them.
@@ -40,7 +41,7 @@ def _agreed_shm_prefix(streams_local, streams_remote, world, retry: int = 100):
     from streaming.base.shared import SharedMemory
     from streaming.base.shared.prefix import _check_and_find_retrying, _check_self, _pack_locals, _unpack_locals
 
-    if not (tdist.is_available() and tdist.is_initialized()) or world.ranks_per_node == 1:
+    if not (tdist.is_available() and tdist.is_initialized()):
         return _original_get_shm_prefix(streams_local, streams_remote, world, retry)
     _check_self(streams_local)
     prefix = None

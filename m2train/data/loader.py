@@ -203,7 +203,7 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
         remote_split = os.path.abspath(remote_split)  # workers and other ranks may not share our cwd
         _check_split_folder(Path(remote_split), info, folder_name)
 
-    local_dir = next_local_dir(cache_root, folder_name)
+    local_dir = next_local_dir(cache_root, folder_name, world.node)
     prepare_local_dir(remote_split, local_dir, world.is_local_leader, dist_ready)
 
     collate = _make_collate(info, data_cfg, train, seed, mlm_probability, remote_split)

@@ -45,6 +45,10 @@ class DataWorld:
         return r if r > 1 else None
 
     @property
+    def node(self) -> int:
+        return self.rank // self.local_world_size
+
+    @property
     def is_local_leader(self) -> bool:
         return self.local_rank == 0
 
