@@ -7,9 +7,13 @@ Precedence, first match wins:
    started by `srun`: there SLURM_PROCID numbers the per-node launchers, not the training processes.
    The launcher is reported as "torchrun" (TORCHELASTIC_RUN_ID set), "deepspeed" (its CROSS_RANK /
    LOCAL_SIZE set) or "env" (RANK/WORLD_SIZE set by hand or by another tool).
-2. srun: SLURM_PROCID and SLURM_NTASKS (srun sets both for every task). Local rank from SLURM_LOCALID,
-   tasks on this node from SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE ("2(x3),1" forms, indexed by
-   SLURM_NODEID) or SLURM_NTASKS_PER_NODE; MASTER_ADDR = first host of SLURM_STEP_NODELIST /
+2. srun: SLURM_PROCID, SLURM_NTASKS (world size; SLURM_STEP_NUM_TASKS wins when set) and a step id
+   (SLURM_STEP_ID; srun sets all of them for every task). The batch script itself and an salloc shell
+   see SLURM_PROCID=0 and the allocation's SLURM_NTASKS but no step id (checked with Slurm 22.05): they
+   run as a single process, with a warning when the allocation has more tasks, instead of waiting forever
+   for ranks nobody started. Local rank from SLURM_LOCALID, tasks on this node from
+   SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE ("2(x3),1" forms, indexed by SLURM_NODEID) or
+   SLURM_NTASKS_PER_NODE; MASTER_ADDR = first host of SLURM_STEP_NODELIST /
    SLURM_JOB_NODELIST (expanded), MASTER_PORT derived from SLURM_JOB_ID so every task computes the same
    one without talking to the others. MASTER_ADDR / MASTER_PORT already in the environment win.
 3. Nothing: a single process (world 1) on 127.0.0.1 and a free port.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -144,7 +149,8 @@ def _from_rank_vars(env: Mapping[str, str]) -> DistEnv:
 
 
 def _from_slurm(env: Mapping[str, str]) -> DistEnv:
-    rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+    rank = _int(env, "SLURM_PROCID")
+    world = _int(env, "SLURM_STEP_NUM_TASKS") if env.get("SLURM_STEP_NUM_TASKS") else _int(env, "SLURM_NTASKS")
     local_rank = _int(env, "SLURM_LOCALID") if env.get("SLURM_LOCALID", "") != "" else 0
     node_id = _int(env, "SLURM_NODEID") if env.get("SLURM_NODEID", "") != "" else 0
     local_world = None
@@ -191,6 +197,19 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
                   "Slurm environment (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/tasks per node)")
 
 
+# Slurm numbers its special steps (batch script, extern, interactive shell) from the top of uint32 down;
+# srun steps count up from 0.
+_FIRST_SPECIAL_STEP_ID = 0xFFFFFFF0
+
+
+def _in_srun_step(env: Mapping[str, str]) -> bool:
+    """True for a task srun started. The batch script itself (and an salloc shell) also sees
+    SLURM_PROCID=0 and the allocation's SLURM_NTASKS, but no step id: treating it as rank 0 of SLURM_NTASKS
+    would wait forever for ranks nobody started."""
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or ""
+    return step.isdigit() and int(step) < _FIRST_SPECIAL_STEP_ID
+
+
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read rank, world size, local rank/size and the rendezvous address from the environment
     (`os.environ` unless `environ` is given). See the module docstring for the precedence."""
@@ -201,7 +220,13 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         missing = "WORLD_SIZE" if env.get("RANK", "") != "" else "RANK"
         raise LaunchEnvError(f"RANK and WORLD_SIZE must be set together ({missing} is missing)")
     if env.get("SLURM_PROCID", "") != "" and env.get("SLURM_NTASKS", "") != "":
-        return _from_slurm(env)
+        if _in_srun_step(env):
+            return _from_slurm(env)
+        if env.get("SLURM_NTASKS") not in ("0", "1"):
+            warnings.warn(
+                f"inside a Slurm allocation of SLURM_NTASKS={env['SLURM_NTASKS']} tasks but not started by srun "
+                "(no SLURM_STEP_ID): running as a single process; start the job with `srun` (or torchrun) to "
+                "use every task", stacklevel=2)
     addr = env.get("MASTER_ADDR") or "127.0.0.1"
     port = _port(env) if env.get("MASTER_PORT") else free_port()
     return DistEnv(0, 1, 0, 1, addr, port, "single")

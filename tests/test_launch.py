@@ -62,7 +62,8 @@ TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE
             "MASTER_ADDR": "node01", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "abc"}
 DEEPSPEED = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
              "CROSS_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600"}
-SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+# What srun gives a task (checked against a real Slurm 22.05: srun -n 2 env).
+SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "7", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
          "SLURM_TASKS_PER_NODE": "2(x3),1", "SLURM_JOB_NODELIST": "node[01-03,7]", "SLURM_JOB_ID": "4242"}
 
 
@@ -77,11 +78,12 @@ SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1", "SLURM_
     ({**SLURM, "SLURM_PROCID": "6", "SLURM_LOCALID": "0", "SLURM_NODEID": "3"},
      DistEnv(6, 7, 0, 1, "node01", slurm_port("4242"), "slurm")),
     # the step's own task layout and node list win over the allocation's
-    ({**SLURM, "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_NODEID": "1",
+    ({**SLURM, "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_NODEID": "1",
       "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "node[02-03]"},
      DistEnv(3, 4, 1, 2, "node02", slurm_port("4242"), "slurm")),
     # --ntasks-per-node only
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "2",
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEPID": "3", "SLURM_LOCALID": "0",
+      "SLURM_NTASKS_PER_NODE": "2",
       "SLURM_NODELIST": "gpu[7-8]", "SLURM_JOB_ID": "17"},
      DistEnv(0, 4, 0, 2, "gpu7", slurm_port("17"), "slurm")),
     # MASTER_ADDR / MASTER_PORT given explicitly inside the allocation win over the derived ones
@@ -92,6 +94,19 @@ SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1", "SLURM_
 ])
 def test_detect_env_table(environ, expected):
     assert detect_env(environ) == expected
+
+
+@pytest.mark.parametrize("step", [None, "4294967294"])
+def test_slurm_batch_script_without_srun_is_a_single_process(step):
+    """The batch script sees SLURM_PROCID=0 and the allocation's SLURM_NTASKS but no srun step id: it must
+    not wait for 7 ranks that were never started."""
+    environ = {k: v for k, v in SLURM.items() if k not in ("SLURM_STEP_ID",)}
+    environ.update(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
+    if step is not None:
+        environ["SLURM_STEP_ID"] = step
+    with pytest.warns(UserWarning, match="not started by srun"):
+        env = detect_env(environ)
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
 
 
 def test_detect_env_single_process_gets_a_free_port():
@@ -208,7 +223,8 @@ def test_two_process_group_from_slurm_variables(tmp_path):
     procs = []
     for rank in range(2):
         env = _clean_env(tmp_path)
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_LOCALID=str(rank),
+                   SLURM_NODEID="0",
                    SLURM_TASKS_PER_NODE="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID=job_id)
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -228,3 +244,35 @@ def test_single_process_gets_a_real_world_one_group(tmp_path):
     (r,) = _results(tmp_path, 1)
     assert r["world"] == 1 and r["sum"] == 3.0 and r["env"]["launcher"] == "single"
     assert r["backend"] == "gloo" and r["same"]
+
+
+def _live_slurm() -> bool:
+    """A reachable Slurm controller (e.g. the local test cluster of slurm/, via SLURM_CONF)."""
+    import shutil
+    if shutil.which("srun") is None or shutil.which("scontrol") is None:
+        return False
+    try:
+        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0 and "UP" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _live_slurm(), reason="needs a running Slurm cluster (srun + scontrol ping UP)")
+def test_two_process_group_under_real_srun(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = _clean_env(tmp_path)
+    for key in ("SLURM_CONF",):              # keep the cluster's config, drop any job variables
+        if key in os.environ:
+            env[key] = os.environ[key]
+    proc = subprocess.run(["srun", "-n", "2", "-N", "1", "--time", "5", sys.executable, str(script)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(tmp_path, 2)
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:
+        assert r["world"] == 2 and r["sum"] == 3.0 and r["env"]["launcher"] == "slurm"
+        assert r["env"]["local_rank"] == r["rank"] and r["env"]["local_world_size"] == 2
+        assert 12000 <= r["env"]["master_port"] < 32000
