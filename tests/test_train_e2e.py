@@ -319,3 +319,29 @@ def test_config_errors_name_keys(data, tmp_path):
     out = subprocess.run([sys.executable, "-m", "m2train", "train", "--check", "m2_gpt_tiny",
                           f"data.path={data}", *TINY], capture_output=True, text=True, env=_env(), check=True)
     assert "grad_accum_steps: 2" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# M2-BERT: masked-LM batches, the BERT recipe (DecoupledAdamW, linear decay), activation checkpointing
+# --------------------------------------------------------------------------------------------------
+
+def test_m2_bert_trains_with_activation_checkpointing_under_zero3(tmp_path):
+    from data_fixtures import bert_id_samples
+
+    data = write_prepared(tmp_path / "bert", "bert_doc", 32, 256,
+                          {"train": bert_id_samples(range(32), 32, 256), "val": bert_id_samples(range(900, 908), 32, 256)})
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2train", "train", "m2_bert_tiny", f"data.path={data}", f"train.run_dir={run_dir}",
+         *[o for o in TINY if not o.startswith("model.")], "model.vocab_size=256", "model.hidden_size=32",
+         "model.num_layers=2", "model.intermediate_size=64", "model.max_seq_len=32", "model.filter_order=16",
+         "train.lr_schedule=linear", "train.min_lr_ratio=0.02", "train.activation_checkpointing=every_block",
+         "parallel.zero_stage=3"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    recs = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert "val_mlm_accuracy" in recs[3]
+    # Linear decay reaches min_lr_ratio x lr at max_steps (M2-BERT recipe), from the config's peak lr.
+    peak = 8e-4
+    assert recs[-1]["lr"] == pytest.approx(peak * (1 - 0.98 * (STEPS - 1 - 2) / (STEPS - 2)))

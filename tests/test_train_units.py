@@ -127,3 +127,18 @@ def test_train_help_documents_exit_codes_and_hooks():
     for needle in ("exit codes", "SIGUSR1", "M2TRAIN_INJECT_NAN_STEPS", "torchrun", "srun", "time_budget_s",
                    "metrics.jsonl", "--check"):
         assert needle in out
+
+
+def test_causal_monarch_warm_start_round_trip():
+    from m2train.models import build_model
+    from m2train.train.trainer import monarch_warm_starts, restore_monarch_warm_starts
+    from conftest import tiny_model_cfg
+
+    model = build_model(tiny_model_cfg("m2_gpt", sequence_mixer="monarch_causal", max_seq_len=16))
+    x = torch.randint(0, 101, (1, 16))
+    model(x, labels=x)
+    saved = monarch_warm_starts(model)
+    assert saved and all(v is not None for v in saved.values())
+    fresh = build_model(tiny_model_cfg("m2_gpt", sequence_mixer="monarch_causal", max_seq_len=16))
+    restore_monarch_warm_starts(fresh, saved)
+    assert all(torch.equal(fresh.get_submodule(k)._points, v) for k, v in saved.items())
