@@ -53,7 +53,7 @@ def build_corpus(work: Path, copies: int, vocab_size: int) -> tuple[list[str], P
     return info["c4"], model, info
 
 
-def _encode_worker(args) -> tuple[int, float]:
+def _encode_worker(args) -> tuple[int, float, float]:
     files, model, q = args
     import sentencepiece as spm
     from m2train.data_prep.sources import SourceFile, SourceSpec, read_documents
@@ -62,22 +62,24 @@ def _encode_worker(args) -> tuple[int, float]:
     spec = SourceSpec(kind="c4", inputs=tuple(files))
     texts = [t for f in files for _, t, _ in read_documents(spec, SourceFile(f, 0)) if t is not None]
     q.wait()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     n = 0
     for i in range(0, len(texts), 256):
         n += sum(len(x) for x in sp.encode(texts[i:i + 256], num_threads=1))
-    return n, time.perf_counter() - t
+    return n, time.perf_counter() - t, time.process_time() - c
 
 
-def encode_ceiling(files: list[str], model: Path, procs: int) -> float:
-    """tokens/s of sentencepiece encoding alone (texts already in memory), `procs` processes."""
+def encode_ceiling(files: list[str], model: Path, procs: int) -> tuple[float, float]:
+    """(tokens/s, tokens per CPU-second) of sentencepiece encoding alone (texts already in memory),
+    `procs` processes."""
     ctx = mp.get_context("fork")
     with ctx.Manager() as m:
         barrier = m.Barrier(procs)
         chunks = [files[i::procs] for i in range(procs)]
         with ctx.Pool(procs) as pool:
             res = pool.map(_encode_worker, [(c, model, barrier) for c in chunks])
-    return sum(n for n, _ in res) / max(dt for _, dt in res)
+    n = sum(r[0] for r in res)
+    return n / max(r[1] for r in res), n / sum(r[2] for r in res)
 
 
 def run_prep(files: list[str], model: Path, out: Path, workers: int, seq_len: int) -> dict:
@@ -85,16 +87,21 @@ def run_prep(files: list[str], model: Path, out: Path, workers: int, seq_len: in
     cmd = [sys.executable, "-m", "m2train", "prep", "--source", "c4", "--input", *files, "--tokenizer",
            str(model), "--out", str(out), "--layout", "gpt_packed", "--seq-len", str(seq_len),
            "--workers", str(workers), "--no-progress"]
+    import resource
+
     t = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if r.returncode != 0:
         raise SystemExit(f"prep failed:\n{r.stderr}")
     stats = json.loads((out / "prep_stats.json").read_text())
     m = re.search(r"timing: .*workers ([\d.]+) s", r.stderr)
     tokens = sum(s["document_tokens"] for s in stats["splits"].values())
     return {"workers": workers, "wall_s": wall, "tokens": tokens, "docs": stats["documents"]["written"],
-            "end_to_end_tok_s": tokens / wall,
+            "end_to_end_tok_s": tokens / wall, "cpu_s": cpu, "tok_per_cpu_s": tokens / cpu,
             "worker_phase_s": float(m.group(1)) if m else None,
             "steady_tok_s": tokens / float(m.group(1)) if m else None,
             "timing_line": m.group(0) if m else None}
@@ -139,16 +146,19 @@ def main() -> None:
                "load_before": os.getloadavg()}
     if not a.skip_ceiling:
         for procs in sorted(set(a.workers)):
-            results[f"encode_ceiling_{procs}p_tok_s"] = encode_ceiling(files, model, procs)
-            print(f"sentencepiece alone, {procs} process(es): {results[f'encode_ceiling_{procs}p_tok_s'] / 1e6:.2f}M tok/s",
-                  flush=True)
+            rate, per_cpu = encode_ceiling(files, model, procs)
+            results[f"encode_ceiling_{procs}p_tok_s"] = rate
+            results[f"encode_ceiling_{procs}p_tok_per_cpu_s"] = per_cpu
+            print(f"sentencepiece alone, {procs} process(es): {rate / 1e6:.2f}M tok/s "
+                  f"({per_cpu / 1e6:.2f}M tok per CPU-s)", flush=True)
     for w in a.workers:
         best = None
         for _ in range(a.repeats):
             r = run_prep(files, model, work / f"out_w{w}", w, a.seq_len)
             print(f"prep, {w} worker(s): {r['tokens']:,} tokens in {r['wall_s']:.2f} s -> "
                   f"{r['end_to_end_tok_s'] / 1e6:.2f}M tok/s end to end, "
-                  f"{(r['steady_tok_s'] or 0) / 1e6:.2f}M tok/s worker phase ({r['timing_line']})", flush=True)
+                  f"{(r['steady_tok_s'] or 0) / 1e6:.2f}M tok/s worker phase, {r['cpu_s']:.1f} CPU-s "
+                  f"({r['tok_per_cpu_s'] / 1e6:.2f}M tok per CPU-s) ({r['timing_line']})", flush=True)
             if best is None or r["wall_s"] < best["wall_s"]:
                 best = r
         results["runs"].append(best)

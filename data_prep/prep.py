@@ -442,7 +442,8 @@ def _job_args(cfg: PrepConfig, files: list[SourceFile], tokenizer_sha: str, dtyp
     src = asdict(cfg.source)
     src.pop("inputs")           # the resolved file list below is what matters
     args = {"format_version": FORMAT_VERSION, "source": src,
-            "files": [{"path": f.path, "bytes": f.bytes} for f in files],
+            # Absolute: a rerun from another working directory is the same job.
+            "files": [{"path": os.path.abspath(f.path), "bytes": f.bytes} for f in files],
             "tokenizer_sha256": tokenizer_sha, "layout": cfg.layout, "seq_len": cfg.seq_len,
             "dtype": dtype.name, "val_fraction": cfg.val_fraction, "docs_per_unit": cfg.docs_per_unit,
             "compression": cfg.compression, "num_shards": num_shards, "shard_index": shard_index}
@@ -570,10 +571,10 @@ def run_prep(cfg: PrepConfig) -> dict:
             summary = _check_units(job_dir, files, cfg.docs_per_unit,
                                    part_lanes(len(files), cfg.num_shards, cfg.shard_index))
             summary = {"part": cfg.shard_index, "num_shards": cfg.num_shards, "units": summary,
-                       "tokenizer_source": str(tok.path)}
+                       "tokenizer_source": os.path.abspath(tok.path)}
             _write_json(job_dir / PART_DONE, summary)
             return summary
-        stats = finalize(job_dir, files, args, tok, layout, dtype, str(tok.path))
+        stats = finalize(job_dir, files, args, tok, layout, dtype, os.path.abspath(tok.path))
         t2 = time.perf_counter()
         # Read by benchmarks/data_prep.py (steady-state rate = tokens / worker phase).
         log.info("timing: setup %.2f s, workers %.2f s, finalize %.2f s; %d tokens this run, %.2fM tok/s "

@@ -398,3 +398,19 @@ def test_hf_wordpiece_tokenizer_in_workers(corpus, tmp_path):
     gpt.tokenizer = str(wp)
     with pytest.raises(PrepError, match="gpt_packed needs the special token.*eos"):
         run_prep(gpt)
+
+
+def test_prepared_dataset_feeds_the_training_loader(corpus, reference, tmp_path):
+    """The contract with m2train.data: the prep output goes straight into build_dataloader."""
+    from m2train.config import DataConfig
+    from m2train.data import build_dataloader, read_prep_stats
+
+    out, stats = reference
+    info = read_prep_stats(out)
+    assert (info.layout, info.seq_len, info.vocab_size) == ("gpt_packed", 64, stats["vocab_size"])
+    loader = build_dataloader(DataConfig(path=str(out)), split="val", micro_batch_size=2, cache_dir=tmp_path / "c")
+    batches = list(loader)
+    assert sum(len(b["input_ids"]) for b in batches) == stats["splits"]["val"]["samples"]
+    first = read_split(out, "val", tmp_path / "c2")[0].astype(np.int64)
+    assert batches[0]["input_ids"][0].tolist() == first[:-1].tolist()
+    assert batches[0]["labels"][0].tolist() == first[1:].tolist()
