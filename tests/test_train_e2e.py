@@ -158,7 +158,9 @@ def test_zero_stages_on_two_ranks_match_one_process(stage, data, single_fp32, ze
         run_dir = zero2_2ranks
     else:
         run_dir = tmp_path / f"zero{stage}"
-        run(run_dir, data, f"parallel.zero_stage={stage}", nproc=2)
+        # Stage 1 also keeps its optimizer state in CPU memory (ZeRO-Offload with our client optimizer).
+        extra = ["parallel.offload_optimizer=true"] if stage == 1 else []
+        run(run_dir, data, f"parallel.zero_stage={stage}", *extra, nproc=2)
     ref, got = losses(single_fp32), losses(run_dir)
     assert list(got) == list(range(1, STEPS + 1))
     for step in ref:
@@ -255,8 +257,9 @@ def test_sigusr1_on_one_rank_stops_all_then_resume_on_one_process(data, zero2_2r
 
 def test_time_budget_stops_with_a_checkpoint(data, tmp_path):
     log = run(tmp_path, data, "train.max_steps=1000", "train.time_budget_s=1", "train.eval_every=0",
-              expect=3)
+              "train.wandb=offline", env={"WANDB_MODE": "offline"}, expect=3)
     assert "train.time_budget_s=1" in log
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run"
     step = last_step(tmp_path)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -166,7 +167,8 @@ def _start_wandb(run_dir: Path, mode: str, project: str, name: str, config: dict
     import wandb
     run_id_file = run_dir / "wandb_run_id"
     # The same wandb run continues across resumes.
-    run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+    # uuid4 draws from os.urandom: the python/numpy/torch RNG streams of the run stay untouched.
+    run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
     run_id_file.write_text(run_id)
     return wandb.init(project=project, name=name, id=run_id, resume="allow", mode=mode,
                       dir=str(run_dir), config=config)
