@@ -414,3 +414,16 @@ def test_prepared_dataset_feeds_the_training_loader(corpus, reference, tmp_path)
     first = read_split(out, "val", tmp_path / "c2")[0].astype(np.int64)
     assert batches[0]["input_ids"][0].tolist() == first[:-1].tolist()
     assert batches[0]["labels"][0].tolist() == first[1:].tolist()
+
+
+@pytest.mark.parametrize("n_files,num_shards,workers", [(1, 1, 2), (3, 1, 2), (4, 1, 2), (3, 2, 2), (3, 5, 1),
+                                                         (3, 5, 3), (8, 3, 2), (2, 4, 4)])
+def test_lanes_cover_every_chunk_exactly_once(n_files, num_shards, workers):
+    from m2train.data_prep.prep import part_lanes, worker_lanes
+
+    chunks = 23
+    seen = []
+    for i in range(num_shards):
+        for lane in worker_lanes(part_lanes(n_files, num_shards, i), workers):
+            seen += [(lane.file, k) for k in range(chunks) if lane.owns(k)]
+    assert sorted(seen) == [(f, k) for f in range(n_files) for k in range(chunks)]
