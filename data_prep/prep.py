@@ -276,6 +276,9 @@ class _WorkerContext:
         self.parent_pid = parent_pid
         self.delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
         self.hasher: SplitHasher | None = None
+        # Units finished by earlier attempts, {file: {chunk}}: scanned once per process, not per lane
+        # (no lane ever touches another lane's chunks, so it cannot go stale during the run).
+        self.done = _done_units(self.job_dir)
 
     def check_parent(self) -> None:
         # A worker whose parent was killed must not keep writing next to a restarted job.
@@ -286,7 +289,7 @@ class _WorkerContext:
         C = self.cfg.docs_per_unit
         state = self.job_dir / STATE
         file = self.files[lane.file]
-        done = {int(p.stem.split("-c")[1]) for p in (state / "units").glob(f"f{lane.file:06d}-c*.json")}
+        done = self.done.get(lane.file, set())
         file_marker = state / "files" / f"f{lane.file:06d}.json"
         if file_marker.exists():
             n_docs = _read_json(file_marker)["docs"]
@@ -325,6 +328,14 @@ class _WorkerContext:
                 pass
         _write_json(file_marker, {"file": lane.file, "path": file.path, "docs": last + 1})
         self.report("lane", lane)
+
+
+def _done_units(job_dir: Path) -> dict[int, set[int]]:
+    done: dict[int, set[int]] = {}
+    for p in (job_dir / STATE / "units").glob("f*-c*.json"):
+        f, k = p.stem[1:].split("-c")
+        done.setdefault(int(f), set()).add(int(k))
+    return done
 
 
 def _worker_main(cfg, files, layout, dtype, tasks, results, parent_pid) -> None:
