@@ -1,8 +1,9 @@
 """`m2train prep`: tokenize a document source into the MDS dataset described in data_prep/FORMAT.md.
 
 How the work is cut (and why the output does not depend on how it is run):
-- A *unit* is a fixed run of `docs_per_unit` consecutive documents of one input file: (file f, chunk k)
-  covers document indices [k*C, (k+1)*C). Each unit is packed on its own and written to its own MDS
+- A *unit* is a fixed run of `docs_per_unit` consecutive documents of one input stream: (stream f,
+  chunk k) covers document positions [k*C, (k+1)*C). A stream is one input file, except for text
+  sources (one document per file), where it is C consecutive files (data_prep/streams.py). Each unit is packed on its own and written to its own MDS
   folders `train/f{f:06d}-c{k:06d}/` and `val/...`; the dataset index lists units in (f, k) order, so
   the samples are the same for any number of workers, Slurm tasks or restarts.
 - The tokens after a unit's last full window (its *tail*) are kept, joined in unit order at the end
@@ -34,7 +35,8 @@ import numpy as np
 
 from .mds import TokenShardWriter, merge_indexes
 from .packing import Layout, SplitHasher, cut_windows, doc_samples, stream, token_dtype
-from .sources import SKIP_REASONS, DataError, SourceFile, SourceSpec, discover_files, read_documents
+from .sources import SKIP_REASONS, DataError, SourceFile, SourceSpec, discover_files
+from .streams import Stream, make_streams, read_stream
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +216,11 @@ class _Unit:
         # dataset's first unit, whatever the hash says.
         self.force_val = (f == 0 and k == 0 and ctx.val_fraction > 0)
 
-    def add(self, idx: int, text: str | None, reason: str | None) -> None:
+    def add(self, text: str | None, reason: str | None, val: bool) -> None:
         self.read += 1
         if text is None:
             self.skipped[reason] += 1
             return
-        val = self.ctx.hasher.is_val(idx)
         if self.force_val:
             val, self.force_val = True, False
         self.texts.append(text)
@@ -260,7 +261,7 @@ class _Unit:
 class _WorkerContext:
     """Everything a lane needs; built once per process."""
 
-    def __init__(self, cfg: PrepConfig, files: list[SourceFile], layout: Layout, dtype: np.dtype,
+    def __init__(self, cfg: PrepConfig, files: list[Stream], layout: Layout, dtype: np.dtype,
                  report, parent_pid: int | None = None, tokenizer=None) -> None:
         from .tokenizers import load_tokenizer
 
@@ -275,7 +276,6 @@ class _WorkerContext:
         self.report = report
         self.parent_pid = parent_pid
         self.delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-        self.hasher: SplitHasher | None = None
         # Units finished by earlier attempts, {file: {chunk}}: scanned once per process, not per lane
         # (no lane ever touches another lane's chunks, so it cannot go stale during the run).
         self.done = _done_units(self.job_dir)
@@ -288,7 +288,7 @@ class _WorkerContext:
     def run_lane(self, lane: Lane) -> None:
         C = self.cfg.docs_per_unit
         state = self.job_dir / STATE
-        file = self.files[lane.file]
+        stream = self.files[lane.file]
         done = self.done.get(lane.file, set())
         file_marker = state / "files" / f"f{lane.file:06d}.json"
         if file_marker.exists():
@@ -303,13 +303,13 @@ class _WorkerContext:
         while first in done:
             first += lane.stride
         start_chunk = first - lane.stride if first >= lane.stride else first
-        self.hasher = SplitHasher(os.path.basename(file.path), self.val_fraction)
+        hashers: dict[str, SplitHasher] = {}
         unit: _Unit | None = None
         last = start_chunk * C - 1
         start = start_chunk * C
-        for idx, text, reason in read_documents(self.cfg.source, file, start=start):
-            last = idx
-            k = idx // C
+        for pos, name, idx, text, reason in read_stream(self.cfg.source, stream, start=start):
+            last = pos
+            k = pos // C
             if unit is not None and k != unit.k:
                 unit.finish()
                 unit = None
@@ -317,16 +317,22 @@ class _WorkerContext:
                 continue
             if unit is None:
                 unit = _Unit(self, lane.file, k)
-            unit.add(idx, text, reason)
+            val = False
+            if text is not None:
+                if name not in hashers:
+                    hashers.clear()         # grouped text streams: one file after the other
+                    hashers[name] = SplitHasher(name, self.val_fraction)
+                val = hashers[name].is_val(idx)
+            unit.add(text, reason, val)
         if unit is not None:
             unit.finish()
         if last < start and start > 0:
             # Nothing at or after `start`: the file is shorter than our first chunk. Count it (it is
             # at most `start` documents long).
             last = -1
-            for last, _, _ in read_documents(self.cfg.source, file):
+            for last, *_ in read_stream(self.cfg.source, stream):
                 pass
-        _write_json(file_marker, {"file": lane.file, "path": file.path, "docs": last + 1})
+        _write_json(file_marker, {"stream": lane.file, "path": stream.path, "docs": last + 1})
         self.report("lane", lane)
 
 
@@ -574,21 +580,22 @@ def run_prep(cfg: PrepConfig) -> dict:
             tok.save_to(tmp)
             os.replace(tmp, job_dir / "tokenizer")
         _clean_incomplete_units(job_dir)
-        lanes = part_lanes(len(files), cfg.num_shards, cfg.shard_index)
+        streams = make_streams(cfg.source.kind, files, cfg.docs_per_unit)
+        lanes = part_lanes(len(streams), cfg.num_shards, cfg.shard_index)
         workers = max(1, cfg.workers or default_workers())
         lanes = worker_lanes(lanes, workers)
         workers = min(workers, len(lanes)) or 1
         t0 = time.perf_counter()
-        progress = _run_lanes(cfg, files, layout, dtype, lanes, workers)
+        progress = _run_lanes(cfg, streams, layout, dtype, lanes, workers)
         t1 = time.perf_counter()
         if cfg.num_shards > 1:
-            summary = _check_units(job_dir, files, cfg.docs_per_unit,
-                                   part_lanes(len(files), cfg.num_shards, cfg.shard_index))
+            summary = _check_units(job_dir, streams, cfg.docs_per_unit,
+                                   part_lanes(len(streams), cfg.num_shards, cfg.shard_index))
             summary = {"part": cfg.shard_index, "num_shards": cfg.num_shards, "units": summary,
                        "tokenizer_source": os.path.abspath(tok.path)}
             _write_json(job_dir / PART_DONE, summary)
             return summary
-        stats = finalize(job_dir, files, args, tok, layout, dtype, os.path.abspath(tok.path))
+        stats = finalize(job_dir, streams, args, tok, layout, dtype, os.path.abspath(tok.path))
         t2 = time.perf_counter()
         # Read by benchmarks/data_prep.py (steady-state rate = tokens / worker phase).
         log.info("timing: setup %.2f s, workers %.2f s, finalize %.2f s; %d tokens this run, %.2fM tok/s "
@@ -603,7 +610,7 @@ def run_prep(cfg: PrepConfig) -> dict:
 # Finalize: check completeness, pack tails, index, stats
 
 
-def _check_units(job_dir: Path, files: list[SourceFile], C: int, lanes: list[Lane]) -> list[str]:
+def _check_units(job_dir: Path, files: list[Stream], C: int, lanes: list[Lane]) -> list[str]:
     """The units `lanes` must have produced, in dataset order; error when any is missing."""
     state = job_dir / STATE
     names = []
@@ -623,7 +630,7 @@ def _check_units(job_dir: Path, files: list[SourceFile], C: int, lanes: list[Lan
     return names
 
 
-def finalize(job_dir: Path, files: list[SourceFile], args: dict, tok, layout: Layout, dtype: np.dtype,
+def finalize(job_dir: Path, files: list[Stream], args: dict, tok, layout: Layout, dtype: np.dtype,
              tokenizer_source: str) -> dict:
     state = job_dir / STATE
     units = _check_units(job_dir, files, args["docs_per_unit"], [Lane(f) for f in range(len(files))])
@@ -637,7 +644,8 @@ def finalize(job_dir: Path, files: list[SourceFile], args: dict, tok, layout: La
         raise PrepError(f"{job_dir}: document counts do not add up: read {read}, written {written}, "
                         f"skipped {sum(skipped.values())}, documents in files {n_docs}")
     if written == 0:
-        names = ", ".join(f.path for f in files[:10]) + (" ..." if len(files) > 10 else "")
+        paths = [f["path"] for f in args["files"]]
+        names = ", ".join(paths[:10]) + (f" ... ({len(paths)} files)" if len(paths) > 10 else "")
         raise DataError(f"no valid document in the source ({read} read, skipped by reason: "
                         f"{ {r: n for r, n in skipped.items() if n} }); files: {names}")
     splits = {}
@@ -750,9 +758,10 @@ def merge_parts(out: str | Path, progress: bool = True) -> dict:
         if tok.sha256() != args["tokenizer_sha256"]:
             raise PrepError(f"{out}/tokenizer does not match the tokenizer the parts were prepared with")
         files = [SourceFile(f["path"], f["bytes"]) for f in args["files"]]
+        streams = make_streams(args["source"]["kind"], files, args["docs_per_unit"])
         layout = Layout.build(args["layout"], args["seq_len"], tok.special_tokens)
         source = _read_json(expected[0] / PART_DONE)["tokenizer_source"]
-        stats = finalize(out, files, args, tok, layout, np.dtype(args["dtype"]), source)
+        stats = finalize(out, streams, args, tok, layout, np.dtype(args["dtype"]), source)
         for p in expected:
             shutil.rmtree(p)
         return stats

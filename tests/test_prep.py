@@ -427,3 +427,25 @@ def test_lanes_cover_every_chunk_exactly_once(n_files, num_shards, workers):
         for lane in worker_lanes(part_lanes(n_files, num_shards, i), workers):
             seen += [(lane.file, k) for k in range(chunks) if lane.owns(k)]
     assert sorted(seen) == [(f, k) for f in range(n_files) for k in range(chunks)]
+
+
+def test_text_source_groups_files_into_units(corpus, tmp_path):
+    """30 .txt files (one document each, one of them empty) with 8 documents per unit: 4 units, not 30."""
+    d = tmp_path / "txt"
+    d.mkdir()
+    for i, t in enumerate(corpus["texts"][:29]):
+        (d / f"doc{i:03d}.txt").write_text(t)
+    (d / "doc999.txt").write_text("  \n")
+    runs = []
+    for w in (1, 2):
+        cfg = cfg_for(corpus, tmp_path / f"out{w}", workers=w, docs_per_unit=8)
+        cfg.source = SourceSpec(kind="text", inputs=(str(d),))
+        runs.append(run_prep(cfg))
+    stats = runs[0]
+    assert runs[1] == stats
+    assert stats["units"] == 4
+    assert stats["documents"] == {"read": 30, "written": 29,
+                                  "skipped": {r: int(r == "empty") for r in stats["documents"]["skipped"]}}
+    assert_same_dataset(tmp_path / "out1", tmp_path / "out2")
+    rows = read_split(tmp_path / "out1", "train", tmp_path / "c")
+    assert len(rows) == stats["splits"]["train"]["samples"] > 0
