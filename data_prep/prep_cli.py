@@ -127,6 +127,10 @@ def _run(fn, name: str) -> int:
     except DataError as e:
         print(f"m2train {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"m2train {name}: interrupted; run the same command again to continue where it stopped",
+              file=sys.stderr)
+        return 130
     return 0
 
 
