@@ -1,6 +1,6 @@
 """Sharded checkpoints with real DeepSpeed engines: manifest written last, atomic `latest`, retention,
 fallback past truncated / corrupted / unfinished checkpoints, bit-exact resume (1 rank ZeRO-0, 2 ranks
-ZeRO-2) and loading a 2-rank ZeRO checkpoint into 1 rank."""
+ZeRO-2 / ZeRO-3) and loading a 2-rank ZeRO-2 / ZeRO-3 checkpoint into 1 rank."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def test_empty_root_and_bad_settings(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# 2 ranks, ZeRO-2: exact resume; then the same checkpoint into 1 rank
+# 2 ranks, ZeRO-2 and ZeRO-3: exact resume; then the same checkpoint into 1 rank
 # --------------------------------------------------------------------------------------------------
 
 def _two_rank_worker(rank, world, root, zero_stage):
@@ -198,9 +198,10 @@ def _reshard_worker(rank, world, root, zero_stage):
 
 
 @pytest.mark.slow
-def test_two_ranks_zero2_exact_resume_and_reshard_to_one(tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_exact_resume_and_reshard_to_one(tmp_path, zero_stage):
     root = str(tmp_path / "checkpoints")
-    results = run_distributed(_two_rank_worker, 2, root, 2)
+    results = run_distributed(_two_rank_worker, 2, root, zero_stage)
     for rank, res in enumerate(results):
         assert res["world_changed"] is False
         assert res["client"] == {"data": {"epoch": 0, "sample_in_epoch": 12}, "rank": rank}
@@ -209,13 +210,14 @@ def test_two_ranks_zero2_exact_resume_and_reshard_to_one(tmp_path):
         assert res["same_params"]
     assert results[0]["ref_draws"] != results[1]["ref_draws"]
 
-    (one,) = run_distributed(_reshard_worker, 1, root, 2)
+    (one,) = run_distributed(_reshard_worker, 1, root, zero_stage)
     assert one["meta_world_changed"] is True and one["step"] == 3
     assert one["weights_equal"]
     # The data state of the whole run comes back: rank 0's (global for the streaming loader) + all ranks'.
     assert one["client"]["data"] == {"epoch": 0, "sample_in_epoch": 12}
     assert [s["rank"] for s in one["client"]["all_ranks"]] == [0, 1]
-    # Model, Adam moments, step counts and LR schedule came back: the 1-rank continuation on the same
-    # batches follows the 2-rank one (not bit-exact: the gradient reduction order differs).
-    np.testing.assert_allclose(one["losses"], results[0]["ref_losses"], rtol=0, atol=2e-5)
+    # Model, Adam moments, step counts, per-group lr / weight decay / initial_lr and the LR schedule came
+    # back: the 1-rank continuation on the same batches follows the 2-rank one. (Bit-identical here: the
+    # two ranks' gradients are equal, so averaging them is exact. ZeRO-3 needed the per-group fix-up.)
+    assert one["losses"] == results[0]["ref_losses"]
     assert ".reshard" not in one["leftover"]

@@ -118,4 +118,12 @@ def train_steps(engine, start: int, n: int, rank: int | None = None) -> list[flo
 
 
 def module_state(engine) -> dict:
-    return {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
+    """Full (gathered, under ZeRO-3) fp32 copies of the engine's model weights."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
+                                           enabled=engine.zero_optimization_stage() == 3):
+        state = {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
+    assert all(v.numel() > 0 for v in state.values())
+    return state

@@ -27,7 +27,7 @@ def _probe_ids():
     return torch.randint(5, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(42))
 
 
-def _train_save_worker(rank, world, root, data_path, arch, zero_stage):
+def _train_save(rank, world, root, data_path, arch, zero_stage):
     import deepspeed
 
     from conftest import tiny_model_cfg
@@ -36,7 +36,8 @@ def _train_save_worker(rank, world, root, data_path, arch, zero_stage):
     cfg = tiny_model_cfg(arch, vocab_size=VOCAB)
     engine = make_engine(cfg, zero_stage=zero_stage, world=world, micro_batch=2)
     data_cfg = DataConfig(path=data_path)
-    kw = dict(micro_batch_size=2, seed=0, dp_rank=rank, dp_world=world, cache_dir=f"{root}/../cache")  # one cache per node
+    kw = dict(micro_batch_size=2, seed=0, dp_rank=rank, dp_world=world,
+              cache_dir=f"{root}/../cache")  # one cache per node
     train_loader = build_dataloader(data_cfg, "train", **kw)
     for _ in range(3):
         out = engine(**next(train_loader))
@@ -54,7 +55,19 @@ def _train_save_worker(rank, world, root, data_path, arch, zero_stage):
         weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     train_loader.close()
     val_loader.close()
-    return {"metrics": metrics, "weights": weights}
+    result = {"metrics": metrics, "weights": weights}
+    if world > 1:
+        # `m2train eval` under the launcher's world: each rank reads its share, sums are all-reduced.
+        result["eval_in_world"] = evaluate_checkpoint(root)
+    return result
+
+
+def _zero0_worker(rank, world, jobs):
+    return [_train_save(rank, world, *job, zero_stage=0) for job in jobs]
+
+
+def _zero3_worker(rank, world, root, data_path):
+    return _train_save(rank, world, root, data_path, "m2_gpt", zero_stage=3)
 
 
 def _dataset(tmp_path, arch):
@@ -66,12 +79,7 @@ def _dataset(tmp_path, arch):
     return data
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch,zero_stage,world", [("m2_gpt", 0, 1), ("m2_bert", 0, 1), ("m2_gpt", 3, 2)])
-def test_eval_and_export_round_trip(tmp_path, arch, zero_stage, world):
-    data = _dataset(tmp_path, arch)
-    root = tmp_path / "run" / "checkpoints"
-    results = run_distributed(_train_save_worker, world, str(root), str(data), arch, zero_stage)
+def _check_round_trip(tmp_path, arch, data, root, results):
     in_memory = results[0]["metrics"]
     assert results[-1]["metrics"] == in_memory           # every rank got the all-reduced numbers
     ckpt = root / "step_00000003"
@@ -110,6 +118,30 @@ def test_eval_and_export_round_trip(tmp_path, arch, zero_stage, world):
     assert meta["tokenizer"]["found_via"] == "data.path/tokenizer" and meta["tokenizer"]["files"] == ["tokenizer.model"]
     assert (out / "tokenizer" / "tokenizer.model").read_bytes() == (data / "tokenizer" / "tokenizer.model").read_bytes()
     assert cli_main(["export", str(ckpt), str(out)]) == 1   # refuses to overwrite
+
+
+@pytest.mark.slow
+def test_eval_and_export_zero0_one_rank(tmp_path):
+    jobs, dirs = [], {}
+    for arch in ("m2_gpt", "m2_bert"):
+        d = tmp_path / arch
+        dirs[arch] = (_dataset(d, arch), d / "run" / "checkpoints")
+        jobs.append((str(dirs[arch][1]), str(dirs[arch][0]), arch))
+    (per_job,) = run_distributed(_zero0_worker, 1, jobs)
+    for (arch, (data, root)), result in zip(dirs.items(), per_job):
+        _check_round_trip(tmp_path / arch, arch, data, root, [result])
+
+
+@pytest.mark.slow
+def test_eval_and_export_zero3_two_ranks(tmp_path):
+    data = _dataset(tmp_path, "m2_gpt")
+    root = tmp_path / "run" / "checkpoints"
+    results = run_distributed(_zero3_worker, 2, str(root), str(data))
+    for res in results:
+        in_world = res["eval_in_world"]
+        assert in_world["world_size"] == 2 and in_world["tokens"] == res["metrics"]["tokens"]
+        assert in_world["loss"] == pytest.approx(res["metrics"]["loss"], rel=1e-6, abs=0)
+    _check_round_trip(tmp_path, "m2_gpt", data, root, results)
 
 
 def test_evaluate_is_token_weighted_and_restores_mode():

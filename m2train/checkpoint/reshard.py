@@ -87,3 +87,31 @@ def load_resharded(engine, ckpt_dir: str | Path, load_optimizer_states: bool = T
         shutil.rmtree(scratch_root, ignore_errors=True)   # the converter also leaves files beside the tag
     if load_path is None:
         raise CheckpointError(f"{ckpt_dir}: DeepSpeed found nothing to load in its universal form")
+    if load_optimizer_states:
+        _restore_group_hyperparameters(engine, ckpt_dir)
+
+
+def _restore_group_hyperparameters(engine, ckpt_dir: Path) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load copies parameter group 0's hyperparameters (lr,
+    weight_decay, initial_lr, ...) into every group; our models have several groups (filter, pos_emb,
+    no_decay) with their own values. Put back each group's own values from the original rank-0 optimizer
+    file (group order does not depend on the world size). ZeRO-1/2 load them correctly; this is a no-op
+    there."""
+    import torch
+
+    files = sorted(ckpt_dir.glob("*zero_pp_rank_0_*optim_states.pt"))
+    base = getattr(getattr(engine, "optimizer", None), "optimizer", None)
+    if not files or base is None:
+        return
+    saved = torch.load(files[0], map_location="cpu", weights_only=False).get("optimizer_state_dict", {})
+    saved = saved.get("optimizer_state_dict", saved)  # ZeRO-3 nests the torch optimizer's state once more
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list):
+        return   # ZeRO-1/2 "base_optimizer_state": already restored group by group
+    if len(groups) != len(base.param_groups):
+        raise CheckpointError(f"{files[0]}: {len(groups)} optimizer parameter groups, the engine has "
+                              f"{len(base.param_groups)}; cannot restore per-group settings")
+    for dst, src in zip(base.param_groups, groups):
+        for key, value in src.items():
+            if key != "params":
+                dst[key] = value
