@@ -55,6 +55,9 @@ def _add_import(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m2train", description="Pretrain, evaluate and export Monarch Mixer (M2) language models.")
+    # The deepspeed launcher inserts --local_rank=N before the subcommand; the rank is read from the
+    # LOCAL_RANK environment variable it also sets (m2train.launch), so the flag is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quickstart(sub)
     _add_model_summary(sub)

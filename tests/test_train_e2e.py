@@ -57,13 +57,17 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
-def launch(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, env: dict | None = None):
+def launch(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, env: dict | None = None,
+           launcher: str = "torchrun"):
     from m2train.launch import free_port
 
     run_dir.mkdir(parents=True, exist_ok=True)
     args = ["m2_gpt_tiny", f"data.path={data}", f"train.run_dir={run_dir}", *TINY, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "m2train", "train", *args]
+    elif launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port",
+               str(free_port()), "--module", "m2train", "train", *args]
     else:
         cmd = [TORCHRUN, "--nnodes", "1", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), "-m", "m2train", "train", *args]
@@ -83,8 +87,8 @@ def finish(proc, timeout: float = 600) -> tuple[int, str]:
 
 
 def run(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, env: dict | None = None,
-        expect: int | None = 0) -> str:
-    rc, log = finish(launch(run_dir, data, *overrides, nproc=nproc, env=env))
+        expect: int | None = 0, launcher: str = "torchrun") -> str:
+    rc, log = finish(launch(run_dir, data, *overrides, nproc=nproc, env=env, launcher=launcher))
     if expect is not None:
         assert rc == expect, f"exit code {rc} (expected {expect}); console:\n{log[-6000:]}"
     return log
@@ -160,7 +164,10 @@ def test_zero_stages_on_two_ranks_match_one_process(stage, data, single_fp32, ze
         run_dir = tmp_path / f"zero{stage}"
         # Stage 1 also keeps its optimizer state in CPU memory (ZeRO-Offload with our client optimizer).
         extra = ["parallel.offload_optimizer=true"] if stage == 1 else []
-        run(run_dir, data, f"parallel.zero_stage={stage}", *extra, nproc=2)
+        # Stage 0 runs under the deepspeed launcher (it passes --local_rank and its own env), the rest
+        # under torchrun.
+        run(run_dir, data, f"parallel.zero_stage={stage}", *extra, nproc=2,
+            launcher="deepspeed" if stage == 0 else "torchrun")
     ref, got = losses(single_fp32), losses(run_dir)
     assert list(got) == list(range(1, STEPS + 1))
     for step in ref:
