@@ -113,9 +113,7 @@ class TokenShardWriter:
                  "zip_data": None}
         data, name = raw, raw_name
         if self.level is not None:
-            import zstd     # the same compressor library streaming decompresses with
-
-            data = zstd.compress(raw, self.level)
+            data = _zstd_compress(raw, self.level)
             name = raw_name + ".zstd"
             entry["zip_data"] = {"basename": name, "bytes": len(data), "hashes": {}}
         (self.out_dir / name).write_bytes(data)
@@ -129,6 +127,16 @@ class TokenShardWriter:
             self._flush()
         write_index(self.out_dir, self.shards)
         return sum(s["samples"] for s in self.shards)
+
+
+def _zstd_compress(raw: bytes, level: int) -> bytes:
+    try:
+        import zstd     # what streaming itself compresses and decompresses with (one of its dependencies)
+    except ImportError:     # pragma: no cover - a frame from zstandard (content size included) reads the same
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=level).compress(raw)
+    return zstd.compress(raw, level)
 
 
 def write_index(out_dir: str | Path, shards: list[dict]) -> None:
