@@ -16,7 +16,7 @@ from m2train.checkpoint import CheckpointManager
 from m2train.checkpoint.consolidate import load_model_from_checkpoint
 from m2train.cli import main as cli_main
 from m2train.config import DataConfig, to_plain
-from m2train.models.pretrained import from_pretrained
+from m2train.models import from_pretrained
 from m2train.train.evaluate import evaluate, evaluate_checkpoint
 
 VOCAB = 512

@@ -11,6 +11,7 @@ from .m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification
 from .m2_gpt import M2GPT
 from .monarch import MonarchLinear
 from .outputs import ModelOutput
+from .pretrained import from_pretrained, save_pretrained
 from .transformer import GPT, BertForMaskedLM, BertForSequenceClassification
 
 MODEL_CLASSES = {
@@ -32,6 +33,6 @@ def build_model(model_cfg: ModelConfig | dict) -> M2TrainModel:
     return MODEL_CLASSES[(model_cfg.arch, model_cfg.head)](model_cfg)
 
 
-__all__ = ["build_model", "ModelConfig", "ModelOutput", "M2TrainModel", "BlockDiagonalLinear",
+__all__ = ["build_model", "from_pretrained", "save_pretrained", "ModelConfig", "ModelOutput", "M2TrainModel", "BlockDiagonalLinear",
            "MonarchLinear", "M2BertForMaskedLM", "M2BertForSequenceClassification", "M2GPT", "GPT",
            "BertForMaskedLM", "BertForSequenceClassification"]

@@ -47,7 +47,7 @@ def register_export(sub) -> None:
         "export", help="write a checkpoint as model.safetensors + config.json + tokenizer",
         description="Consolidates a sharded training checkpoint into a self-contained folder: "
                     "model.safetensors and config.json (load with "
-                    "m2train.models.pretrained.from_pretrained(OUT)), the tokenizer under OUT/tokenizer/ "
+                    "m2train.models.from_pretrained(OUT)), the tokenizer under OUT/tokenizer/ "
                     "(from --tokenizer, else DATA/tokenizer of the run's data.path, else RUN_DIR/tokenizer), "
                     "export.json (step, tokens seen, source checkpoint, tokenizer origin) and a short README.md.")
     p.add_argument("checkpoint", help=_CKPT_HELP)

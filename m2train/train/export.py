@@ -120,7 +120,7 @@ def export_checkpoint(ckpt, out, tokenizer: Optional[str] = None, include_tokeni
         f"- trained for {manifest.get('step')} steps, {manifest.get('tokens_seen')} tokens\n"
         f"- exported from {path.resolve()} ({dtype})\n"
         f"- tokenizer: {'tokenizer/ (from ' + tok_how + ')' if tok_src is not None else 'not included'}\n\n"
-        "```python\nfrom m2train.models.pretrained import from_pretrained\n"
+        "```python\nfrom m2train.models import from_pretrained\n"
         f"model = from_pretrained(\"{out.name}\")\n```\n")
     return out
 
