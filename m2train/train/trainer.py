@@ -116,7 +116,7 @@ def prepare(cfg: Config):
     check_intervals(cfg)
     try:
         info = read_prep_stats(cfg.data.path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:    # missing or malformed prep_stats.json (named in e)
         raise ConfigError(f"data.path={cfg.data.path}: {e}") from None
     check_data_compat(cfg, info)
     return info
@@ -151,6 +151,7 @@ class Trainer:
         self.inject = injected_nan_steps()
         self.rollbacks = 0
         self.last_saved_step = -1
+        self.resume_note = ""
 
     # ---------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -197,16 +198,21 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def resume(self, *, data: bool = True) -> str | None:
         """Load the newest complete checkpoint, if any; returns its path."""
+        from ..checkpoint import read_manifest
+
         path = self.ckpt.find_latest()
         if path is None:
             return None
-        meta, client = self.ckpt.load(self.engine, path)
-        saved_model = (meta.get("config") or {}).get("model")
+        saved_model = (read_manifest(path).get("config") or {}).get("model")
         if saved_model is not None:
             diffs = model_config_differences(saved_model, to_plain(self.cfg.model))
             if diffs:
                 raise ConfigError(f"cannot resume from {path}: the model config changed ("
                                   + "; ".join(diffs) + "); use a new train.run_dir or restore the config")
+        meta, client = self.ckpt.load(self.engine, path)
+        if meta.get("world_changed"):
+            self.resume_note = (f" (saved with world {meta['saved_world'].get('world')}, data-parallel "
+                                f"{meta['saved_world'].get('dp')}: resharded, data stream continued)")
         self.progress = Progress(step=int(meta["step"]), tokens_seen=int(meta["tokens_seen"]),
                                  skipped_steps=int(client.get("skipped_steps", 0)),
                                  consecutive_nonfinite=int(client.get("consecutive_nonfinite", 0)))
@@ -239,9 +245,10 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         step_no = self.progress.step + 1
         accum = cfg.train.grad_accum_steps
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        # Accumulated on the device: no host sync until the one all-reduce below.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = 0
-        nonfinite = 0
         for micro in range(accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.train_loader).items()}
             tokens += batch["input_ids"].numel()
@@ -249,8 +256,8 @@ class Trainer:
                 loss = engine(**batch).loss
             if step_no in self.inject and self.rank == 0 and micro == 0:
                 loss = loss * float("nan")
-            loss_value = loss.detach().double().cpu()
-            nonfinite += int(not torch.isfinite(loss_value))
+            loss_value = loss.detach().double()
+            nonfinite += (~torch.isfinite(loss_value)).double()
             loss_sum += loss_value
             engine.backward(loss)
             if micro < accum - 1:
@@ -258,13 +265,13 @@ class Trainer:
         self.inject.discard(step_no)
 
         # One collective per step carries everything the ranks must agree on.
-        flags = torch.tensor([loss_sum.item(), float(tokens), float(nonfinite),
-                              float(self.stop.requested), float(self.budget.exhausted())],
-                             dtype=torch.float64, device=self.device)
+        host = torch.tensor([float(tokens), float(self.stop.requested), float(self.budget.exhausted())],
+                            dtype=torch.float64, device=self.device)
+        flags = torch.cat([loss_sum.view(1), nonfinite.view(1), host])
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-        flags = flags.cpu().tolist()
-        loss_mean = flags[0] / (accum * self.dp)
-        skip = flags[2] > 0 or not math.isfinite(flags[0])
+        loss_total, n_nonfinite, tokens, stop_signal, budget = flags.cpu().tolist()
+        loss_mean = loss_total / (accum * self.dp)
+        skip = n_nonfinite > 0 or not math.isfinite(loss_total)
 
         grad_norm = None
         if cfg.parallel.zero_stage == 0:
@@ -274,7 +281,7 @@ class Trainer:
             if not skip and cfg.train.grad_clip:
                 clip_stage0(self.model, cfg.train.grad_clip, grad_norm)
         lr_mult = apply_lr(engine.optimizer.param_groups, self.progress.updates, cfg.train)
-        self.guard.skip_next = skip
+        self.guard.skip_next, self.guard.applied = skip, False
         engine.step()
         if cfg.parallel.zero_stage > 0:
             gn = engine.get_global_grad_norm()
@@ -282,9 +289,8 @@ class Trainer:
             # ZeRO's own overflow check skips non-finite partitioned grads before our guard is reached.
             skip = skip or not self.guard.applied or (grad_norm is not None and not math.isfinite(grad_norm))
         self.guard.skip_next = False
-        return {"loss": loss_mean, "grad_norm": grad_norm, "tokens": int(flags[1]), "skipped": skip,
-                "stop_signal": flags[3] > 0, "budget": flags[4] > 0,
-                "lr": cfg.optim.lr * lr_mult}
+        return {"loss": loss_mean, "grad_norm": grad_norm, "tokens": int(tokens), "skipped": skip,
+                "stop_signal": stop_signal > 0, "budget": budget > 0, "lr": cfg.optim.lr * lr_mult}
 
     # ---------------------------------------------------------------------------------------------
     def handle_nonfinite(self, stats: dict, logger: MetricsLogger) -> None:
@@ -340,7 +346,7 @@ class Trainer:
                 f"{t.grad_accum_steps}, {seq_len} tokens/sample; peak {peak / 1e9:.0f} GFLOP/s/device "
                 f"({peak_src}); run dir {self.run_dir}; engine + loaders {t_built - t_setup:.1f} s, "
                 f"resume {t_resumed - t_built:.1f} s")
-            logger.print(f"resumed from {resumed} at step {self.progress.step}" if resumed
+            logger.print(f"resumed from {resumed} at step {self.progress.step}{self.resume_note}" if resumed
                          else "starting from scratch (no checkpoint found)")
         code = signals.EXIT_FINISHED
         interval_tokens, interval_time, step_time_ema = 0, 0.0, None
