@@ -22,7 +22,8 @@ resuming:
 
 stopping:
   SIGTERM or SIGUSR1 on any rank: all ranks stop at the same step boundary, save a checkpoint and exit 3.
-  train.time_budget_s=SECONDS does the same when one more step plus a save would exceed the budget.
+  train.time_budget_s=SECONDS does the same when one more step plus a save would exceed the budget
+  (counted from process start; set it a few minutes below the job's time limit).
 
 non-finite steps:
   A non-finite loss or gradient norm skips that update (no optimizer or schedule step; counted as

@@ -60,8 +60,18 @@ class StopRequest:
         return self.signal_name is not None
 
 
+def process_start_time() -> float:
+    """When this process started (so the budget also covers imports and setup); now if unknown."""
+    try:
+        import psutil
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or /proc unreadable: count from here
+        return time.time()
+
+
 class TimeBudget:
-    """Decides when to stop so that one more step plus a checkpoint save still fit in `budget_s`.
+    """Decides when to stop so that one more step plus a checkpoint save still fit in `budget_s`, counted
+    from `start` (default: now; the trainer passes the process start time).
 
     The step time is a running maximum of recent steps (a cautious estimate); the save time is the last
     measured save, or a guess of 10 step times before the first save has been measured."""

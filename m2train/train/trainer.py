@@ -147,7 +147,7 @@ class Trainer:
         self.ckpt_dir = Path(t.checkpoint_dir) if t.checkpoint_dir else self.run_dir / "checkpoints"
         self.progress = Progress()
         self.stop = signals.StopRequest()
-        self.budget = signals.TimeBudget(t.time_budget_s)
+        self.budget = signals.TimeBudget(t.time_budget_s, start=signals.process_start_time())
         self.inject = injected_nan_steps()
         self.rollbacks = 0
         self.last_saved_step = -1
