@@ -79,7 +79,7 @@ def _dataset(tmp_path, arch):
     return data
 
 
-def _check_round_trip(tmp_path, arch, data, root, results):
+def _check_round_trip(tmp_path, arch, data, root, results, capsys):
     in_memory = results[0]["metrics"]
     assert results[-1]["metrics"] == in_memory           # every rank got the all-reduced numbers
     ckpt = root / "step_00000003"
@@ -97,7 +97,9 @@ def _check_round_trip(tmp_path, arch, data, root, results):
         assert got["mlm_accuracy"] == pytest.approx(in_memory["mlm_accuracy"], abs=1.5 / got["tokens"])
 
     out_json = tmp_path / "metrics.json"
+    capsys.readouterr()
     assert cli_main(["eval", str(ckpt), "--data", str(data), "--out", str(out_json), "--verify", "size"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == got["loss"]   # stdout is exactly the JSON
     assert json.loads(out_json.read_text())["loss"] == got["loss"]
 
     # m2train export: consolidated weights equal the trained ones bit for bit; logits identical.
@@ -121,7 +123,7 @@ def _check_round_trip(tmp_path, arch, data, root, results):
 
 
 @pytest.mark.slow
-def test_eval_and_export_zero0_one_rank(tmp_path):
+def test_eval_and_export_zero0_one_rank(tmp_path, capsys):
     jobs, dirs = [], {}
     for arch in ("m2_gpt", "m2_bert"):
         d = tmp_path / arch
@@ -129,11 +131,11 @@ def test_eval_and_export_zero0_one_rank(tmp_path):
         jobs.append((str(dirs[arch][1]), str(dirs[arch][0]), arch))
     (per_job,) = run_distributed(_zero0_worker, 1, jobs)
     for (arch, (data, root)), result in zip(dirs.items(), per_job):
-        _check_round_trip(tmp_path / arch, arch, data, root, [result])
+        _check_round_trip(tmp_path / arch, arch, data, root, [result], capsys)
 
 
 @pytest.mark.slow
-def test_eval_and_export_zero3_two_ranks(tmp_path):
+def test_eval_and_export_zero3_two_ranks(tmp_path, capsys):
     data = _dataset(tmp_path, "m2_gpt")
     root = tmp_path / "run" / "checkpoints"
     results = run_distributed(_zero3_worker, 2, str(root), str(data))
@@ -141,7 +143,7 @@ def test_eval_and_export_zero3_two_ranks(tmp_path):
         in_world = res["eval_in_world"]
         assert in_world["world_size"] == 2 and in_world["tokens"] == res["metrics"]["tokens"]
         assert in_world["loss"] == pytest.approx(res["metrics"]["loss"], rel=1e-6, abs=0)
-    _check_round_trip(tmp_path, "m2_gpt", data, root, results)
+    _check_round_trip(tmp_path, "m2_gpt", data, root, results, capsys)
 
 
 def test_evaluate_is_token_weighted_and_restores_mode():

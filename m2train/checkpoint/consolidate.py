@@ -8,7 +8,9 @@ mp_rank_00_model_states.pt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +48,9 @@ def consolidated_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     ckpt_dir = Path(ckpt_dir)
     if has_partitioned_optimizer(ckpt_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        # DeepSpeed prints its progress to stdout; keep stdout for our results (`m2train eval` prints JSON).
+        with contextlib.redirect_stdout(sys.stderr):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
     module_file = ckpt_dir / "mp_rank_00_model_states.pt"
     if not module_file.is_file():
         raise CheckpointError(f"{ckpt_dir}: neither ZeRO optimizer partitions nor {module_file.name}")

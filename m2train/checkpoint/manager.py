@@ -13,6 +13,9 @@ Order of a save: every rank writes its DeepSpeed and client files -> barrier -> 
 hashed (spread over the ranks) -> rank 0 writes manifest.json -> rank 0 replaces `latest` -> rank 0
 applies retention -> barrier. A process killed anywhere before the manifest leaves a folder without
 one, which is never loaded; a truncated or flipped file is caught by its size / sha256.
+
+CKPT_ROOT must be one folder that every rank sees (a shared filesystem on multi-node jobs): rank 0 lists
+and publishes the files all ranks wrote, and DeepSpeed's ZeRO loading reads other ranks' partitions.
 """
 
 from __future__ import annotations

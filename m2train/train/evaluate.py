@@ -16,6 +16,7 @@ and puts back the mode it found.
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import nullcontext
 from typing import Iterable, Optional
 
@@ -40,10 +41,11 @@ def _is_causal(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[dict], max_batches: Optional[int] = None,
-             group=None, autocast_dtype: Optional[torch.dtype] = None) -> dict:
+             group=None, autocast_dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict:
     """Metrics of `model` over at most `max_batches` batches of `loader` on this rank (all of it when
     None), reduced over `group` (default: the whole world, when a process group is initialised).
-    autocast_dtype: run the forward under torch.autocast with this dtype (losses are always fp32)."""
+    autocast_dtype: run the forward under torch.autocast with this dtype (losses are always fp32).
+    progress: show a tqdm bar (for long command-line evaluations; the trainer leaves it off)."""
     net = _unwrap(model)
     causal = _is_causal(net)
     device = next(net.parameters()).device
@@ -53,6 +55,13 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], max_batches: Option
     net.eval()
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else nullcontext())
+    if progress:
+        from tqdm import tqdm
+        try:
+            total = min(len(loader), max_batches) if max_batches is not None else len(loader)
+        except TypeError:
+            total = max_batches
+        loader = tqdm(loader, total=total, desc="eval", unit="batch", file=sys.stderr)
     try:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
@@ -165,7 +174,7 @@ def evaluate_checkpoint(ckpt, data: Optional[str] = None, split: str = "val", ba
                                                                        data_cfg.eval_mlm_probability),
                                   info=info)
         try:
-            metrics = evaluate(model, loader, batches)
+            metrics = evaluate(model, loader, batches, progress=cdist.rank() == 0)
         finally:
             loader.close()
     finally:
