@@ -26,35 +26,35 @@ log = logging.getLogger(__name__)
 # Finalize: check completeness, pack tails, index, stats
 
 
-def check_units(job_dir: Path, files: list[Stream], C: int, lanes: list[Lane]) -> list[str]:
+def check_units(job_dir: Path, streams: list[Stream], C: int, lanes: list[Lane]) -> list[str]:
     """The units `lanes` must have produced, in dataset order; error when any is missing."""
     state = job_dir / STATE
     names = []
     for lane in lanes:
         marker = state / "files" / f"f{lane.file:06d}.json"
         if not marker.exists():
-            raise PrepError(f"{job_dir}: input {files[lane.file].path} was not finished; rerun the prep "
+            raise PrepError(f"{job_dir}: input {streams[lane.file].path} was not finished; rerun the prep "
                             f"job with the same arguments to complete it")
         n_docs = _read_json(marker)["docs"]
         for k in range(-(-n_docs // C)):
             if lane.owns(k):
                 name = unit_name(lane.file, k)
                 if not (state / "units" / f"{name}.json").exists():
-                    raise PrepError(f"{job_dir}: unit {name} of {files[lane.file].path} is missing; rerun "
+                    raise PrepError(f"{job_dir}: unit {name} of {streams[lane.file].path} is missing; rerun "
                                     f"the prep job with the same arguments to complete it")
                 names.append(name)
     return names
 
 
-def finalize(job_dir: Path, files: list[Stream], args: dict, tok, layout: Layout, dtype: np.dtype,
+def finalize(job_dir: Path, streams: list[Stream], args: dict, tok, layout: Layout, dtype: np.dtype,
              tokenizer_source: str) -> dict:
     state = job_dir / STATE
-    units = check_units(job_dir, files, args["docs_per_unit"], [Lane(f) for f in range(len(files))])
+    units = check_units(job_dir, streams, args["docs_per_unit"], [Lane(f) for f in range(len(streams))])
     markers = [_read_json(state / "units" / f"{u}.json") for u in units]
     read = sum(m["read"] for m in markers)
     written = sum(m["written"] for m in markers)
     skipped = {r: sum(m["skipped"][r] for m in markers) for r in SKIP_REASONS}
-    n_docs = sum(_read_json(state / "files" / f"f{f:06d}.json")["docs"] for f in range(len(files)))
+    n_docs = sum(_read_json(state / "files" / f"f{f:06d}.json")["docs"] for f in range(len(streams)))
     # The invariant FORMAT.md promises, checked on the totals and against the files' lengths.
     if not (read == written + sum(skipped.values()) == n_docs):
         raise PrepError(f"{job_dir}: document counts do not add up: read {read}, written {written}, "

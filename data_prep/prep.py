@@ -118,12 +118,12 @@ class _Progress:
             self.bar.close()
 
 
-def _run_lanes(cfg: PrepConfig, files, layout, dtype, lanes: list[Lane], workers: int) -> _Progress:
+def _run_lanes(cfg: PrepConfig, streams, layout, dtype, lanes: list[Lane], workers: int) -> _Progress:
     progress = _Progress(cfg.progress, len(lanes), "prep" if cfg.num_shards == 1 else
                          f"prep part {cfg.shard_index}/{cfg.num_shards}")
     try:
         if workers == 1:
-            ctx = WorkerContext(cfg, files, layout, dtype, progress)
+            ctx = WorkerContext(cfg, streams, layout, dtype, progress)
             for lane in lanes:
                 ctx.run_lane(lane)
             return progress
@@ -136,11 +136,11 @@ def _run_lanes(cfg: PrepConfig, files, layout, dtype, lanes: list[Lane], workers
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tasks, results = mpctx.Queue(), mpctx.Queue()
         # Largest files first, so the last lanes to finish are short ones.
-        for lane in sorted(lanes, key=lambda l: (-files[l.file].bytes / l.stride, l.file, l.offset)):
+        for lane in sorted(lanes, key=lambda l: (-streams[l.file].bytes / l.stride, l.file, l.offset)):
             tasks.put(lane)
         for _ in range(workers):
             tasks.put(None)
-        procs = [mpctx.Process(target=worker_main, args=(cfg, files, layout, dtype, tasks, results,
+        procs = [mpctx.Process(target=worker_main, args=(cfg, streams, layout, dtype, tasks, results,
                                                           os.getpid()), daemon=True)
                  for _ in range(workers)]
         for p in procs:

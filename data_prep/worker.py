@@ -196,12 +196,12 @@ class _Unit:
 class WorkerContext:
     """Everything a lane needs; built once per process."""
 
-    def __init__(self, cfg: "PrepConfig", files: list[Stream], layout: Layout, dtype: np.dtype,
+    def __init__(self, cfg: "PrepConfig", streams: list[Stream], layout: Layout, dtype: np.dtype,
                  report, parent_pid: int | None = None, tokenizer=None) -> None:
         from .tokenizers import load_tokenizer
 
         self.cfg = cfg
-        self.files = files
+        self.streams = streams
         self.job_dir = cfg.job_dir()
         self.layout, self.dtype = layout, dtype
         self.compression = cfg.compression
@@ -223,7 +223,7 @@ class WorkerContext:
     def run_lane(self, lane: Lane) -> None:
         C = self.cfg.docs_per_unit
         state = self.job_dir / STATE
-        stream = self.files[lane.file]
+        stream = self.streams[lane.file]
         done = self.done.get(lane.file, set())
         file_marker = state / "files" / f"f{lane.file:06d}.json"
         if file_marker.exists():
@@ -279,10 +279,10 @@ def _done_units(job_dir: Path) -> dict[int, set[int]]:
     return done
 
 
-def worker_main(cfg, files, layout, dtype, tasks, results, parent_pid) -> None:
+def worker_main(cfg, streams, layout, dtype, tasks, results, parent_pid) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
     try:
-        ctx = WorkerContext(cfg, files, layout, dtype, lambda kind, x: results.put((kind, x)), parent_pid)
+        ctx = WorkerContext(cfg, streams, layout, dtype, lambda kind, x: results.put((kind, x)), parent_pid)
         while True:
             lane = tasks.get()
             if lane is None:
