@@ -449,3 +449,25 @@ def test_text_source_groups_files_into_units(corpus, tmp_path):
     assert_same_dataset(tmp_path / "out1", tmp_path / "out2")
     rows = read_split(tmp_path / "out1", "train", tmp_path / "c")
     assert len(rows) == stats["splits"]["train"]["samples"] > 0
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "hf"])
+def test_jsonl_text_field_and_hf_parquet_sources(corpus, tmp_path, kind):
+    texts = corpus["texts"][:40]
+    if kind == "jsonl":
+        path = tmp_path / "data.jsonl"
+        path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "hf_ds"
+        path.mkdir()
+        pq.write_table(pa.table({"body": texts, "id": list(range(40))}), path / "train-00000.parquet")
+    cfg = cfg_for(corpus, tmp_path / "out", workers=2, docs_per_unit=16)
+    cfg.source = SourceSpec(kind=kind, inputs=(str(path),), text_field="body")
+    stats = run_prep(cfg)
+    assert stats["documents"]["read"] == stats["documents"]["written"] == 40
+    assert stats["units"] == 3
+    rows = read_split(tmp_path / "out", "train", tmp_path / "c")
+    assert len(rows) == stats["splits"]["train"]["samples"] > 0
