@@ -293,6 +293,57 @@ def bare_loop_worker(args) -> None:
     print("RESULT " + json.dumps({"tokens_per_s": sum(tokens[skip:]) / sum(times[skip:])}), flush=True)
 
 
+def interleaved_worker(args) -> None:
+    """One process, step by step: the trainer's own train_step (DeepSpeed ZeRO-0 engine, all-reduce of the
+    step statistics, grad norm + clipping, LR schedule, its data loader) and a bare step (same model init,
+    optimizer, loader) alternate, so a change in background load hits both alike. Complements the
+    whole-CLI comparison on a shared machine; excludes only the CLI's logging between steps."""
+    import torch
+
+    from m2train.config import load_config
+    from m2train.data import build_dataloader
+    from m2train.launch import init_distributed
+    from m2train.models import build_model
+    from m2train.optim import build_optimizer
+    from m2train.train.trainer import Trainer, prepare
+    from m2train.train.validate import resolve_batch
+
+    run_dir = tempfile.mkdtemp(prefix="m2_overhead_interleaved_")
+    cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}", f"train.run_dir={run_dir}",
+                                    "train.eval_every=0", "train.save_every=0", "train.wandb=disabled",
+                                    "train.tensorboard=false", "parallel.zero_stage=0", "train.warmup_steps=0",
+                                    f"train.max_steps={args.steps}"])
+    info = prepare(cfg)
+    dp = resolve_batch(cfg, 1)
+    trainer = Trainer(cfg, init_distributed(cfg.parallel.backend), dp, info)
+    trainer.build()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    loader = iter(build_dataloader(cfg.data, "train", cfg.train.micro_batch_size, seed=cfg.train.seed,
+                                   cache_dir=tempfile.mkdtemp(prefix="m2_bare_cache_")))
+    t_tr, t_bare, tokens = 0.0, 0.0, 0
+    for step in range(args.steps):
+        t0 = time.time()
+        stats = trainer.train_step()
+        trainer.progress.step += 1
+        t1 = time.time()
+        batch = next(loader)
+        loss = model(**batch).loss
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        t2 = time.time()
+        if step >= args.warmup:
+            t_tr += t1 - t0
+            t_bare += t2 - t1
+            tokens += stats["tokens"]
+    print("RESULT " + json.dumps({"trainer": tokens / t_tr, "bare": tokens / t_bare}), flush=True)
+
+
 def _trainer_tokens_per_s(args, run_dir: Path) -> float:
     overrides = [*args.overrides, f"data.path={args.data}", f"train.run_dir={run_dir}",
                  f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.eval_every=0",
@@ -328,6 +379,16 @@ def run_overhead(args) -> None:
                                     if ln.startswith("RESULT "))[len("RESULT "):])["tokens_per_s"])
         print(f"[overhead] round {i + 1}: trainer {trainer[-1]:,.0f} tok/s, bare {bare[-1]:,.0f} tok/s",
               file=sys.stderr, flush=True)
+    cmd = [sys.executable, __file__, "_interleaved_worker", "--config", args.config, "--data", args.data,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), *args.overrides]
+    print("[overhead] interleaved trainer.train_step / bare step in one process", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True)
+    inter = None
+    if proc.returncode == 0:
+        inter = json.loads(next(ln for ln in proc.stdout.splitlines()
+                                if ln.startswith("RESULT "))[len("RESULT "):])
+    else:
+        print(f"[overhead] interleaved run failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
     t, b = statistics.median(trainer), statistics.median(bare)
     print(f"\n{args.config}, data {args.data}, {args.steps} steps per run (first {args.warmup} excluded), "
           f"{args.repeats} alternating rounds")
@@ -336,6 +397,10 @@ def run_overhead(args) -> None:
     print(f"| m2train train (ZeRO-0 engine) | {', '.join(f'{x:,.0f}' for x in trainer)} | {t:,.0f} |")
     print(f"| bare PyTorch loop | {', '.join(f'{x:,.0f}' for x in bare)} | {b:,.0f} |")
     print(f"\ntrainer / bare = {t / b:.3f}")
+    if inter is not None:
+        print(f"\nInterleaved in one process (Trainer.train_step vs bare step, alternating every step): "
+              f"trainer {inter['trainer']:,.0f} tok/s, bare {inter['bare']:,.0f} tok/s, "
+              f"ratio {inter['trainer'] / inter['bare']:.3f}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -391,9 +456,17 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("overrides", nargs="*")
 
+    p = sub.add_parser("_interleaved_worker", help=argparse.SUPPRESS)
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("overrides", nargs="*")
+
     args = parser.parse_args(argv)
     {"memory": run_memory, "_memory_worker": memory_worker, "zero3": run_zero3, "_zero3_worker": zero3_worker,
-     "overhead": run_overhead, "_bare_worker": bare_loop_worker}[args.command](args)
+     "overhead": run_overhead, "_bare_worker": bare_loop_worker,
+     "_interleaved_worker": interleaved_worker}[args.command](args)
 
 
 if __name__ == "__main__":
