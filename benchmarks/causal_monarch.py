@@ -116,15 +116,44 @@ def print_table(rows: list[dict]) -> None:
 # training comparison
 # ------------------------------------------------------------------------------------------------
 
+def pack(token_lists: list[list[int]], eos_id: int, window: int) -> torch.Tensor:
+    """Documents joined with EOS, cut into non-overlapping windows (the partial tail is dropped)."""
+    flat = [t for ids in token_lists for t in (*ids, eos_id)]
+    n = len(flat) // window
+    return torch.tensor(flat[: n * window], dtype=torch.long).view(n, window)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup then cosine decay to min_ratio * peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over the windows (token-weighted)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        b = windows[i:i + batch_size]
+        total += model(b[:, :-1], labels=b[:, 1:]).loss.item() * b[:, 1:].numel()
+        count += b[:, 1:].numel()
+    model.train()
+    return total / count
+
+
 def run_train(args) -> dict:
     from m2train.config import load_config
     from m2train.data_prep.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
     from m2train.models import build_model
     from m2train.optim import build_optimizer
-    from m2train.quickstart import evaluate, load_documents, lr_at, pack
+    from m2train.data_prep.sample_corpus import load_articles
 
     cfg = load_config("m2_gpt_tiny", [f"model.max_seq_len={args.seq_len}"])
-    docs, source = load_documents(None)
+    docs = [text for _, _, text in load_articles()]
+    source = f"BBC News ({len(docs)} articles)"
     train_docs = [d for i, d in enumerate(docs) if i % 20 != 7]
     val_docs = [d for i, d in enumerate(docs) if i % 20 == 7]
     out = os.path.join(args.out, "tokenizer.model")
