@@ -181,8 +181,9 @@ def test_zero_stages_on_two_ranks_match_one_process(stage, data, single_fp32, ze
 # --------------------------------------------------------------------------------------------------
 
 def kill_and_resume(data: Path, run_dir: Path, overrides: list, nproc: int) -> int:
-    kill_at = random.randint(2, STEPS - 1)
-    print(f"SIGKILL at step {kill_at}")
+    # Random on purpose (any step must resume exactly); M2TRAIN_TEST_KILL_STEP=N reproduces a failure.
+    kill_at = int(os.environ.get("M2TRAIN_TEST_KILL_STEP") or random.randint(2, STEPS - 1))
+    print(f"SIGKILL at step {kill_at} (M2TRAIN_TEST_KILL_STEP={kill_at} repeats it)")
     proc = launch(run_dir, data, *overrides, nproc=nproc)
     wait_for_step(proc, run_dir, kill_at)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -96,8 +96,11 @@ def _mapped_by_a_live_process(shm_path: str) -> bool:
     """Whether any process we can inspect has `shm_path` mapped (streaming keeps its registry mapped for the
     dataset's lifetime, in the dataset's process and its forked workers)."""
     needle = shm_path.encode()
+    me = str(os.getpid())
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        # Not this process: streaming maps every registration it scans while registering an earlier loader
+        # of ours (train before val), which says nothing about the scanned one being live.
+        if not pid.isdigit() or pid == me:
             continue
         try:
             with open(f"/proc/{pid}/maps", "rb") as f:

@@ -227,6 +227,9 @@ def build_dataloader(data_cfg, split: str = "train", micro_batch_size: int = 8, 
     loader = StreamingDataLoader(
         dataset, batch_size=micro_batch_size, collate_fn=collate, num_workers=workers, drop_last=drop_last,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        # Each iter() draws a worker base seed; from a private generator it leaves the global torch RNG
+        # (dropout) alone, so a resumed run, which starts a fresh pass mid-epoch, stays bit-exact.
+        generator=torch.Generator().manual_seed(seed),
     )
     log.info("data %s: %d samples, %d batches/epoch on dp rank %d/%d, cache %s", remote_split,
              dataset.num_samples, len(loader), dp_rank, dp_world, local_dir)
