@@ -180,14 +180,29 @@ def test_zero_stages_on_two_ranks_match_one_process(stage, data, single_fp32, ze
 # SIGKILL at a random step, rerun, bit-exact
 # --------------------------------------------------------------------------------------------------
 
+def kill_tree(proc) -> None:
+    """SIGKILL the launcher and every worker (torchrun starts workers in sessions of their own, so killing
+    its process group alone would leave them running), then wait until all are gone."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(procs, timeout=60)
+
+
 def kill_and_resume(data: Path, run_dir: Path, overrides: list, nproc: int) -> int:
     # Random on purpose (any step must resume exactly); M2TRAIN_TEST_KILL_STEP=N reproduces a failure.
     kill_at = int(os.environ.get("M2TRAIN_TEST_KILL_STEP") or random.randint(2, STEPS - 1))
     print(f"SIGKILL at step {kill_at} (M2TRAIN_TEST_KILL_STEP={kill_at} repeats it)")
     proc = launch(run_dir, data, *overrides, nproc=nproc)
     wait_for_step(proc, run_dir, kill_at)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     assert last_step(run_dir) < STEPS
     log = run(run_dir, data, *overrides, nproc=nproc)
     assert "resumed from" in log or "starting from scratch" in log
