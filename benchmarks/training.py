@@ -17,7 +17,8 @@
             the fp32 master partitions and the optimizer state. Target: 2-rank <= 55% of 1-rank.
   overhead  (a) tokens/s of `m2train train` (subprocess, read from RUN_DIR/metrics.jsonl) vs a bare
             PyTorch loop (same model, optimizer, data loader, clipping; no DeepSpeed), single process,
-            alternating runs; the ratio of medians. Target >= 0.95.
+            alternating runs; the ratio of medians. Then, in one process, Trainer.train_step and a bare
+            step alternate every step (load changes hit both alike). Target >= 0.95.
 
     python benchmarks/training.py memory                 # M2-GPT-145M, L=2048, none vs every_block vs mixer
     python benchmarks/training.py zero3                  # M2-GPT-145M, 1 vs 2 ranks
