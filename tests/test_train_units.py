@@ -142,3 +142,21 @@ def test_causal_monarch_warm_start_round_trip():
     fresh = build_model(tiny_model_cfg("m2_gpt", sequence_mixer="monarch_causal", max_seq_len=16))
     restore_monarch_warm_starts(fresh, saved)
     assert all(torch.equal(fresh.get_submodule(k)._points, v) for k, v in saved.items())
+
+
+def test_finished_rank_answers_launcher_sigterm_with_its_exit_code():
+    # torchrun SIGTERMs the other workers as soon as one exits non-zero (3 after a graceful stop); a rank
+    # that already finished must report its own code, not death by signal.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from m2train.train.signals import exit_with_code_on_sigterm; "
+            "exit_with_code_on_sigterm(3); print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 3
+    assert time.time() - t0 < 10

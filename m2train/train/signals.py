@@ -8,7 +8,9 @@ SIGTERM to its workers.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 
 # Exit codes of `m2train train` (documented in `m2train train --help`).
@@ -30,6 +32,21 @@ EXIT_CODE_TABLE = f"""exit codes:
   prints each rank's code in its failure summary; srun reports the tasks' codes."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def exit_with_code_on_sigterm(code: int) -> None:
+    """Once a rank's run is over (checkpoint saved, logs closed, final barrier passed), answer SIGTERM by
+    exiting with the run's own exit code at once.
+
+    Under torchrun the first worker to exit non-zero (e.g. 3 after a graceful stop) makes the agent SIGTERM
+    the other workers; a rank still tearing down its interpreter would otherwise be reported as killed by
+    the signal, although all its work is done."""
+    def handler(signum, frame):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class StopRequest:

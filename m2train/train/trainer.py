@@ -132,6 +132,7 @@ def train(cfg: Config) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     code = Trainer(cfg, env, dp, info).run()
     dist.barrier()
+    signals.exit_with_code_on_sigterm(code)   # every rank is done: a launcher's teardown SIGTERM is not a failure
     shutdown_distributed()
     return code
 
