@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,10 +131,24 @@ def train(cfg: Config) -> int:
     dp = resolve_batch(cfg, detect_env().world_size)   # reads the launcher's env only: still cheap
     env = init_distributed(cfg.parallel.backend)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    code = Trainer(cfg, env, dp, info).run()
+    trainer = Trainer(cfg, env, dp, info)
+    code = trainer.run()
+    for loader in (getattr(trainer, "train_loader", None), getattr(trainer, "val_loader", None)):
+        if loader is not None:
+            loader.close()                      # releases streaming's shared memory now, not at exit
     dist.barrier()
     signals.exit_with_code_on_sigterm(code)   # every rank is done: a launcher's teardown SIGTERM is not a failure
     shutdown_distributed()
+    if code != signals.EXIT_FINISHED and env.world_size > 1:
+        # torchrun SIGTERMs the remaining workers as soon as one exits non-zero. Skip interpreter teardown
+        # (atexit hooks, thread joins: seconds, during which Python no longer runs signal handlers) so every
+        # rank reports the run's own code: rank 0 exits at once; the others wait briefly, and the agent's
+        # SIGTERM, if it comes first, is answered by the handler above with the same code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if env.rank != 0:
+            time.sleep(2.0)
+        os._exit(code)
     return code
 
 
