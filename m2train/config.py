@@ -72,6 +72,12 @@ class ModelConfig:
     mlp_type: Literal["blockdiag", "monarch", "dense"] = "blockdiag"
     mlp_nblocks: int = 4
 
+    # --- compute kernels -------------------------------------------------------------------------
+    # "auto": fused Triton kernels on CUDA when Triton is importable, the PyTorch reference path otherwise;
+    # "triton" / "torch" force one path. The environment variable M2TRAIN_KERNELS overrides this
+    # (m2train.kernels.dispatch).
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+
     # --- Transformer baselines -----------------------------------------------------------------
     num_heads: int = 12
 
