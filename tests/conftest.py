@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# Without CUDA the Triton kernels can only run in Triton's CPU interpreter, which must be switched on
+# before any @triton.jit function is defined (i.e. before m2train.kernels is imported by a test module).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
