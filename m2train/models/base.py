@@ -11,6 +11,25 @@ from ..config import ModelConfig, OptimConfig
 from .filter import ImplicitFilter, Sin, positional_features
 
 
+def kernel_mode(module: nn.Module) -> str:
+    """The configured compute-kernel mode of a layer that has a fused Triton kernel: "auto" | "triton" |
+    "torch" (ModelConfig.kernels; m2train.kernels.dispatch.use_triton applies it, and M2TRAIN_KERNELS
+    overrides it at call time).
+
+    The mechanism, for every layer with a kernel: declare a class attribute `kernels = "auto"` and call
+    `use_triton(x, kernel_mode(self))` in forward. Every model's init_weights() (run at the end of its
+    __init__) stores config.kernels on each such submodule (`set_kernel_mode`); a layer built on its own
+    keeps "auto"."""
+    return getattr(module, "kernels", "auto")
+
+
+def set_kernel_mode(model: nn.Module, mode: str) -> None:
+    """Store `mode` on every submodule whose class declares a `kernels` attribute (see kernel_mode)."""
+    for module in model.modules():
+        if isinstance(getattr(type(module), "kernels", None), str):
+            module.kernels = mode
+
+
 class M2TrainModel(nn.Module):
     """Base class. Subclasses build their modules and call `init_weights()` at the end of __init__."""
 
@@ -28,6 +47,8 @@ class M2TrainModel(nn.Module):
 
         Dense Linear / Embedding ~ N(0, initializer_range), biases 0, LayerNorm 1/0 (BERT recipe);
         structured layers, short convs, D skips and filter frequencies keep their own reference inits."""
+        # Not a weight, but this is the one hook every model runs at the end of construction.
+        set_kernel_mode(self, self.config.kernels)
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, nn.Linear):
