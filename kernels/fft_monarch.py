@@ -1,0 +1,123 @@
+"""The DFT as an order-2 Monarch matrix (four-step FFT), the factorisation the fused FFT convolution uses.
+
+Write the FFT size N = N1·N2 and the time index n = N2·n1 + n2 (a row-major (N1, N2) view of the signal)
+and the frequency index k = k1 + N1·k2. Then ω_N^{nk} = ω_N1^{n1·k1} · ω_N^{n2·k1} · ω_N2^{n2·k2}, so
+
+    X[k1, k2] = Σ_n2 ( T[k1, n2] · Σ_n1 F1[k1, n1] · x[n1, n2] ) · F2[n2, k2]
+              = ((F1 @ x) ⊙ T) @ F2
+
+with F1, F2 the dense N1- and N2-point DFT matrices and T the twiddles ω_N^{k1·n2}: two small dense matrix
+products (tensor-core GEMMs on a GPU) and a pointwise multiply, no data movement at all. The result comes
+out as a (N1, N2) matrix indexed [k1, k2], i.e. frequency k1 + N1·k2 sits at flat position k1·N2 + k2: a
+permuted frequency order. A convolution never needs the natural order - it multiplies by the kernel
+spectrum pointwise and transforms back with the conjugate factors in reverse order - so the kernel spectrum
+is simply stored in the same permuted order (`permuted_spectrum`).
+
+The inverse (for real output): x = Re( conj(F1) @ ((X @ conj(F2)) ⊙ conj(T)) ) / N.
+
+Everything here is plain torch: the factors are computed once per (N, device) in fp64 and rounded to fp32
+(more accurate than evaluating sin/cos in fp32 inside a kernel), and `monarch_dft` / `monarch_idft_real`
+are torch versions of exactly what the Triton kernel does, for tests and for reading.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+# Smallest DFT factor: a tl.dot tile on a real GPU needs every dimension >= 16.
+MIN_FACTOR = 16
+# The largest FFT size the one-program-per-sequence kernel holds: at N = 16384 one sequence is a 128 x 128
+# complex fp32 matrix (128 KiB) and the 128 x 128 fp32 DFT operand alone fills 64 KiB of shared memory on
+# an H100. 2L = 32768 would need a third level that streams through global memory (not implemented).
+MAX_FFT_SIZE = 16384
+MIN_FFT_SIZE = MIN_FACTOR * MIN_FACTOR
+
+
+def kernel_fft_size(L: int) -> int:
+    """The FFT size the fused kernel uses for sequences of length L: the smallest power of two >= 2L
+    (a linear, not circular, convolution) and at least 256 (two 16-point factors). Any N >= 2L gives the
+    same convolution, so padding further for short sequences changes nothing but the work."""
+    return max(MIN_FFT_SIZE, 1 << (2 * L - 1).bit_length())
+
+
+def split_fft_size(n: int) -> tuple[int, int]:
+    """N = N1·N2 with N1 <= N2 as square as possible (both powers of two)."""
+    if n < MIN_FFT_SIZE or n & (n - 1):
+        raise ValueError(f"FFT size {n} must be a power of two >= {MIN_FFT_SIZE}")
+    log = n.bit_length() - 1
+    n1 = 1 << (log // 2)
+    return n1, n // n1
+
+
+def _dft_matrix(m: int) -> torch.Tensor:
+    idx = torch.arange(m, dtype=torch.int64)
+    # Reduce k·n mod m in integers so the angle stays small and exact before the trig functions.
+    return torch.exp(-2j * math.pi * ((idx[:, None] * idx[None, :]) % m).to(torch.float64) / m)
+
+
+@functools.lru_cache(maxsize=32)
+def _factors_cached(n: int, device: str) -> tuple[torch.Tensor, ...]:
+    n1, n2 = split_fft_size(n)
+    f1, f2 = _dft_matrix(n1), _dft_matrix(n2)
+    k1 = torch.arange(n1, dtype=torch.int64)[:, None]
+    n2_idx = torch.arange(n2, dtype=torch.int64)[None, :]
+    tw = torch.exp(-2j * math.pi * ((k1 * n2_idx) % n).to(torch.float64) / n)
+    out = []
+    for m in (f1, f2, tw):
+        out += [m.real.to(torch.float32).contiguous().to(device), m.imag.to(torch.float32).contiguous().to(device)]
+    return tuple(out)
+
+
+def dft_factors(n: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """(F1 re, F1 im, F2 re, F2 im, T re, T im) in fp32 on `device`: F1 (N1, N1), F2 (N2, N2), T (N1, N2).
+    Cached per (N, device); treat them as read-only."""
+    return _factors_cached(n, str(torch.device(device)))
+
+
+def permuted_spectrum(spec: torch.Tensor, n: int) -> torch.Tensor:
+    """A full length-n spectrum (..., n) in natural frequency order -> (..., n) in the kernel's order
+    (flat position k1·N2 + k2 holds frequency k1 + N1·k2). Differentiable (a view + copy)."""
+    n1, n2 = split_fft_size(n)
+    return spec.unflatten(-1, (n2, n1)).transpose(-1, -2).flatten(-2)
+
+
+def monarch_kernel_spectrum(k_fwd: torch.Tensor, k_rev: torch.Tensor | None, n: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary parts, fp32 (H, n) in permuted order, of the full DFT of the length-n circular
+    kernel: k_fwd at taps 0..L-1 (zero padded: a causal linear convolution) and, when bidirectional,
+    k_rev[j] at tap n-1-j (DESIGN.md §4.2). Computed with torch so the gradient flows back into the
+    implicit filter through torch.fft."""
+    H, L = k_fwd.shape
+    with torch.autocast(device_type=k_fwd.device.type, enabled=False):
+        kernel = k_fwd.to(torch.float32)
+        if k_rev is not None:
+            pad = torch.zeros(H, n - 2 * L, dtype=torch.float32, device=k_fwd.device)
+            kernel = torch.cat([kernel, pad, k_rev.to(torch.float32).flip(-1)], dim=-1)
+        spec = permuted_spectrum(torch.fft.fft(kernel, n=n), n)
+        return spec.real, spec.imag
+
+
+def monarch_dft(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Torch model of the kernel's forward transform: real x (..., L <= n) -> complex (..., n) spectrum of
+    the zero-padded signal in permuted order."""
+    n1, n2 = split_fft_size(n)
+    f1r, f1i, f2r, f2i, tr, ti = dft_factors(n, x.device)
+    f1, f2, tw = torch.complex(f1r, f1i), torch.complex(f2r, f2i), torch.complex(tr, ti)
+    a = torch.nn.functional.pad(x.to(torch.float32), (0, n - x.shape[-1])).unflatten(-1, (n1, n2))
+    return ((f1 @ a.to(f1.dtype)) * tw @ f2).flatten(-2)
+
+
+def monarch_idft_real(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Torch model of the kernel's inverse transform: permuted spectrum (..., n) -> real signal (..., n)."""
+    n1, n2 = split_fft_size(n)
+    f1r, f1i, f2r, f2i, tr, ti = dft_factors(n, z.device)
+    f1, f2, tw = torch.complex(f1r, f1i), torch.complex(f2r, f2i), torch.complex(tr, ti)
+    w = (z.unflatten(-1, (n1, n2)) @ f2.conj()) * tw.conj()
+    return (f1.conj() @ w).real.flatten(-2) / n
+
+
+__all__ = ["MIN_FACTOR", "MIN_FFT_SIZE", "MAX_FFT_SIZE", "kernel_fft_size", "split_fft_size", "dft_factors",
+           "permuted_spectrum", "monarch_kernel_spectrum", "monarch_dft", "monarch_idft_real"]

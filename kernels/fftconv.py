@@ -1,0 +1,302 @@
+"""Fused gated long convolution: y = (conv(v ⊙ x1, k) + D ⊙ (v ⊙ x1)) ⊙ x2, as a Monarch-decomposed FFT.
+
+The M2 sequence mixer's two long convolutions (DESIGN.md §4.2) in one Triton kernel each way:
+- gated:    y = (conv(u, k) + D ⊙ u) ⊙ x2 with u = v ⊙ x1     (`gate_in=x1`, `gate_out=x2`)
+- residual: y = conv(u, k2) + D2 ⊙ u                             (no gates)
+Either gate can be left out on its own (the mixer applies dropout or pad masks to v ⊙ x1 in torch and
+passes only the output gate).
+
+One program owns one whole zero-padded sequence of length N = N1·N2 (kernel_fft_size(L) <= 16384) as an
+(N1, N2) fp32 matrix and does the FFT, the pointwise product with the kernel spectrum and the inverse FFT
+as the four-step (Monarch) factorisation of kernels/fft_monarch.py: dense DFT-matrix products on the
+tensor cores (tl.dot on real and imaginary parts), twiddle multiplies, and no transposes at all because the
+kernel spectrum is stored in the permuted frequency order the factorisation produces. Gates, the D skip and
+the dtype casts happen in registers around it, so a sequence is read once and written once.
+
+The kernel spectrum (fp32, full length N, permuted; fft_monarch.monarch_kernel_spectrum) is made with
+torch from the implicit filter, so causal (k_fwd zero padded) and bidirectional (the 2L layout) kernels are
+the same code here, and the spectrum's gradient flows back into the filter through torch.fft.
+
+Backward (per channel, looping over the batch so the spectrum and D gradients are reduced in registers,
+deterministically, without atomics). With gc = dy ⊙ x2 (or dy), U = FFT(u), G = FFT(gc):
+    du = Re IFFT(G ⊙ conj(K)) + D ⊙ gc,   dv = du ⊙ x1,   dx1 = du ⊙ v
+    dx2 = dy ⊙ (Re IFFT(U ⊙ K) + D ⊙ u)   (recomputed, not stored)
+    dK = Σ_b conj(U) ⊙ G / N,             dD = Σ_{b,t} gc ⊙ u
+(dK is the gradient of Re IFFT(U ⊙ K) with respect to K's real and imaginary parts, which is what torch's
+fft backward expects.)
+
+Precision: activations fp32/bf16/fp16 are loaded and converted to fp32; every product accumulates in
+fp32. On a GPU the DFT products run as "tf32x3" for fp32 activations (three TF32 products, ~fp32
+accuracy - cuFFT, the reference, is fp32-accurate) and "tf32" for 16-bit activations (whose own rounding
+dominates). Triton's interpreter computes every dot in plain fp32.
+
+Unsupported inputs (`unsupported_reason`) run the PyTorch reference instead; the reason says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import interpreting
+from .fft_monarch import MAX_FFT_SIZE, dft_factors, kernel_fft_size, monarch_kernel_spectrum, split_fft_size
+
+INTERPRET = interpreting()
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _configs(backward: bool) -> list[triton.Config]:
+    """One program holds whole (N1, N2) fp32 matrices in registers, so the warp count sets the registers
+    per thread: 4 warps suit N <= 1024, 8 up to 4096, 16 for 8192-16384; the autotuner picks per N and
+    skips a config that runs out of registers/shared memory. num_stages=1: the only loop (the batch loop in
+    the backward) must not be software-pipelined, which would multi-buffer whole sequences in shared memory.
+    The interpreter accepts exactly one config."""
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8, 16)]
+
+
+@triton.jit
+def _load_mat(ptr, R: tl.constexpr, C: tl.constexpr):
+    return tl.load(ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+
+
+@triton.jit
+def _fft(a, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+         N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+    """Real (N1, N2) signal matrix -> its spectrum (re, im) in permuted order: ((F1 @ a) ⊙ T) @ F2."""
+    br = tl.dot(_load_mat(f1r_ptr, N1, N1), a, input_precision=PREC)
+    bi = tl.dot(_load_mat(f1i_ptr, N1, N1), a, input_precision=PREC)
+    tr = _load_mat(tr_ptr, N1, N2)
+    ti = _load_mat(ti_ptr, N1, N2)
+    cr = br * tr - bi * ti
+    ci = br * ti + bi * tr
+    f2r = _load_mat(f2r_ptr, N2, N2)
+    f2i = _load_mat(f2i_ptr, N2, N2)
+    xr = tl.dot(cr, f2r, input_precision=PREC) - tl.dot(ci, f2i, input_precision=PREC)
+    xi = tl.dot(cr, f2i, input_precision=PREC) + tl.dot(ci, f2r, input_precision=PREC)
+    return xr, xi
+
+
+@triton.jit
+def _ifft_real(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+               N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+    """Permuted spectrum (N1, N2) -> real part of the inverse DFT: Re(conj(F1) @ ((Z @ conj(F2)) ⊙ conj(T))) / N."""
+    f2r = _load_mat(f2r_ptr, N2, N2)
+    f2i = _load_mat(f2i_ptr, N2, N2)
+    wr = tl.dot(zr, f2r, input_precision=PREC) + tl.dot(zi, f2i, input_precision=PREC)
+    wi = tl.dot(zi, f2r, input_precision=PREC) - tl.dot(zr, f2i, input_precision=PREC)
+    tr = _load_mat(tr_ptr, N1, N2)
+    ti = _load_mat(ti_ptr, N1, N2)
+    vr = wr * tr + wi * ti
+    vi = wi * tr - wr * ti
+    out = tl.dot(_load_mat(f1r_ptr, N1, N1), vr, input_precision=PREC)
+    out = tl.dot(_load_mat(f1i_ptr, N1, N1), vi, acc=out, input_precision=PREC)
+    return out * (1.0 / (N1 * N2))
+
+
+@triton.autotune(configs=_configs(False), key=["N1", "N2", "GATE_IN", "GATE_OUT", "PREC"])
+@triton.jit
+def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr,
+                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                        L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh,
+                        N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
+                        PREC: tl.constexpr):
+    # Batch on axis 0 (launched fastest), so the programs sharing one channel's spectrum run together and
+    # read it from L2.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]     # time index n = N2·n1 + n2
+    m = t < L                                                          # zero padding beyond L
+    u = tl.load(v_ptr + b * s_vb + h * s_vh + t, mask=m, other=0.0).to(tl.float32)
+    if GATE_IN:
+        u = u * tl.load(x1_ptr + b * s_x1b + h * s_x1h + t, mask=m, other=0.0).to(tl.float32)
+    xr, xi = _fft(u, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
+    kr = tl.load(kr_ptr + h * (N1 * N2) + t)
+    ki = tl.load(ki_ptr + h * (N1 * N2) + t)
+    y = _ifft_real(xr * kr - xi * ki, xr * ki + xi * kr,
+                   f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
+    y = y + tl.load(d_ptr + h).to(tl.float32) * u
+    if GATE_OUT:
+        y = y * tl.load(x2_ptr + b * s_x2b + h * s_x2h + t, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + b * s_yb + h * s_yh + t, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.autotune(configs=_configs(True), key=["N1", "N2", "GATE_IN", "GATE_OUT", "PREC"])
+@triton.jit
+def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
+                        dv_ptr, dx1_ptr, dx2_ptr, dkr_ptr, dki_ptr, dd_ptr,
+                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                        B, L, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_gb, s_gh,
+                        N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
+                        PREC: tl.constexpr):
+    # One program per channel; dv/dx1/dx2 share the contiguous (B, H, L) strides s_gb, s_gh.
+    h = tl.program_id(0).to(tl.int64)
+    t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    m = t < L
+    d = tl.load(d_ptr + h).to(tl.float32)
+    dkr = tl.zeros((N1, N2), dtype=tl.float32)
+    dki = tl.zeros((N1, N2), dtype=tl.float32)
+    dd = tl.zeros((1,), dtype=tl.float32)
+    # Per-sample pointers advance by the batch strides (64-bit pointer arithmetic: b * stride can pass 2^31).
+    vp = v_ptr + h * s_vh
+    x1p = x1_ptr + h * s_x1h
+    x2p = x2_ptr + h * s_x2h
+    dyp = dy_ptr + h * s_dyh
+    go = h * s_gh + t
+    for _ in range(B):
+        v = tl.load(vp + t, mask=m, other=0.0).to(tl.float32)
+        u = v
+        if GATE_IN:
+            x1 = tl.load(x1p + t, mask=m, other=0.0).to(tl.float32)
+            u = v * x1
+        g = tl.load(dyp + t, mask=m, other=0.0).to(tl.float32)
+        gc = g
+        if GATE_OUT:
+            gc = g * tl.load(x2p + t, mask=m, other=0.0).to(tl.float32)
+        ur, ui = _fft(u, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
+        gr, gi = _fft(gc, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
+        dkr += ur * gr + ui * gi
+        dki += ur * gi - ui * gr
+        dd += tl.sum(tl.sum(gc * u, axis=1), axis=0)
+        kr = tl.load(kr_ptr + h * (N1 * N2) + t)
+        ki = tl.load(ki_ptr + h * (N1 * N2) + t)
+        du = _ifft_real(gr * kr + gi * ki, gi * kr - gr * ki,
+                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC) + d * gc
+        if GATE_OUT:
+            c = _ifft_real(ur * kr - ui * ki, ur * ki + ui * kr,
+                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
+            tl.store(dx2_ptr + go, (g * (c + d * u)).to(dx2_ptr.dtype.element_ty), mask=m)
+        if GATE_IN:
+            tl.store(dv_ptr + go, (du * x1).to(dv_ptr.dtype.element_ty), mask=m)
+            tl.store(dx1_ptr + go, (du * v).to(dx1_ptr.dtype.element_ty), mask=m)
+        else:
+            tl.store(dv_ptr + go, du.to(dv_ptr.dtype.element_ty), mask=m)
+        vp += s_vb
+        x1p += s_x1b
+        x2p += s_x2b
+        dyp += s_dyb
+        dv_ptr += s_gb
+        dx1_ptr += s_gb
+        dx2_ptr += s_gb
+    scale = 1.0 / (N1 * N2)
+    tl.store(dkr_ptr + h * (N1 * N2) + t, dkr * scale)
+    tl.store(dki_ptr + h * (N1 * N2) + t, dki * scale)
+    tl.store(dd_ptr + h + tl.arange(0, 1), dd)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _seq_view(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index (B, H, L) tensors with batch/channel strides and a unit time stride."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _GatedFFTConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, x1, x2, spec_re, spec_im, skip):
+        B, H, L = v.shape
+        n = spec_re.shape[-1]
+        n1, n2 = split_fft_size(n)
+        v = _seq_view(v)
+        x1 = _seq_view(x1) if x1 is not None else None
+        x2 = _seq_view(x2) if x2 is not None else None
+        spec_re, spec_im = spec_re.contiguous(), spec_im.contiguous()
+        skip = skip.contiguous()
+        factors = dft_factors(n, v.device)
+        y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
+        a1 = x1 if x1 is not None else v                 # placeholder pointer when a gate is absent
+        a2 = x2 if x2 is not None else v
+        _fftconv_fwd_kernel[(B, H)](
+            v, a1, a2, y, spec_re, spec_im, skip, *factors,
+            L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
+            y.stride(0), y.stride(1),
+            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype))
+        ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip)
+        ctx.gates = (x1 is not None, x2 is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        v, x1, x2, spec_re, spec_im, skip = ctx.saved_tensors
+        gate_in, gate_out = ctx.gates
+        B, H, L = v.shape
+        n = spec_re.shape[-1]
+        n1, n2 = split_fft_size(n)
+        dy = _seq_view(dy)
+        dv = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
+        dx1 = torch.empty_like(dv) if gate_in else None
+        dx2 = torch.empty_like(dv) if gate_out else None
+        dkr = torch.empty_like(spec_re)
+        dki = torch.empty_like(spec_im)
+        dd = torch.empty(H, dtype=torch.float32, device=v.device)
+        a1 = x1 if gate_in else v
+        a2 = x2 if gate_out else v
+        _fftconv_bwd_kernel[(H,)](
+            dy, v, a1, a2, spec_re, spec_im, skip,
+            dv, dx1 if gate_in else dv, dx2 if gate_out else dv, dkr, dki, dd, *dft_factors(n, v.device),
+            B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
+            a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
+            N1=n1, N2=n2, GATE_IN=gate_in, GATE_OUT=gate_out, PREC=_precision(v.dtype))
+        return dv, dx1, dx2, dkr, dki, dd.to(skip.dtype)
+
+
+def unsupported_reason(v: torch.Tensor, spec_re: torch.Tensor | None = None) -> str | None:
+    """Why the fused kernel cannot take this input (None when it can). The caller falls back to torch."""
+    if v.dim() != 3:
+        return f"expected a (batch, channels, length) input, got shape {tuple(v.shape)}"
+    if v.dtype not in KERNEL_DTYPES:
+        return f"{v.dtype} activations (the kernel takes fp32/bf16/fp16; fp64 runs the torch reference)"
+    n = kernel_fft_size(v.shape[-1])
+    if n > MAX_FFT_SIZE:
+        return (f"sequence length {v.shape[-1]} needs an FFT of size {n} > {MAX_FFT_SIZE}: one program holds a "
+                "whole sequence, and a 3-level FFT streaming through global memory is not implemented")
+    if spec_re is not None and spec_re.shape[-1] != n:
+        return f"spectrum length {spec_re.shape[-1]} is not kernel_fft_size(L) = {n}"
+    if not v.is_cuda and not INTERPRET:
+        return "a CPU tensor without TRITON_INTERPRET=1"
+    return None
+
+
+def gated_fft_conv(v: torch.Tensor, spec_re: torch.Tensor, spec_im: torch.Tensor, skip: torch.Tensor,
+                   gate_in: torch.Tensor | None = None, gate_out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (conv(u, k) + skip ⊙ u) [⊙ gate_out] with u = v [⊙ gate_in], all (B, H, L); the kernel given by
+    its permuted fp32 spectrum (spec_re, spec_im), each (H, kernel_fft_size(L)) from
+    fft_monarch.monarch_kernel_spectrum. Differentiable in every tensor argument. Falls back to the torch
+    reference (`gated_fft_conv_reference`) for inputs the kernel does not take, with a warning naming why."""
+    reason = unsupported_reason(v, spec_re)
+    if reason is not None:
+        warnings.warn(f"fused FFT conv falls back to torch: {reason}", stacklevel=2)
+        return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out)
+    return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip)
+
+
+def gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in=None, gate_out=None) -> torch.Tensor:
+    """The same function with torch.fft on the permuted spectrum (full complex FFTs, fp32): the fallback."""
+    L = v.shape[-1]
+    n = spec_re.shape[-1]
+    u = v * gate_in if gate_in is not None else v
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        n1, n2 = split_fft_size(n)
+        spec = torch.complex(spec_re, spec_im).unflatten(-1, (n1, n2)).transpose(-1, -2).flatten(-2)
+        c = torch.fft.ifft(torch.fft.fft(u.to(torch.float32), n=n) * spec, n=n).real[..., :L]
+    y = c.to(v.dtype) + u * skip.to(v.dtype)[:, None]
+    return y * gate_out if gate_out is not None else y
+
+
+def fused_long_conv(v: torch.Tensor, k_fwd: torch.Tensor, k_rev: torch.Tensor | None, skip: torch.Tensor,
+                    gate_in: torch.Tensor | None = None, gate_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Convenience: the gated long convolution from the filter taps k_fwd (and k_rev when bidirectional),
+    both (H, L); the spectrum is computed here with torch (see monarch_kernel_spectrum)."""
+    n = kernel_fft_size(v.shape[-1])
+    spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, n)
+    return gated_fft_conv(v, spec_re, spec_im, skip, gate_in, gate_out)
+
+
+__all__ = ["KERNEL_DTYPES", "unsupported_reason", "gated_fft_conv", "gated_fft_conv_reference",
+           "fused_long_conv"]
