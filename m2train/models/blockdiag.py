@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import ops
+from .base import kernel_mode
+
 
 def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y[..., k, :] = weight[k] @ x[..., k, :] for x (..., nblocks * in_blk), weight (nblocks, out_blk, in_blk)."""
@@ -23,7 +26,25 @@ def blockdiag_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.transpose(0, 1).reshape(*batch_shape, nblocks * out_blk)
 
 
+def blockdiag_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               in_features: int, out_features: int) -> torch.Tensor:
+    """The layer's PyTorch path (and the kernels' reference): zero-pad the input to nblocks * in_blk,
+    multiply block by block, truncate to out_features, add the bias."""
+    nblocks, _, in_blk = weight.shape
+    pad = nblocks * in_blk - in_features
+    if pad:
+        x = F.pad(x, (0, pad))
+    y = blockdiag_matmul(x, weight)
+    if y.shape[-1] != out_features:
+        y = y[..., :out_features]
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
 class BlockDiagonalLinear(nn.Module):
+    kernels = "auto"        # ModelConfig.kernels, set by the model (see base.kernel_mode)
+
     def __init__(self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True):
         super().__init__()
         self.in_features = in_features
@@ -45,15 +66,8 @@ class BlockDiagonalLinear(nn.Module):
             nn.init.uniform_(self.bias, -b, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad = self.nblocks * self.in_blk - self.in_features
-        if pad:
-            x = F.pad(x, (0, pad))
-        y = blockdiag_matmul(x, self.weight)
-        if y.shape[-1] != self.out_features:
-            y = y[..., : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return ops.blockdiag_linear(x, self.weight, self.bias, self.in_features, self.out_features,
+                                    kernel_mode(self))
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense (out_features, in_features) matrix: y = x @ W.T + b."""

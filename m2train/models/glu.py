@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import ops
+from .base import kernel_mode
 from .blockdiag import BlockDiagonalLinear
 from .monarch import MonarchLinear
 
@@ -35,6 +37,8 @@ def structured_linear(kind: str, in_features: int, out_features: int, nblocks: i
 
 
 class MonarchGLU(nn.Module):
+    kernels = "auto"        # ModelConfig.kernels, set by the model (see base.kernel_mode)
+
     def __init__(self, hidden_size: int, intermediate_size: int, kind: str = "blockdiag",
                  nblocks: int = 4, dropout: float = 0.0):
         super().__init__()
@@ -44,6 +48,14 @@ class MonarchGLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        mode = kernel_mode(self)
+        if ops.kernels_enabled(y, mode):
+            # Kernels on: the block-diagonal up-projection, GELU and gate run as one fused op, and the
+            # CPU-cache row chunking below has nothing to offer.
+            if isinstance(self.gated_layers, BlockDiagonalLinear):
+                act = ops.glu_blockdiag(y, self.gated_layers.weight, self.intermediate_size, mode)
+                return self.wo(self.dropout(act))
+            return self._glu(y)
         if self._can_chunk(y):
             return self._forward_chunked(y)
         return self._glu(y)

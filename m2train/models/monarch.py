@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import ops
+from .base import kernel_mode
+
 
 def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """x (..., k*p); w1 (k, q, p) block-diagonal R; w2 (l, s, r) block-diagonal L with l*r == k*q.
@@ -29,7 +32,25 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch
     return h.permute(1, 2, 0).reshape(*batch_shape, s * l)        # read out as (s, l)
 
 
+def monarch_linear_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
+                             in_features: int, out_features: int) -> torch.Tensor:
+    """The layer's PyTorch path (and the kernels' reference): zero-pad the input to k * p, P·L·Pᵀ·R,
+    truncate to out_features, add the bias."""
+    in_ext = w1.shape[0] * w1.shape[2]
+    out_ext = w2.shape[0] * w2.shape[1]
+    if in_ext != in_features:
+        x = F.pad(x, (0, in_ext - in_features))
+    y = monarch_matmul(x, w1, w2)
+    if out_ext != out_features:
+        y = y[..., :out_features]
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
 class MonarchLinear(nn.Module):
+    kernels = "auto"        # ModelConfig.kernels, set by the model (see base.kernel_mode)
+
     def __init__(self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True):
         super().__init__()
         self.in_features = in_features
@@ -55,14 +76,8 @@ class MonarchLinear(nn.Module):
             nn.init.uniform_(self.bias, -b, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_ext != self.in_features:
-            x = F.pad(x, (0, self.in_ext - self.in_features))
-        y = monarch_matmul(x, self.blkdiag1, self.blkdiag2)
-        if self.out_ext != self.out_features:
-            y = y[..., : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return ops.monarch_linear(x, self.blkdiag1, self.blkdiag2, self.bias, self.in_features,
+                                  self.out_features, kernel_mode(self))
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense (out_features, in_features) matrix (no bias): y = x @ W.T + b."""

@@ -1,0 +1,146 @@
+"""Triton fused GLU up-projection: act = gelu(A·y) ⊙ (B·y) with [A; B] one block-diagonal H -> 2I layer.
+
+One program computes the same BLOCK_N columns of the gate (block `blk`) and of the value (block
+`blk + nblocks/2`) - both halves of one output block-row - from their two input chunks, then applies the
+exact-erf GELU and the product in the epilogue, so the (rows, 2I) pre-activation never has to be read
+back for the forward. Under autograd it is written too (the backward needs it, as the reference's
+autograd graph does). Backward: one elementwise kernel turns d(act) into d[A·y; B·y], then the
+block-diagonal input/weight-gradient kernels (kernels/blockdiag.py) finish dX and dW.
+
+Supported (`supported_shape`): the layer's blocks tile the features exactly and nblocks is even, so gate
+block k pairs with value block k + nblocks/2 (every released M2 size); other shapes take the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, compute_dtype, dot_precision, elementwise_block, matmul_configs
+from .blockdiag import blockdiag_forward, blockdiag_weight_grad, contiguous_layout
+
+def supported_shape(weight: torch.Tensor, in_features: int, intermediate_size: int) -> bool:
+    nblocks, out_blk, in_blk = weight.shape
+    return nblocks % 2 == 0 and nblocks * in_blk == in_features and nblocks * out_blk == 2 * intermediate_size
+
+
+@triton.autotune(configs=matmul_configs(), key=["IN_BLK", "OUT_BLK", "STORE_H"])
+@triton.jit
+def _glu_fwd_kernel(x_ptr, w_ptr, h_ptr, act_ptr, M, stride_xm, stride_hm, stride_am,
+                    stride_wb, stride_wn, stride_wk, HALF, IN_BLK, OUT_BLK, INTER,
+                    STORE_H: tl.constexpr, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    blk = tl.program_id(2)                      # gate block; its value block is blk + HALF
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    n_ok = rn < OUT_BLK
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    wa_base = w_ptr + blk * stride_wb + rn[None, :] * stride_wn
+    wb_base = wa_base + HALF * stride_wb
+    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, IN_BLK, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < IN_BLK
+        x_mask = row_ok[:, None] & k_ok[None, :]
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        xa = tl.load(x_rows + (blk * IN_BLK + kk)[None, :], mask=x_mask, other=0.0)
+        xb = tl.load(x_rows + ((blk + HALF) * IN_BLK + kk)[None, :], mask=x_mask, other=0.0)
+        wa = tl.load(wa_base + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
+        wb = tl.load(wb_base + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
+        if CAST_FP32:
+            xa = xa.to(tl.float32)
+            xb = xb.to(tl.float32)
+            wa = wa.to(tl.float32)
+            wb = wb.to(tl.float32)
+        acc_a = tl.dot(xa, wa, acc_a, input_precision=PRECISION)
+        acc_b = tl.dot(xb, wb, acc_b, input_precision=PRECISION)
+    # The GELU sees the pre-activation rounded to the output dtype, exactly like the reference's.
+    a = acc_a.to(act_ptr.dtype.element_ty).to(tl.float32)
+    b = acc_b.to(act_ptr.dtype.element_ty).to(tl.float32)
+    col = blk * OUT_BLK + rn
+    mask = row_ok[:, None] & n_ok[None, :]
+    rows64 = rm.to(tl.int64)[:, None]
+    if STORE_H:
+        tl.store(h_ptr + rows64 * stride_hm + col[None, :], a.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + rows64 * stride_hm + (INTER + col)[None, :], b.to(h_ptr.dtype.element_ty), mask=mask)
+    act = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476)) * b     # exact GELU: a·Φ(a), 0.707 = 1/√2
+    tl.store(act_ptr + rows64 * stride_am + col[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(dact_ptr, h_ptr, dh_ptr, M, INTER, stride_dm, stride_hm, stride_dhm,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """d gate = d act · value · gelu'(gate); d value = d act · gelu(gate)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < INTER)[None, :]
+    rows64 = rm.to(tl.int64)[:, None]
+    g = tl.load(dact_ptr + rows64 * stride_dm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(h_ptr + rows64 * stride_hm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(h_ptr + rows64 * stride_hm + (INTER + rn)[None, :], mask=mask, other=0.0).to(tl.float32)
+    cdf = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * a * a) * 0.3989422804014327                # φ(a); 0.3989 = 1/√(2π)
+    out_ty = dh_ptr.dtype.element_ty
+    tl.store(dh_ptr + rows64 * stride_dhm + rn[None, :], (g * b * (cdf + a * pdf)).to(out_ty), mask=mask)
+    tl.store(dh_ptr + rows64 * stride_dhm + (INTER + rn)[None, :], (g * a * cdf).to(out_ty), mask=mask)
+
+
+def glu_up_forward(x: torch.Tensor, w: torch.Tensor, intermediate_size: int, store_h: bool):
+    """(act (rows, I), h (rows, 2I) or None) for 2-D contiguous x."""
+    nblocks, out_blk, in_blk = w.shape
+    rows = x.shape[0]
+    act = torch.empty(rows, intermediate_size, device=x.device, dtype=x.dtype)
+    h = torch.empty(rows, 2 * intermediate_size, device=x.device, dtype=x.dtype) if store_h else act
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(out_blk, meta["BLOCK_N"]), nblocks // 2)
+    _glu_fwd_kernel[grid](x, w, h, act, rows, x.stride(0), h.stride(0), act.stride(0), *w.stride(),
+                          nblocks // 2, in_blk, out_blk, intermediate_size, STORE_H=store_h,
+                          CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype))
+    return act, (h if store_h else None)
+
+
+def glu_grad_preactivation(dact: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    rows, inter = dact.shape
+    dh = torch.empty_like(h)
+    bm, bn = elementwise_block()
+    _glu_bwd_kernel[(triton.cdiv(rows, bm), triton.cdiv(inter, bn))](
+        dact, h, dh, rows, inter, dact.stride(0), h.stride(0), dh.stride(0), BLOCK_M=bm, BLOCK_N=bn)
+    return dh
+
+
+class GLUBlockdiagFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, intermediate_size):
+        # The pre-activation is only kept when a gradient will be asked for.
+        store_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        act, h = glu_up_forward(x, w, intermediate_size, store_h=store_h)
+        ctx.save_for_backward(x, w, h)
+        return act
+
+    @staticmethod
+    def backward(ctx, dact):
+        x, w, h = ctx.saved_tensors
+        _, out_blk, in_blk = w.shape
+        dh = glu_grad_preactivation(dact.contiguous(), h)
+        x_lay, h_lay = contiguous_layout(in_blk), contiguous_layout(out_blk)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = blockdiag_forward(dh, w, None, h_lay, x_lay, h.shape[1], x.shape[1], x.shape[1], transpose_w=True)
+        if ctx.needs_input_grad[1]:
+            dw = blockdiag_weight_grad(dh, x, w.shape, x_lay, h_lay, x.shape[1], h.shape[1]).to(w.dtype)
+        return dx, dw, None
+
+
+def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    """gelu(A·x) ⊙ (B·x) for x (..., H), weight (nblocks, 2I/nblocks, H/nblocks) with [A; B] stacked."""
+    dtype = compute_dtype(x)
+    batch_shape = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    with torch.autocast(x.device.type, enabled=False):
+        act = GLUBlockdiagFunction.apply(x2, weight.to(dtype).contiguous(), intermediate_size)
+    return act.view(*batch_shape, intermediate_size)
