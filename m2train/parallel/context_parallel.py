@@ -1,0 +1,414 @@
+"""Context parallelism (CP): one long sequence sharded over the ranks of a CP group (DESIGN.md §5).
+
+    model = apply_context_parallel(model, cp_group)       # a built M2-GPT or M2-BERT (MLM), in place
+    batch = shard_batch(batch, cp_group)                  # every rank: the same batch -> its chunk
+    out = model(**batch)                                  # out.logits: this rank's chunk; out.loss: global
+
+Rank r of a CP group of size P holds positions [r·L/P, (r+1)·L/P) of every sequence, (B, L/P, H). Through
+an M2 model that costs three kinds of exchange, each a custom autograd.Function whose backward is the
+inverse exchange, so a plain loss.backward() is correct:
+
+- Everything per position stays local: embeddings (BERT's absolute positions get the chunk offset),
+  in_linear, gates, out_linear, norms, the GLU MLP and the LM/MLM head.
+- The causal depthwise short conv (kernel K) needs K-1 positions before the chunk: a halo exchange sends
+  each rank's last K-1 positions (of the 3H in_linear channels) to the next rank; rank 0 gets zeros, which
+  is the zero padding of the unsharded conv. Backward sends the halo's gradient back.
+- Around each long convolution (the gated one and the residual one) an all-to-all swaps sequence sharding
+  (B, H, L/P) for channel sharding (B, H/P, L): the convolution is depthwise, so each rank then convolves
+  whole sequences, causal or bidirectional, for its H/P channels with those channels' kernel (only those
+  channels' rows of the filter's output layer are evaluated), D skip included; a second all-to-all swaps
+  back. The implicit filter is evaluated at the GLOBAL length L, so the kernel is the unsharded model's.
+
+Nothing is O(L²) and no rank ever holds a (.., H, L) activation: per rank the long-conv activations are
+(B, H/P, L), the same size as the (B, H, L/P) chunk.
+
+Gradients: every rank computes the same loss (the global token mean, `out.loss`) and backpropagates it.
+Parameters are replicated over CP ranks and each rank's gradient is the contribution of its positions
+(or channels), so the true gradient is the SUM over CP ranks. megatron-style layouts (m2train.parallel.
+groups: ZeRO averages over the dp x cp group) AVERAGE instead, so by default (`grad_reduction="mean"`)
+the loss's gradient is scaled by P while its value stays the global mean; pass grad_reduction="sum"
+when the gradient reduction sums over CP ranks.
+
+For the trainer (m2train/train/trainer.py):
+    apply_context_parallel(model, groups.cp_group())   before activation checkpointing / engine wrap
+    shard_batch(batch, cp_group)                        each (B, L) tensor of the batch -> (B, L/P)
+    shard_sequence(tensor, cp_group, dim=1)             one tensor
+    gather_sequence(tensor, cp_group, dim=1)            the inverse (eval / inspection; not for training)
+    global_token_mean(local_sum, local_count, cp_group) the loss helper the model's forward uses
+
+Not supported (clear errors): attention baselines (GPT/BERT), the learned causal Monarch long conv
+(model.sequence_mixer: monarch_causal), sequence classification (its pooling needs the whole sequence),
+learned absolute positions on a causal LM (M2-GPT's filters carry position).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.bert import BertEmbeddings, EncoderForMaskedLM
+from ..models.gpt import CausalLM
+from ..models.longconv import fft_size, kernel_spectrum, fft_conv
+from ..models.mixer import LongConv, M2SequenceMixer
+from ..models.outputs import ModelOutput, upcast
+from ..models.short_conv import causal_short_conv
+
+
+def _rank_size(group) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# --- sharding the data -------------------------------------------------------------------------------
+def shard_sequence(tensor: torch.Tensor, cp_group, dim: int = 1) -> torch.Tensor:
+    """This rank's contiguous chunk of `tensor` along `dim` (the sequence): rank r gets [r·L/P, (r+1)·L/P).
+    Every CP rank must pass the same full tensor. L must be a multiple of the CP size."""
+    rank, size = _rank_size(cp_group)
+    L = tensor.shape[dim]
+    if L % size:
+        raise ValueError(f"context parallel: sequence length {L} is not a multiple of "
+                         f"parallel.context_parallel={size}")
+    chunk = L // size
+    return tensor.narrow(dim, rank * chunk, chunk)
+
+
+def shard_batch(batch: dict[str, Any], cp_group, dim: int = 1) -> dict[str, Any]:
+    """shard_sequence on every tensor of a batch whose `dim` has the sequence length (that of input_ids);
+    other entries (e.g. per-sequence labels) pass through unchanged."""
+    L = batch["input_ids"].shape[dim]
+    return {k: shard_sequence(v, cp_group, dim) if torch.is_tensor(v) and v.dim() > dim and v.shape[dim] == L
+            else v for k, v in batch.items()}
+
+
+def gather_sequence(tensor: torch.Tensor, cp_group, dim: int = 1) -> torch.Tensor:
+    """The inverse of shard_sequence: the chunks of all CP ranks concatenated along `dim`, on every rank.
+    Its backward returns this rank's slice of the gradient, which is right only when every rank computes
+    the same thing from the gathered tensor: use it for evaluation and inspection, not inside a model."""
+    return _GatherSequence.apply(tensor, cp_group, dim)
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return shard_sequence(grad, ctx.group, ctx.dim).contiguous(), None, None
+
+
+# --- the loss --------------------------------------------------------------------------------------
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: all-reduce (sum). Backward: identity, because every rank backpropagates the same reduced
+    value, and each rank's gradient must only carry its own term's contribution."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def global_token_mean(local_sum: torch.Tensor, local_count: torch.Tensor, cp_group,
+                      grad_scale: float = 1.0) -> torch.Tensor:
+    """Σ over CP ranks of local_sum / Σ of local_count: the loss of the unsharded sequence, the same value
+    on every rank. Its gradient reaches only this rank's local_sum (identity backward of the sum), scaled
+    by `grad_scale` (see the module docstring: P when the gradient reduction averages over CP ranks)."""
+    # One all-reduce for both numbers; the count carries no gradient.
+    both = torch.stack([upcast(local_sum), local_count.to(upcast(local_sum).dtype).detach()])
+    both = _SumOverRanks.apply(both, cp_group)
+    loss = both[0] / both[1]
+    return _ScaleGrad.apply(loss, grad_scale) if grad_scale != 1.0 else loss
+
+
+# --- the exchanges -----------------------------------------------------------------------------------
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split x into P chunks along scatter_dim, send chunk j to rank j, concatenate what arrives (rank
+    order) along gather_dim."""
+    size = dist.get_world_size(group)
+    send = [c.contiguous() for c in x.chunk(size, dim=scatter_dim)]
+    recv = [torch.empty_like(send[0]) for _ in range(size)]
+    dist.all_to_all(recv, send, group=group)
+    return torch.cat(recv, dim=gather_dim)
+
+
+class _SeqToChannel(torch.autograd.Function):
+    """(B, C, L/P) sequence-sharded -> (B, C/P, L) channel-sharded; backward is the inverse swap."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_to_all(x, group, scatter_dim=1, gather_dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.group, scatter_dim=2, gather_dim=1), None
+
+
+class _ChannelToSeq(torch.autograd.Function):
+    """(B, C/P, L) channel-sharded -> (B, C, L/P) sequence-sharded; backward is the inverse swap."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_to_all(x, group, scatter_dim=2, gather_dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.group, scatter_dim=1, gather_dim=2), None
+
+
+def _neighbour_exchange(send: torch.Tensor | None, send_to: int | None, recv_like: torch.Tensor,
+                        recv_from: int | None, group) -> torch.Tensor:
+    """Post the (optional) send and receive together, then wait: a chain of ranks cannot deadlock.
+    Peers are group ranks; returns the received tensor, or zeros when there is no peer to receive from."""
+    ops = []
+    if send_to is not None:
+        ops.append(dist.isend(send.contiguous(), dist.get_global_rank(group, send_to), group=group))
+    out = recv_like.new_zeros(recv_like.shape)
+    if recv_from is not None:
+        ops.append(dist.irecv(out, dist.get_global_rank(group, recv_from), group=group))
+    for op in ops:
+        op.wait()
+    return out
+
+
+class _Halo(torch.autograd.Function):
+    """The previous rank's tail (B, C, K-1) for this rank's causal short conv; zeros on rank 0.
+    Input: this rank's own tail, which goes to the next rank. Backward returns the halo's gradient to the
+    previous rank and receives the gradient of this rank's tail from the next one."""
+
+    @staticmethod
+    def forward(ctx, tail, group):
+        rank, size = _rank_size(group)
+        ctx.group = group
+        return _neighbour_exchange(tail, rank + 1 if rank + 1 < size else None, tail,
+                                   rank - 1 if rank > 0 else None, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, size = _rank_size(ctx.group)
+        return _neighbour_exchange(grad, rank - 1 if rank > 0 else None, grad,
+                                   rank + 1 if rank + 1 < size else None, ctx.group), None
+
+
+def halo_short_conv(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, group) -> torch.Tensor:
+    """The causal depthwise conv of the unsharded sequence, on this rank's chunk z (B, C, L/P):
+    weight (C, K), bias (C)."""
+    h = weight.shape[-1] - 1
+    if h == 0:
+        return causal_short_conv(z, weight, bias)
+    if z.shape[-1] < h:
+        raise ValueError(f"context parallel: a chunk of {z.shape[-1]} positions is shorter than the short "
+                         f"conv's halo ({h} = model.short_conv_kernel - 1): use fewer CP ranks or longer "
+                         "sequences")
+    halo = _Halo.apply(z[..., -h:], group)
+    return causal_short_conv(torch.cat([halo, z], dim=-1), weight, bias)[..., h:]
+
+
+def _channel_kernels(conv: LongConv, L: int, channels: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The filter's (k_fwd, k_rev) at length L for `channels` only: the filter MLP's trunk is shared by all
+    channels, its output layer and the decay are per channel, so only those rows are evaluated."""
+    f = conv.filter
+    if L > f.max_len:
+        raise ValueError(f"sequence length {L} exceeds the filter's max_seq_len {f.max_len}")
+    decay = torch.exp(-f.t[:L] * f.deltas[channels].abs())            # (L, C)
+
+    def kernel(mlp):
+        z = f.z[:L]
+        for lin in mlp.linears:
+            z = f.sin(lin(z))
+        return (F.linear(z, mlp.out.weight[channels]) * decay).transpose(0, 1)   # (C, L)
+
+    return kernel(f.mlp), (kernel(f.mlp_rev) if f.mlp_rev is not None else None)
+
+
+def context_parallel_long_conv(conv: LongConv, x: torch.Tensor, group) -> torch.Tensor:
+    """longconv(x, k) + D ⊙ x of the unsharded sequence for this rank's chunk x (B, H, L/P) -> (B, H, L/P),
+    computed channel-sharded between two all-to-alls."""
+    rank, size = _rank_size(group)
+    H = x.shape[1]
+    xc = _SeqToChannel.apply(x, group)                                # (B, H/P, L)
+    L = xc.shape[-1]
+    c = slice(rank * H // size, (rank + 1) * H // size)
+    k_fwd, k_rev = _channel_kernels(conv, L, c)
+    n = fft_size(L)
+    y = fft_conv(xc, kernel_spectrum(k_fwd, k_rev, n), n) + xc * conv.skip[c].to(xc.dtype)[:, None]
+    return _ChannelToSeq.apply(y, group)
+
+
+# --- the model pieces, by class swap -----------------------------------------------------------------
+class _ContextParallelMixer:
+    """Mixin in front of the mixer's class: the reference mixer math (M2SequenceMixer._forward_reference)
+    with the short conv and both long convs replaced by their context-parallel versions. The fused
+    inference path is never taken: it convolves the local chunk as if it were the whole sequence."""
+
+    _cp_group = None
+
+    def forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        group = self._cp_group
+        if self.input_norm is not None:
+            u = self.input_norm(u)
+        keep = None
+        if self.pad_masking and pad_mask is not None:
+            keep = pad_mask.to(u.dtype)[:, None, :]                 # (B, 1, L/P)
+        z = self.in_linear(u).transpose(1, 2)                       # (B, 3H, L/P)
+        if keep is not None:
+            z = z * keep
+        z = halo_short_conv(z, self.short_conv.weight[:, 0, :], self.short_conv.bias, group)
+        x1, x2, v = z.split(self.hidden_size, dim=1)
+        v = self.dropout(v * x1)
+        if keep is not None:
+            v = v * keep
+        y = context_parallel_long_conv(self.long_conv, v, group) * x2
+        if self.residual_conv is not None:
+            u_t = u.transpose(1, 2)
+            if keep is not None:
+                u_t = u_t * keep
+            y = y + context_parallel_long_conv(self.residual_conv, u_t, group)
+        y = self.dropout(y.transpose(1, 2))
+        return self.out_linear(y)
+
+
+class _ContextParallelBertEmbeddings:
+    """BertEmbeddings for a sequence chunk: absolute positions start at the chunk's offset."""
+
+    _cp_group = None
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        rank, size = _rank_size(self._cp_group)
+        Lc = input_ids.shape[1]
+        if Lc * size > self.max_seq_len:
+            raise ValueError(f"input length {Lc * size} exceeds model.max_seq_len={self.max_seq_len}")
+        h = self.word_embeddings(input_ids)
+        if token_type_ids is None:
+            h = h + self.token_type_embeddings.weight[0]
+        else:
+            h = h + self.token_type_embeddings(token_type_ids)
+        if self.position_embeddings is not None:
+            h = h + self.position_embeddings.weight[rank * Lc:(rank + 1) * Lc]
+        return self.dropout(self.norm(h))
+
+
+class _ContextParallelCausalLM:
+    """out.loss = the token mean over the whole (sharded) batch, identical on every CP rank."""
+
+    _cp_group = None
+    _cp_grad_scale = 1.0
+
+    def forward(self, input_ids, labels=None, attention_mask=None) -> ModelOutput:
+        out = super().forward(input_ids, None, attention_mask)
+        if labels is not None:
+            local_sum = F.cross_entropy(upcast(out.logits.flatten(0, 1)), labels.flatten(), ignore_index=-100,
+                                        reduction="sum")
+            out.loss = global_token_mean(local_sum, (labels != -100).sum(), self._cp_group,
+                                         self._cp_grad_scale)
+        return out
+
+
+class _ContextParallelMaskedLM:
+    """out.loss = the mean over all labelled positions of the batch, identical on every CP rank."""
+
+    _cp_group = None
+    _cp_grad_scale = 1.0
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None) -> ModelOutput:
+        out = super().forward(input_ids, token_type_ids, attention_mask, labels)
+        if labels is not None:
+            count = (labels > 0).sum()                # mlm_forward's definition of a labelled position
+            # mlm_forward returns the local mean (0 with a graph when nothing is labelled here).
+            out.loss = global_token_mean(out.loss * count, count, self._cp_group, self._cp_grad_scale)
+        return out
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, mixin: type, **attrs) -> None:
+    """Put `mixin` in front of the module's class (cached subclass), keeping its parameters and names."""
+    cls = type(module)
+    if mixin in cls.__mro__:
+        raise ValueError(f"{cls.__name__}: context parallelism is already applied")
+    key = (mixin, cls)
+    if key not in _SUBCLASSES:
+        sub = type(f"ContextParallel{cls.__name__}", (mixin, cls), {"_cp_original_class": cls})
+        sub.__module__ = cls.__module__
+        _SUBCLASSES[key] = sub
+    module.__class__ = _SUBCLASSES[key]
+    for k, v in attrs.items():
+        setattr(module, k, v)
+
+
+def _check_supported(model: nn.Module, size: int) -> list[M2SequenceMixer]:
+    if not isinstance(model, (CausalLM, EncoderForMaskedLM)):
+        raise ValueError(f"context parallelism supports M2-GPT (causal LM) and M2-BERT masked LM models, not "
+                         f"{type(model).__name__} (sequence classification pools over the whole sequence)")
+    mixers = [m for m in model.modules() if isinstance(m, M2SequenceMixer)]
+    blocks = model.blocks if isinstance(model, CausalLM) else model.bert.layers
+    if not mixers or len(mixers) != len(blocks):
+        raise ValueError(f"context parallelism needs an M2 sequence mixer in every block; {type(model).__name__} "
+                         "has attention (model.arch gpt/bert): use model.arch m2_gpt or m2_bert")
+    for m in mixers:
+        for conv in (m.long_conv, m.residual_conv):
+            if conv is not None and not isinstance(conv, LongConv):
+                raise ValueError(f"context parallelism: model.sequence_mixer must be 'fft' "
+                                 f"(got a {type(conv).__name__})")
+        if m.hidden_size % size:
+            raise ValueError(f"context parallelism: model.hidden_size={m.hidden_size} is not a multiple of "
+                             f"parallel.context_parallel={size} (the long convs are split by channel)")
+    if isinstance(model, CausalLM) and model.pos_embed is not None:
+        raise ValueError("context parallelism: model.position_embeddings=true is not supported for causal LMs "
+                         "(M2-GPT's filters carry position; set it to false)")
+    return mixers
+
+
+def apply_context_parallel(model: nn.Module, cp_group, grad_reduction: str = "mean") -> nn.Module:
+    """Make a built M2-GPT / M2-BERT (MLM) run on sequence chunks of the CP group `cp_group`, in place.
+
+    Only classes are swapped (mixers, BERT embeddings, the model itself): parameter names, state_dict keys
+    and values are unchanged, so checkpoints load with or without CP. Inputs are then this rank's chunk
+    (`shard_batch`), logits are this rank's chunk, and `loss` is the loss of the whole batch.
+    grad_reduction: "mean" if the gradient reduction averages over CP ranks (m2train's ZeRO over dp x cp),
+    "sum" if it sums (then grads summed over CP ranks equal the unsharded model's)."""
+    if grad_reduction not in ("mean", "sum"):
+        raise ValueError(f"grad_reduction must be 'mean' or 'sum', got {grad_reduction!r}")
+    size = dist.get_world_size(cp_group)
+    mixers = _check_supported(model, size)
+    for m in mixers:
+        _swap_class(m, _ContextParallelMixer, _cp_group=cp_group)
+    for m in model.modules():
+        if isinstance(m, BertEmbeddings):
+            _swap_class(m, _ContextParallelBertEmbeddings, _cp_group=cp_group)
+    top = _ContextParallelCausalLM if isinstance(model, CausalLM) else _ContextParallelMaskedLM
+    _swap_class(model, top, _cp_group=cp_group,
+                _cp_grad_scale=float(size) if grad_reduction == "mean" else 1.0)
+    return model
+
+
+def is_context_parallel(model: nn.Module) -> bool:
+    return any(c in type(model).__mro__ for c in (_ContextParallelCausalLM, _ContextParallelMaskedLM))
+
+
+__all__ = ["apply_context_parallel", "shard_sequence", "shard_batch", "gather_sequence", "global_token_mean",
+           "halo_short_conv", "context_parallel_long_conv", "is_context_parallel"]

@@ -1,0 +1,100 @@
+"""Context parallelism (m2train.parallel.context_parallel) on 2 real gloo processes, fp32: the CP=2 model
+equals the unsharded one (logits gathered over the sequence, loss, and parameter gradients reduced over the
+CP ranks), causality holds across the chunk boundary, and a CP=2 M2-GPT runs forward and backward at
+L = 32,768."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from test_checkpoint_helpers import run_distributed
+
+REL_TOL = 1e-5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _batch(cfg, B: int, L: int, gen: torch.Generator, arch: str) -> dict:
+    ids = torch.randint(1, cfg.vocab_size, (B, L), generator=gen)
+    if arch == "m2_gpt":
+        labels = torch.randint(0, cfg.vocab_size, (B, L), generator=gen)
+        labels[:, :3] = -100                               # unlabelled positions, only on rank 0's chunk
+        return {"input_ids": ids, "labels": labels}
+    labels = torch.where(torch.rand(B, L, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, L - 5:] = 0                                    # padding at the end of sample 1 (rank 1's chunk)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "token_type_ids": (torch.arange(L) >= L // 2).long().expand(B, L).contiguous()}
+
+
+def _equivalence(rank, world, arch, overrides, grad_reduction, L):
+    """Reference (whole sequence, this process) vs CP over both ranks; returns the figures to assert."""
+    import torch.distributed as dist
+    from conftest import tiny_model_cfg
+    from m2train.models import build_model
+    from m2train.parallel.context_parallel import apply_context_parallel, gather_sequence, shard_batch
+
+    torch.manual_seed(0)                                   # same weights and batch on both ranks
+    cfg = tiny_model_cfg(arch, max_seq_len=L, **overrides)
+    ref = build_model(cfg).train()
+    batch = _batch(cfg, 2, L, torch.Generator().manual_seed(1), arch)
+    ref_out = ref(**batch)
+    ref_out.loss.backward()
+
+    group = dist.new_group(list(range(world)))
+    cp = apply_context_parallel(copy.deepcopy(ref), group, grad_reduction=grad_reduction)
+    cp.zero_grad(set_to_none=True)
+    out = cp(**shard_batch(batch, group))
+    out.loss.backward()
+    logits = gather_sequence(out.logits.detach(), group)
+    errs = {"logits": rel_err(logits, ref_out.logits.detach()), "loss": rel_err(out.loss.detach(), ref_out.loss)}
+    grads = {}
+    ref_params = dict(ref.named_parameters())
+    for name, p in cp.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = g.clone()
+        dist.all_reduce(g, group=group)
+        if grad_reduction == "mean":
+            g /= world
+        grads[name] = rel_err(g, ref_params[name].grad)
+    # The local chunks' own losses differ from rank to rank; the reported loss must not.
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, out.loss.detach().float())
+    return {"errs": errs, "grads": grads, "same_loss": len({x.item() for x in losses}) == 1,
+            "n_params": sum(1 for _ in cp.parameters()),
+            "zero_grads": [n for n, p in ref.named_parameters() if p.grad is None or not p.grad.any()]}
+
+
+def _assert_equivalent(results):
+    for r in results:
+        assert r["errs"]["logits"] < REL_TOL, r["errs"]
+        assert r["errs"]["loss"] < REL_TOL, r["errs"]
+        assert r["same_loss"]
+        bad = {n: e for n, e in r["grads"].items() if not e < REL_TOL}
+        assert not bad, f"gradients off (relative error): {bad}"
+        assert len(r["grads"]) == r["n_params"]
+        # The comparison means something only if the gradients are not trivially zero.
+        assert len(r["zero_grads"]) < r["n_params"] // 4, r["zero_grads"]
+
+
+@pytest.mark.slow  # two spawned processes: ~20 s on 2 busy cores
+def test_cp2_m2_gpt_and_bert_equal_single_process():
+    # One spawn for every case (each spawn pays interpreter + torch start-up).
+    results = run_distributed(_all_equivalence_cases, 2)
+    for case in zip(*results):
+        _assert_equivalent(case)
+
+
+def _all_equivalence_cases(rank, world):
+    return [
+        _equivalence(rank, world, "m2_gpt", {}, "sum", 32),
+        # ZeRO over dp x cp averages gradients: grads averaged over CP ranks must equal the reference.
+        _equivalence(rank, world, "m2_gpt", {"short_conv_kernel": 4}, "mean", 32),
+        _equivalence(rank, world, "m2_bert", {"pad_masking": True}, "sum", 32),
+        _equivalence(rank, world, "m2_bert", {"residual_long_conv": False, "mixer_input_norm": True}, "mean", 24),
+    ]
