@@ -1,0 +1,37 @@
+"""Shared by the kernel tests: relative error and the GPU-only marker."""
+
+import pytest
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in fp64 (0 when both are zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+# GPU-only tests: selected with `pytest -m gpu` in a session with a device, skipped cleanly without one.
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def on_gpu(fn):
+    for mark in reversed(gpu):
+        fn = mark(fn)
+    return fn
+
+
+def ran_kernel(t: torch.Tensor, function_name: str) -> bool:
+    """Whether the autograd graph of `t` contains a node of the autograd.Function `function_name`: the
+    evidence that a kernel (not the reference path) produced it."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith(function_name):
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False

@@ -1,0 +1,101 @@
+"""Fused GLU up-projection kernel (gelu(A·y) ⊙ (B·y) in the block-diagonal matmul's epilogue) and the
+MonarchGLU module with kernels on, vs the PyTorch reference (interpreted on CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2train.kernels import ops
+from m2train.kernels.dispatch import ENV_VAR
+from m2train.models.blockdiag import BlockDiagonalLinear, blockdiag_linear_reference
+from m2train.models.glu import MonarchGLU
+
+from kernel_helpers import on_gpu, ran_kernel, rel_err
+
+TOL = 1e-5
+
+
+def reference_glu(x, weight, inter):
+    h = blockdiag_linear_reference(x, weight, None, x.shape[-1], 2 * inter)
+    gate, value = h.split(inter, dim=-1)
+    return F.gelu(gate) * value
+
+
+# (hidden, intermediate, nblocks, batch shape): blocks not multiples of the 32-wide tile, rows spanning
+# several row tiles, 2-D and 3-D inputs
+CASES = [(32, 64, 4, (3, 13)), (24, 40, 2, (37,)), (80, 72, 4, (2, 21))]
+
+
+@pytest.mark.parametrize("hidden,inter,nb,batch", CASES)
+def test_fused_glu_matches_reference_fwd_bwd(hidden, inter, nb, batch):
+    up = BlockDiagonalLinear(hidden, 2 * inter, nb, bias=False)
+    x = torch.randn(*batch, hidden, requires_grad=True)
+    y = ops.glu_blockdiag(x, up.weight, inter, "triton")
+    assert ran_kernel(y, "GLUBlockdiagFunction")
+    y_ref = reference_glu(x, up.weight, inter)
+    assert y.shape == y_ref.shape == (*batch, inter)
+    assert rel_err(y, y_ref) < TOL
+    g = torch.randn_like(y)
+    for a, b, name in zip(torch.autograd.grad(y, [x, up.weight], g),
+                          torch.autograd.grad(y_ref, [x, up.weight], g), ["x", "weight"]):
+        assert rel_err(a, b) < TOL, name
+
+
+def test_no_grad_forward_skips_the_saved_preactivation_and_agrees():
+    up = BlockDiagonalLinear(32, 128, 4, bias=False)
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        y = ops.glu_blockdiag(x, up.weight, 64, "triton")
+    assert rel_err(y, reference_glu(x, up.weight, 64)) < TOL
+
+
+def test_unpaired_blocks_fall_back_but_keep_the_matmul_kernel():
+    """nblocks odd: gate and value blocks do not pair up, so the fused kernel does not apply; the
+    projection still runs the block-diagonal kernel and the result is the reference's."""
+    up = BlockDiagonalLinear(30, 2 * 45, 3, bias=False)
+    x = torch.randn(7, 30, requires_grad=True)
+    y = ops.glu_blockdiag(x, up.weight, 45, "triton")
+    assert not ran_kernel(y, "GLUBlockdiagFunction") and ran_kernel(y, "BlockdiagFunction")
+    assert rel_err(y, reference_glu(x, up.weight, 45)) < TOL
+
+
+@pytest.mark.parametrize("kind", ["blockdiag", "monarch", "dense"])
+def test_monarch_glu_module_with_kernels_on_equals_reference(kind, monkeypatch):
+    glu = MonarchGLU(48, 96, kind=kind, nblocks=4)
+    x = torch.randn(2, 11, 48, requires_grad=True)
+    params = list(glu.parameters())
+    monkeypatch.setenv(ENV_VAR, "torch")
+    y_ref = glu(x)
+    g = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, [x, *params], g)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    y = glu(x)
+    expected = {"blockdiag": "GLUBlockdiagFunction", "monarch": "MonarchFunction"}.get(kind)
+    if expected:
+        assert ran_kernel(y, expected)
+    assert rel_err(y, y_ref) < TOL
+    for (name, _), a, b in zip([("x", None), *glu.named_parameters()], torch.autograd.grad(y, [x, *params], g),
+                               grads_ref):
+        assert rel_err(a, b) < TOL, name
+    with torch.no_grad():                                     # the no-grad (inference) path too
+        assert rel_err(glu(x), y_ref) < TOL
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@on_gpu
+@pytest.mark.parametrize("hidden", [768, 1792])
+def test_gpu_fused_glu_bf16_and_fp32(hidden):
+    torch.manual_seed(0)
+    inter = 4 * hidden
+    up = BlockDiagonalLinear(hidden, 2 * inter, 4, bias=False).cuda()
+    x = torch.randn(4, 1024, hidden, device="cuda", requires_grad=True)
+    y_ref = reference_glu(x, up.weight, inter)
+    g = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, [x, up.weight], g)
+    y = ops.glu_blockdiag(x, up.weight, inter, "triton")
+    assert ran_kernel(y, "GLUBlockdiagFunction") and rel_err(y, y_ref) < TOL
+    assert all(rel_err(a, b) < TOL for a, b in zip(torch.autograd.grad(y, [x, up.weight], g), grads_ref))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        yb = ops.glu_blockdiag(x, up.weight, inter, "triton")
+    assert yb.dtype == torch.bfloat16 and rel_err(yb, y_ref) < 2e-2
+    assert all(rel_err(a, b) < 3e-2 for a, b in zip(torch.autograd.grad(yb, [x, up.weight], g), grads_ref))
