@@ -1,0 +1,590 @@
+"""Megatron-style tensor parallelism (TP) for built M2-GPT / M2-BERT models.
+
+`apply_tensor_parallel(model, tp_group)` shards a model built as usual (models never see torch.distributed)
+in place: each TP rank keeps 1/T of the channels of every sequence mixer, 1/T of every GLU's intermediate
+units and 1/T of the vocabulary; everything else (LayerNorms, biases after a reduction, position / token-type
+embeddings, the filters' shared MLP, z and freq) stays replicated. Communication follows megatron's two
+mappings (copy to the TP region = identity forward / all-reduce backward, reduce from it = all-reduce
+forward / identity backward; own autograd functions, see `_all_reduce`) and uses megatron-core's
+`vocab_parallel_cross_entropy` for the loss.
+
+Per layer and micro-batch of N = B·L tokens (fp32 words; H hidden, O filter order, V vocab):
+
+  sequence mixer   in_linear column-parallel: rank r keeps rows r of each of x1 / x2 / v, so the short conv,
+                   the gating and both long convs are local. The mixer input u is copied to the TP region once
+                   (its backward all-reduce covers both consumers: in_linear and the residual long conv, which
+                   reads channels r of u). out_linear row-parallel: forward all-reduce of (N, H).
+                   -> 1 all-reduce (N, H) forward + 1 all-reduce (N, H) backward.
+  implicit filters each filter's last Linear (O -> H) keeps output rows r; the shared MLP features (L, O) are
+                   copied to the TP region (backward all-reduce of (L, O) per filter MLP: 2 per mixer causal,
+                   4 bidirectional) so the replicated MLP weights, z and freq get full gradients.
+  GLU (blockdiag)  rank r keeps row slice r of every [A; B] block (gate and value slices stay paired) and
+                   the matching column slices of Wo's blocks; the partial (N, H) output is all-reduced.
+                   -> 1 all-reduce (N, H) forward + 1 all-reduce (N, H) backward (input copy). Dense GLUs
+                   shard the same way (megatron's column -> row MLP).
+  embedding        vocab-parallel: forward all-reduce (N, H); no backward communication.
+  LM / MLM head    tied decoder vocab-parallel: backward all-reduce of (N', H) for the copied input; the
+                   cross-entropy all-reduces 3 scalars per token (max, target logit, sum of exp).
+
+So a layer costs 2 forward + 2 backward all-reduces of an (N, H) activation, as a Transformer layer under
+megatron TP; activations stay replicated between layers (no sequence parallelism).
+
+Dropout in replicated regions must draw the same mask on every TP rank: the trainer seeds TP peers alike.
+
+State dicts: `shard_rules(model, T)` describes how every sharded tensor of the full model is split;
+`shard_state_dict` / `merge_state_dicts` / `gather_state_dict` convert exactly between the full
+(single-process) state dict and the per-rank shards, so checkpoints, export and evaluation all use the
+normal single-process layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from ..models.blockdiag import BlockDiagonalLinear, blockdiag_matmul
+from ..models.glu import MonarchGLU
+from ..models.mixer import M2SequenceMixer
+from ..models.outputs import ModelOutput, upcast
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient over TP backward (megatron's "copy to TP region")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward, identity backward (megatron's "reduce from TP region")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    # A fresh contiguous tensor: megatron's own mapping helpers all-reduce `x.contiguous()` and return x,
+    # which silently skips the reduction when x is a non-contiguous view (as the mixer's transposed
+    # gradients are).
+    out = x.contiguous(memory_format=torch.contiguous_format).clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _CopyToTP.apply(x, group)
+
+
+def _reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, group)
+
+
+def _mark_parallel(p: torch.Tensor, dim: int) -> None:
+    """Tag a sharded parameter the way megatron does: DeepSpeed's gradient-norm code counts tensors with
+    `tensor_model_parallel` on every TP rank and replicated ones on TP rank 0 only."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    set_tensor_model_parallel_attributes(p, True, dim, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# How each tensor is split
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    """Split `dim` into `groups` equal groups and keep slice `rank` of each (groups=3: in_linear's x1/x2/v)."""
+
+    dim: int
+    groups: int = 1
+
+    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        parts = full.chunk(self.groups, dim=self.dim)
+        return torch.cat([p.chunk(size, dim=self.dim)[rank] for p in parts], dim=self.dim).clone()
+
+    def merge(self, locals_: list[torch.Tensor]) -> torch.Tensor:
+        per_rank = [t.chunk(self.groups, dim=self.dim) for t in locals_]
+        return torch.cat([torch.cat([pr[g] for pr in per_rank], dim=self.dim) for g in range(self.groups)],
+                         dim=self.dim)
+
+
+@dataclass(frozen=True)
+class GLUOutShard:
+    """Wo of a block-diagonal GLU (nblocks, H/nb, I/nb): rank r keeps, for each gate block k, the columns of
+    Wo that read act columns k·out_blk + r·s ... + s (s = out_blk / T), all inside one Wo block."""
+
+    out_blk: int       # rows per [A; B] block (2I / nb)
+    in_o: int          # Wo block input width (I / nb)
+
+    def _slices(self, rank: int, size: int, nb: int):
+        s = self.out_blk // size
+        for k in range(nb // 2):
+            c = k * self.out_blk + rank * s
+            yield k, c // self.in_o, c % self.in_o, s
+
+    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        nb = full.shape[0]
+        return torch.stack([full[j, :, c0:c0 + s] for _, j, c0, s in self._slices(rank, size, nb)]).clone()
+
+    def merge(self, locals_: list[torch.Tensor]) -> torch.Tensor:
+        size, nb = len(locals_), 2 * locals_[0].shape[0]
+        full = locals_[0].new_zeros(nb, locals_[0].shape[1], self.in_o)
+        for r, loc in enumerate(locals_):
+            for k, j, c0, s in self._slices(r, size, nb):
+                full[j, :, c0:c0 + s] = loc[k]
+        return full
+
+    def output_blocks(self, rank: int, size: int, nb: int) -> list[int]:
+        return [j for _, j, _, _ in self._slices(rank, size, nb)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded layers (same parameter names as the layers they replace, so state-dict keys never change)
+# --------------------------------------------------------------------------------------------------
+class ColumnParallelLinear(nn.Module):
+    """y_r = copy_to_tp(x) @ W_r^T (+ b_r): output features sharded. Pass copy_input=False when the caller
+    already copied x into the TP region (one backward all-reduce for several consumers)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, copy_input: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.group, self.copy_input = group, copy_input
+        _mark_parallel(self.weight, 0)
+        if self.bias is not None:
+            _mark_parallel(self.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.copy_input:
+            x = _copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + V/T) of the embedding; other ids give zeros here and the sum over TP ranks is the
+    full lookup. Keeps nn.Embedding's padding_idx (no gradient for the pad row), unlike megatron's layer."""
+
+    def __init__(self, weight: torch.Tensor, start: int, padding_idx: int | None, group):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.start, self.end = start, start + weight.shape[0]
+        self.padding_idx = (padding_idx - start if padding_idx is not None
+                            and self.start <= padding_idx < self.end else None)
+        self.group = group
+        _mark_parallel(self.weight, 0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.start) | (ids >= self.end)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight, padding_idx=self.padding_idx)
+        return _reduce_from_tp(out.masked_fill(outside[..., None], 0.0), self.group)
+
+
+class TensorParallelMixer(nn.Module):
+    """The M2 sequence mixer on H/T channels (the reference path of M2SequenceMixer with TP communication).
+    Holds the original mixer's submodules under the same names."""
+
+    def __init__(self, mixer: M2SequenceMixer, lo: int, hi: int, group):
+        super().__init__()
+        for name, child in mixer.named_children():
+            setattr(self, name, child)
+        self.input_norm = mixer.input_norm               # optional ones may be None (not children then)
+        self.residual_conv = mixer.residual_conv
+        self.pad_masking = mixer.pad_masking
+        self.lo, self.hi, self.group = lo, hi, group
+
+    def forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.input_norm is not None:
+            u = self.input_norm(u)
+        u = _copy_to_tp(u, self.group)           # one backward all-reduce for in_linear + residual conv
+        keep = pad_mask.to(u.dtype)[:, None, :] if self.pad_masking and pad_mask is not None else None
+        z = self.in_linear(u).transpose(1, 2)    # (B, 3H/T, L)
+        if keep is not None:
+            z = z * keep
+        z = self.short_conv(z)
+        x1, x2, v = z.chunk(3, dim=1)
+        v = self.dropout(v * x1)
+        if keep is not None:
+            v = v * keep
+        y = self.long_conv(v) * x2
+        if self.residual_conv is not None:
+            u_t = u.transpose(1, 2)[:, self.lo:self.hi]
+            if keep is not None:
+                u_t = u_t * keep
+            y = y + self.residual_conv(u_t)
+        y = self.dropout(y.transpose(1, 2))
+        out = _reduce_from_tp(F.linear(y, self.out_linear.weight), self.group)
+        return out + self.out_linear.bias if self.out_linear.bias is not None else out
+
+
+class TensorParallelGLU(nn.Module):
+    """MonarchGLU with I/T intermediate units per rank (block-diagonal or dense layers)."""
+
+    def __init__(self, glu: MonarchGLU, out_blocks: list[int] | None, group):
+        super().__init__()
+        self.gated_layers, self.wo, self.dropout = glu.gated_layers, glu.wo, glu.dropout
+        self.out_blocks = out_blocks             # blockdiag: the Wo blocks (output chunks) this rank feeds
+        self.group = group
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y = _copy_to_tp(y, self.group)
+        if self.out_blocks is None:              # dense
+            gate, value = F.linear(y, self.gated_layers.weight).chunk(2, dim=-1)
+            partial = F.linear(self.dropout(F.gelu(gate) * value), self.wo.weight)
+        else:
+            wg, wo = self.gated_layers.weight, self.wo.weight
+            gate, value = blockdiag_matmul(y, wg).chunk(2, dim=-1)
+            act = self.dropout(F.gelu(gate) * value)
+            nb, out_chunk = 2 * wo.shape[0], wo.shape[1]
+            part = blockdiag_matmul(act, wo).unflatten(-1, (nb // 2, out_chunk))
+            partial = part.new_zeros(*part.shape[:-2], nb, out_chunk)
+            partial[..., self.out_blocks, :] = part
+            partial = partial.flatten(-2)
+        out = _reduce_from_tp(partial, self.group)
+        return out + self.wo.bias.to(out.dtype) if self.wo.bias is not None else out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss over a vocab-sharded head
+# --------------------------------------------------------------------------------------------------
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label != ignore_index, from vocab-sharded logits (= the
+    single-process F.cross_entropy(..., ignore_index) mean). Uses megatron-core's vocab-parallel CE, which
+    overwrites its input in place: it gets a copy, so returned logits stay intact."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    valid = labels != ignore_index
+    per_token = vocab_parallel_cross_entropy(upcast(logits).clone(), labels.masked_fill(~valid, 0))
+    return (per_token * valid).sum() / valid.sum()
+
+
+def _causal_lm_forward(self, input_ids, labels=None, attention_mask=None) -> ModelOutput:
+    """CausalLM.forward with a vocab-sharded tied (or untied) head; logits are this rank's vocab shard."""
+    L = input_ids.shape[1]
+    if L > self.config.max_seq_len:
+        raise ValueError(f"input length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
+    h = self.embed(input_ids)
+    if self.pos_embed is not None:
+        h = h + self.pos_embed.weight[:L]
+    h = self.dropout(h)
+    for block in self.blocks:
+        h = block(h)
+    h = self.final_norm(h)
+    weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+    logits = F.linear(_copy_to_tp(h, self._tp_group), weight)
+    loss = vocab_parallel_loss(logits.flatten(0, 1), labels.flatten()) if labels is not None else None
+    return ModelOutput(logits=logits, loss=loss)
+
+
+def _mlm_forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None) -> ModelOutput:
+    """EncoderForMaskedLM.forward with the vocab-sharded tied decoder (reference label semantics: labels > 0
+    are scored; with mlm_logits_at_masked_only the head runs only there, logits zero elsewhere)."""
+    hidden = self.bert(input_ids, token_type_ids, attention_mask)
+    head = self.mlm
+
+    def decode(h):
+        h = head.norm(F.gelu(head.dense(h)))
+        return F.linear(_copy_to_tp(h, self._tp_group), self.bert.embeddings.word_embeddings.weight,
+                        head.decoder_bias)
+
+    if labels is None:
+        return ModelOutput(logits=decode(hidden))
+    selected = labels > 0
+    if self.config.mlm_logits_at_masked_only:
+        picked = decode(hidden[selected])
+        logits = hidden.new_zeros(*labels.shape, picked.shape[-1], dtype=picked.dtype)
+        logits[selected] = picked
+    else:
+        logits = decode(hidden)
+        picked = logits[selected]
+    if picked.shape[0] == 0:
+        loss = picked.sum() * 0.0
+    else:
+        loss = vocab_parallel_loss(picked, labels[selected])
+    return ModelOutput(logits=logits, loss=loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: which tensors are split how
+# --------------------------------------------------------------------------------------------------
+def _glu_plan(glu: MonarchGLU, size: int, where: str) -> dict[str, object]:
+    g, o, I = glu.gated_layers, glu.wo, glu.intermediate_size
+    if isinstance(g, nn.Linear) and isinstance(o, nn.Linear):
+        if I % size:
+            raise ConfigError(f"model.intermediate_size={I} is not divisible by parallel.tensor_parallel={size}")
+        return {"gated_layers.weight": Shard(0, groups=2), "wo.weight": Shard(1)}
+    if not (isinstance(g, BlockDiagonalLinear) and isinstance(o, BlockDiagonalLinear)):
+        raise ConfigError(f"tensor parallelism supports model.mlp_type blockdiag or dense, not "
+                          f"{type(g).__name__} ({where})")
+    nb = g.nblocks
+    aligned = (o.nblocks == nb and nb % 2 == 0 and g.out_blk * nb == 2 * I and o.in_blk * nb == I
+               and g.in_blk * nb == g.in_features and o.out_blk * nb == o.out_features
+               and g.out_blk == 2 * o.in_blk)
+    if not aligned:
+        raise ConfigError(f"tensor parallelism needs model.mlp_nblocks (={nb}) even and dividing "
+                          f"model.hidden_size and model.intermediate_size ({where})")
+    if size % 2 or g.out_blk % size or o.in_blk % (g.out_blk // size):
+        raise ConfigError(f"parallel.tensor_parallel={size}: a block-diagonal GLU shards by slices of its "
+                          f"{nb} blocks, so the TP size must be even and divide 2*intermediate_size/"
+                          f"mlp_nblocks={g.out_blk}")
+    return {"gated_layers.weight": Shard(1), "wo.weight": GLUOutShard(g.out_blk, o.in_blk)}
+
+
+def _mixer_plan(mixer: M2SequenceMixer, size: int) -> dict[str, object]:
+    from ..models.mixer import LongConv
+
+    H = mixer.hidden_size
+    if H % size:
+        raise ConfigError(f"model.hidden_size={H} is not divisible by parallel.tensor_parallel={size}")
+    plan: dict[str, object] = {"in_linear.weight": Shard(0, groups=3), "in_linear.bias": Shard(0, groups=3),
+                               "short_conv.weight": Shard(0, groups=3), "short_conv.bias": Shard(0, groups=3),
+                               "out_linear.weight": Shard(1)}
+    for conv_name in ("long_conv", "residual_conv"):
+        conv = getattr(mixer, conv_name)
+        if conv is None:
+            continue
+        if not isinstance(conv, LongConv):
+            raise ConfigError(f"tensor parallelism supports model.sequence_mixer=fft only "
+                              f"(got {type(conv).__name__}, whose Monarch basis is shared by all channels)")
+        plan[f"{conv_name}.skip"] = Shard(0)
+        plan[f"{conv_name}.filter.deltas"] = Shard(0)
+        plan[f"{conv_name}.filter.mlp.out.weight"] = Shard(0)
+        if conv.filter.mlp_rev is not None:
+            plan[f"{conv_name}.filter.mlp_rev.out.weight"] = Shard(0)
+    return plan
+
+
+def check_tensor_parallel(model: nn.Module, size: int) -> None:
+    """Raise a ConfigError naming the config key if `model` cannot be split over `size` TP ranks."""
+    shard_rules(model, size)
+
+
+def shard_rules(model: nn.Module, size: int) -> dict[str, object]:
+    """{state-dict key: Shard | GLUOutShard} for every tensor split across `size` TP ranks (from the FULL
+    model, or from an already sharded one: the rules are stored on it)."""
+    if getattr(model, "_tp_rules", None) is not None:
+        return model._tp_rules
+    from ..models.bert import EncoderForMaskedLM, EncoderForSequenceClassification
+    from ..models.gpt import CausalLM
+
+    cfg = model.config
+    if cfg.arch not in ("m2_gpt", "m2_bert"):
+        raise ConfigError(f"parallel.tensor_parallel>1 supports model.arch m2_gpt and m2_bert, not {cfg.arch!r}")
+    if size < 1:
+        raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {size}")
+    if cfg.vocab_size % size:
+        raise ConfigError(f"model.vocab_size={cfg.vocab_size} is not divisible by parallel.tensor_parallel="
+                          f"{size} (pad the vocabulary)")
+    rules: dict[str, object] = {}
+    if size == 1:
+        return rules
+    for name, module in model.named_modules():
+        if isinstance(module, M2SequenceMixer):
+            rules.update({f"{name}.{k}": v for k, v in _mixer_plan(module, size).items()})
+        elif isinstance(module, MonarchGLU):
+            rules.update({f"{name}.{k}": v for k, v in _glu_plan(module, size, name).items()})
+    if isinstance(model, CausalLM):
+        rules["embed.weight"] = Shard(0)
+        if model.lm_head is not None:
+            rules["lm_head.weight"] = Shard(0)
+    elif isinstance(model, (EncoderForMaskedLM, EncoderForSequenceClassification)):
+        rules["bert.embeddings.word_embeddings.weight"] = Shard(0)
+        if isinstance(model, EncoderForMaskedLM):
+            rules["mlm.decoder_bias"] = Shard(0)
+    else:
+        raise ConfigError(f"tensor parallelism does not know the model class {type(model).__name__}")
+    return rules
+
+
+# --------------------------------------------------------------------------------------------------
+# State dicts: full <-> per-rank
+# --------------------------------------------------------------------------------------------------
+def shard_state_dict(full: dict, rules: dict, rank: int, size: int) -> dict:
+    """This rank's state dict from a full single-process one (keys may carry a prefix such as 'module.')."""
+    out = {}
+    for key, value in full.items():
+        rule = _rule_for(key, rules)
+        out[key] = rule.shard(value, rank, size) if rule is not None else value
+    return out
+
+
+def merge_state_dicts(shards: list[dict], rules: dict) -> dict:
+    """The full single-process state dict from every TP rank's state dict (rank order)."""
+    out = {}
+    for key, value in shards[0].items():
+        rule = _rule_for(key, rules)
+        out[key] = rule.merge([s[key] for s in shards]) if rule is not None else value
+    return out
+
+
+def gather_state_dict(model: nn.Module, group=None) -> dict:
+    """The full state dict of a TP-sharded model, on every TP rank (all_gather of each sharded tensor)."""
+    return gather_tensors(model.state_dict(), shard_rules(model, 1),
+                          group if group is not None else model._tp_group)
+
+
+def gather_tensors(local: dict, rules: dict, group) -> dict:
+    """Full tensors from every TP rank's {state-dict key: local tensor} (e.g. parameters or their
+    gradients): each sharded entry is all-gathered over `group` and merged; the others are kept as is."""
+    size = dist.get_world_size(group)
+    shards = [dict(local) for _ in range(size)]
+    for key, value in local.items():
+        if _rule_for(key, rules) is None:
+            continue
+        parts = [torch.empty_like(value) for _ in range(size)]
+        dist.all_gather(parts, value.contiguous(), group=group)
+        for r in range(size):
+            shards[r][key] = parts[r]
+    return merge_state_dicts(shards, rules)
+
+
+def _rule_for(key: str, rules: dict):
+    if key in rules:
+        return rules[key]
+    for prefix in ("module.", "_orig_mod."):           # DeepSpeed engine / torch.compile prefixes
+        if key.startswith(prefix) and key[len(prefix):] in rules:
+            return rules[key[len(prefix):]]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying TP to a built model
+# --------------------------------------------------------------------------------------------------
+def apply_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
+    """Shard a built (full, single-process-initialised) M2 model over `tp_group` in place and return it.
+
+    Every rank must hold the same full weights beforehand (same seed, or the same loaded state dict):
+    each keeps its slices. The model's forward then returns this rank's vocab shard of the logits
+    (`gather_logits` for the full ones) and the full loss."""
+    from megatron.core import parallel_state as ps
+
+    size, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    if size > 1 and tp_group is not ps.get_tensor_model_parallel_group():
+        # megatron's vocab-parallel cross-entropy always reduces over parallel_state's TP group.
+        raise ValueError("apply_tensor_parallel: tp_group must be megatron parallel_state's TP group "
+                         "(m2train.parallel.groups.tp_group())")
+    rules = shard_rules(model, size)
+    if size == 1:
+        return model
+    local = shard_state_dict(model.state_dict(), rules, rank, size)
+
+    def piece(key: str) -> torch.Tensor:
+        return local[key]
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            path = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, M2SequenceMixer):
+                setattr(module, child_name, _shard_mixer(child, path, piece, rank, size, tp_group))
+            elif isinstance(child, MonarchGLU):
+                setattr(module, child_name, _shard_glu(child, path, piece, rules, rank, size, tp_group))
+    _shard_vocab(model, piece, rank, size, tp_group)
+    model._tp_rules = rules
+    model._tp_group = tp_group
+    model.tp_size, model.tp_rank = size, rank
+    return model
+
+
+def _shard_mixer(mixer: M2SequenceMixer, path: str, piece, rank: int, size: int, group) -> nn.Module:
+    H = mixer.hidden_size
+    Hl = H // size
+    mixer.in_linear = ColumnParallelLinear(piece(f"{path}.in_linear.weight"), piece(f"{path}.in_linear.bias"),
+                                           group, copy_input=False)
+    sc = mixer.short_conv
+    sc.weight = nn.Parameter(piece(f"{path}.short_conv.weight"))
+    sc.bias = nn.Parameter(piece(f"{path}.short_conv.bias"))
+    sc.channels = 3 * Hl
+    _mark_parallel(sc.weight, 0)
+    _mark_parallel(sc.bias, 0)
+    for conv_name in ("long_conv", "residual_conv"):
+        conv = getattr(mixer, conv_name)
+        if conv is None:
+            continue
+        p = f"{path}.{conv_name}"
+        conv.skip = nn.Parameter(piece(f"{p}.skip"))
+        _mark_parallel(conv.skip, 0)
+        flt = conv.filter
+        flt.deltas = piece(f"{p}.filter.deltas")
+        flt.channels = Hl
+        for mlp_name in ("mlp", "mlp_rev"):
+            mlp = getattr(flt, mlp_name)
+            if mlp is not None:
+                mlp.out = ColumnParallelLinear(piece(f"{p}.filter.{mlp_name}.out.weight"), None, group)
+        if hasattr(conv, "_spectrum_cache"):
+            conv._spectrum_cache = None
+    mixer.out_linear.weight = nn.Parameter(piece(f"{path}.out_linear.weight"))
+    _mark_parallel(mixer.out_linear.weight, 1)
+    return TensorParallelMixer(mixer, rank * Hl, (rank + 1) * Hl, group)
+
+
+def _shard_glu(glu: MonarchGLU, path: str, piece, rules, rank: int, size: int, group) -> nn.Module:
+    g, o = glu.gated_layers, glu.wo
+    g.weight = nn.Parameter(piece(f"{path}.gated_layers.weight"))
+    o.weight = nn.Parameter(piece(f"{path}.wo.weight"))
+    wo_rule = rules[f"{path}.wo.weight"]
+    out_blocks = None
+    if isinstance(wo_rule, GLUOutShard):
+        out_blocks = wo_rule.output_blocks(rank, size, g.nblocks)
+        _mark_parallel(g.weight, 1)
+        _mark_parallel(o.weight, 2)
+    else:
+        _mark_parallel(g.weight, 0)
+        _mark_parallel(o.weight, 1)
+    return TensorParallelGLU(glu, out_blocks, group)
+
+
+def _shard_vocab(model: nn.Module, piece, rank: int, size: int, group) -> None:
+    from ..models.bert import EncoderForMaskedLM
+    from ..models.gpt import CausalLM
+
+    V = model.config.vocab_size
+    start = rank * (V // size)
+    if isinstance(model, CausalLM):
+        model.embed = VocabParallelEmbedding(piece("embed.weight"), start, model.embed.padding_idx, group)
+        if model.lm_head is not None:
+            model.lm_head.weight = nn.Parameter(piece("lm_head.weight"))
+            _mark_parallel(model.lm_head.weight, 0)
+        _swap_forward(model, _causal_lm_forward)
+        return
+    emb = model.bert.embeddings
+    emb.word_embeddings = VocabParallelEmbedding(piece("bert.embeddings.word_embeddings.weight"), start,
+                                                 emb.word_embeddings.padding_idx, group)
+    if isinstance(model, EncoderForMaskedLM):
+        model.mlm.decoder_bias = nn.Parameter(piece("mlm.decoder_bias"))
+        _mark_parallel(model.mlm.decoder_bias, 0)
+        model.mlm._embeddings[0] = emb.word_embeddings        # keep the decoder tied to the new shard
+        _swap_forward(model, _mlm_forward)
+
+
+def _swap_forward(model: nn.Module, forward) -> None:
+    """Give this instance a subclass whose forward is the TP one (the way torch's fully_shard swaps
+    classes): the class still is-a the original model class and keeps every other method."""
+    cls = type(model)
+    model.__class__ = type(f"TensorParallel{cls.__name__}", (cls,), {"forward": forward})
+
+
+def gather_logits(logits: torch.Tensor, group) -> torch.Tensor:
+    """Full-vocabulary logits from each rank's vocab shard (no autograd: for evaluation and tests)."""
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+__all__ = ["apply_tensor_parallel", "check_tensor_parallel", "shard_rules", "shard_state_dict",
+           "merge_state_dicts", "gather_state_dict", "gather_tensors", "gather_logits", "vocab_parallel_loss",
+           "ColumnParallelLinear", "VocabParallelEmbedding", "TensorParallelMixer", "TensorParallelGLU",
+           "Shard", "GLUOutShard"]
