@@ -194,17 +194,19 @@ class VocabParallelEmbedding(nn.Module):
         return _reduce_from_tp(out.masked_fill(outside[..., None], 0.0), self.group)
 
 
-class TensorParallelMixer(nn.Module):
+class TensorParallelMixer(M2SequenceMixer):
     """The M2 sequence mixer on H/T channels (the reference path of M2SequenceMixer with TP communication).
-    Holds the original mixer's submodules under the same names."""
+    Holds the original mixer's submodules under the same names; still an M2SequenceMixer, so activation
+    checkpointing's "mixer" mode finds it."""
 
     def __init__(self, mixer: M2SequenceMixer, lo: int, hi: int, group):
-        super().__init__()
+        nn.Module.__init__(self)                 # adopt the built submodules instead of building new ones
         for name, child in mixer.named_children():
             setattr(self, name, child)
         self.input_norm = mixer.input_norm               # optional ones may be None (not children then)
         self.residual_conv = mixer.residual_conv
-        self.pad_masking = mixer.pad_masking
+        self.pad_masking, self.bidirectional = mixer.pad_masking, mixer.bidirectional
+        self.hidden_size = hi - lo
         self.lo, self.hi, self.group = lo, hi, group
 
     def forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,11 +233,12 @@ class TensorParallelMixer(nn.Module):
         return out + self.out_linear.bias if self.out_linear.bias is not None else out
 
 
-class TensorParallelGLU(nn.Module):
+class TensorParallelGLU(MonarchGLU):
     """MonarchGLU with I/T intermediate units per rank (block-diagonal or dense layers)."""
 
     def __init__(self, glu: MonarchGLU, out_blocks: list[int] | None, group):
-        super().__init__()
+        nn.Module.__init__(self)
+        self.intermediate_size = glu.intermediate_size // dist.get_world_size(group)
         self.gated_layers, self.wo, self.dropout = glu.gated_layers, glu.wo, glu.dropout
         self.out_blocks = out_blocks             # blockdiag: the Wo blocks (output chunks) this rank feeds
         self.group = group
@@ -477,6 +480,8 @@ def apply_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
         # megatron's vocab-parallel cross-entropy always reduces over parallel_state's TP group.
         raise ValueError("apply_tensor_parallel: tp_group must be megatron parallel_state's TP group "
                          "(m2train.parallel.groups.tp_group())")
+    if getattr(model, "_tp_rules", None) is not None:
+        raise ValueError("apply_tensor_parallel: this model is already tensor-parallel")
     rules = shard_rules(model, size)
     if size == 1:
         return model
