@@ -9,8 +9,11 @@
 Every step is either per-position, depthwise causal, or a long convolution whose kernel is causal when
 `bidirectional=False`, so the causal mixer is causal as a whole.
 
-Two implementations of the same math:
+Three implementations of the same math:
 - `_forward_reference`: whole-tensor ops, used whenever autograd records (training) or under autocast.
+  When the fused Triton kernels are on (ModelConfig.kernels / M2TRAIN_KERNELS, kernels.dispatch), the two
+  long convolutions with their gates and D skips run as m2train.kernels.fftconv instead (forward and
+  backward); everything else stays the same torch code.
 - `_forward_fused`: for no-grad fp32/fp64 forwards (inference, evaluation). It walks the channels in
   blocks (CHANNEL_CHUNK), doing in_linear rows → short conv → gating → both FFT convolutions for one block
   while it is in L3, and lets the matmuls absorb the (B, L, H) <-> (B, H, L) transposes. Measured on a
@@ -21,9 +24,12 @@ Two implementations of the same math:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
+from .base import kernel_mode
 from .filter import ImplicitFilter
 from .longconv import fft_conv, fft_size, kernel_spectrum, padded_fft_conv
 from .short_conv import CausalShortConv, causal_short_conv
@@ -41,6 +47,8 @@ class LongConv(nn.Module):
 
     # Reuse the kernel spectrum across no-grad forwards while the filter is unchanged (see `spectrum`).
     cache_spectrum: bool = True
+    # "auto" | "triton" | "torch": ModelConfig.kernels, stored by the model's init_weights (base.kernel_mode).
+    kernels: str = "auto"
 
     def __init__(self, channels: int, max_len: int, order: int, emb_dim: int, sin_freq: float,
                  bidirectional: bool):
@@ -58,15 +66,27 @@ class LongConv(nn.Module):
         every filter tensor (parameters and buffers) still has exactly the values it was computed from, so
         an optimizer step, load_state_dict, `.data` swap or dtype change can never yield a stale kernel."""
         n = fft_size(L)
+        return self._cached("rfft", L, n, lambda: self._compute_spectrum(L, n))
+
+    def kernel_spectrum(self, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused kernel's spectrum: real and imaginary fp32 (H, N) full-length DFT of the kernel in the
+        Monarch-permuted frequency order (m2train.kernels.fft_monarch), N = kernel_fft_size(L). Cached
+        across no-grad forwards like `spectrum`."""
+        from ..kernels.fft_monarch import kernel_fft_size, monarch_kernel_spectrum
+
+        n = kernel_fft_size(L)
+        return self._cached("monarch", L, n, lambda: monarch_kernel_spectrum(*self.filter(L), n))
+
+    def _cached(self, kind: str, L: int, n: int, compute):
         if torch.is_grad_enabled() or not self.cache_spectrum:
-            return self._compute_spectrum(L, n)
+            return compute()
         tensors = [*self.filter.parameters(), *self.filter.buffers()]
-        key = (L, n, torch.is_autocast_enabled(tensors[0].device.type),
+        key = (kind, L, n, torch.is_autocast_enabled(tensors[0].device.type),
                torch.get_autocast_dtype(tensors[0].device.type))
         cache = self._spectrum_cache
         if cache is not None and cache[0] == key and _same_values(cache[1], tensors):
             return cache[2]
-        spec = self._compute_spectrum(L, n)
+        spec = compute()
         self._spectrum_cache = (key, [t.detach().clone() for t in tensors], spec)
         return spec
 
@@ -76,8 +96,34 @@ class LongConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, L) -> (B, H, L)."""
+        if self.use_kernel(x):
+            return self.gated(x)
         L = x.shape[-1]
         return fft_conv(x, self.spectrum(L), fft_size(L)) + x * self.skip.to(x.dtype)[:, None]
+
+    def use_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the fused Triton kernel (m2train.kernels.fftconv) takes this input: the configured kernel
+        mode says so (kernels.dispatch.use_triton) and the kernel supports the shape/dtype; otherwise the
+        torch path runs, with a warning naming the reason when the kernels were asked for."""
+        from ..kernels.dispatch import use_triton
+
+        if not use_triton(x, kernel_mode(self)):
+            return False
+        from ..kernels.fftconv import unsupported_reason
+
+        reason = unsupported_reason(x)
+        if reason is not None:
+            warnings.warn(f"LongConv runs the torch FFT path: {reason}", stacklevel=3)
+        return reason is None
+
+    def gated(self, v: torch.Tensor, gate_in: torch.Tensor | None = None,
+              gate_out: torch.Tensor | None = None) -> torch.Tensor:
+        """(longconv(u, k) + D ⊙ u) [⊙ gate_out] with u = v [⊙ gate_in], in one fused kernel (forward and
+        backward). Call only when `use_kernel(v)` is True."""
+        from ..kernels.fftconv import gated_fft_conv
+
+        spec_re, spec_im = self.kernel_spectrum(v.shape[-1])
+        return gated_fft_conv(v, spec_re, spec_im, self.skip, gate_in, gate_out)
 
 
 def _same_values(snapshot: list[torch.Tensor], tensors: list[torch.Tensor]) -> bool:
@@ -99,6 +145,9 @@ def long_conv_class(kind: str) -> type[nn.Module]:
 
 
 class M2SequenceMixer(nn.Module):
+    # ModelConfig.kernels (see LongConv.kernels); decides whether the gates fuse into the long-conv kernel.
+    kernels: str = "auto"
+
     def __init__(self, hidden_size: int, max_len: int, *, bidirectional: bool,
                  residual_long_conv: bool = True, input_norm: bool = False, dropout: float = 0.0,
                  short_conv_kernel: int = 3, filter_order: int = 128, filter_emb_dim: int = 5,
@@ -137,10 +186,21 @@ class M2SequenceMixer(nn.Module):
             z = z * keep
         z = self.short_conv(z)
         x1, x2, v = z.split(self.hidden_size, dim=1)
-        v = self.dropout(v * x1)
-        if keep is not None:
-            v = v * keep
-        y = self.long_conv(v) * x2
+        if self._fused_gates(v):
+            # Gate, long conv, D skip and output gate in one kernel; the input gate fuses too unless dropout
+            # or a pad mask has to act on v ⊙ x1 first.
+            if keep is None and not (self.training and self.dropout.p > 0):
+                y = self.long_conv.gated(v, x1, x2)
+            else:
+                v = self.dropout(v * x1)
+                if keep is not None:
+                    v = v * keep
+                y = self.long_conv.gated(v, None, x2)
+        else:
+            v = self.dropout(v * x1)
+            if keep is not None:
+                v = v * keep
+            y = self.long_conv(v) * x2
         if self.residual_conv is not None:
             u_t = u.transpose(1, 2)
             if keep is not None:
@@ -149,10 +209,18 @@ class M2SequenceMixer(nn.Module):
         y = self.dropout(y.transpose(1, 2))
         return self.out_linear(y)
 
+    def _fused_gates(self, v: torch.Tensor) -> bool:
+        """The Triton path: the kernels are on and the FFT long conv's kernel takes v."""
+        return isinstance(self.long_conv, LongConv) and self.long_conv.use_kernel(v)
+
     def _can_fuse(self, u: torch.Tensor) -> bool:
         """The fused path skips autograd bookkeeping, autocast casts and dropout, so it runs only when
-        none of them would do anything."""
+        none of them would do anything. It is the CPU no-grad fast path of the torch reference, so it
+        stands aside when the Triton kernels are on."""
+        from ..kernels.dispatch import use_triton
+
         return (not torch.is_grad_enabled()
+                and not use_triton(u, kernel_mode(self))
                 and isinstance(self.long_conv, LongConv)           # the fused path is FFT-only
                 and not torch.is_autocast_enabled(u.device.type)
                 and u.dim() == 3 and u.dtype in (torch.float32, torch.float64)
