@@ -30,3 +30,14 @@ def tiny_model_cfg(arch: str = "m2_bert", **overrides):
         base.update(bidirectional=False, position_embeddings=(arch == "gpt"), layer_norm_eps=1e-5)
     base.update(overrides)
     return ModelConfig(arch=arch, **base)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need a CUDA device: without one they are skipped (not failed), so the same
+    suite runs on a laptop and `pytest -m gpu` on a GPU node."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
