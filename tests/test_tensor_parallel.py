@@ -1,11 +1,12 @@
 """Tensor parallelism (m2train.parallel.tensor_parallel) on 2 real gloo processes, fp32: the TP=2 model
 equals the single-process one (logits gathered over the vocab shards, loss, every parameter's gradient after
 merging the shards), state dicts shard and merge exactly, and DeepSpeed's clipped gradient norm under TP=2
-with the m2train mpu equals the single-process norm."""
+with the m2train mpu (ZeRO-1) equals the single-process norm, as does the clipped update."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -77,8 +78,44 @@ def _equivalence(rank, world, arch, overrides, L=24):
             "zero_grads": [n for n, p in ref.named_parameters() if p.grad is None or not p.grad.any()]}
 
 
+def _clipped_zero1_step(rank, world):
+    """One SGD step with gradient clipping through a real DeepSpeed ZeRO-1 engine given the m2train mpu:
+    DeepSpeed's global grad norm and the clipped update equal the single-process ones (SGD: the update is
+    proportional to the clip factor, so a wrong norm shows in the weights)."""
+    import deepspeed
+
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.mpu import build_mpu
+    from m2train.parallel.tensor_parallel import apply_tensor_parallel, gather_state_dict
+
+    groups.init_model_parallel(tp=world)
+    torch.manual_seed(0)
+    cfg = _cfg("m2_gpt", max_seq_len=24)
+    ref = build_model(cfg)
+    batch = _batch(cfg, 2, 24, "m2_gpt")
+    tp = apply_tensor_parallel(copy.deepcopy(ref), groups.tp_group())
+    ref(**batch).loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01).item()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
+              "zero_optimization": {"stage": 1}, "gradient_clipping": 0.01, "steps_per_print": 10 ** 9,
+              "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=tp, optimizer=torch.optim.SGD(tp.parameters(), lr=0.5),
+                                      config=config, mpu=build_mpu(), dist_init_required=False)
+    engine.backward(engine(**batch).loss)
+    engine.step()
+    norm = float(engine.get_global_grad_norm())
+    full = gather_state_dict(engine.module)
+    ref_sd = ref.state_dict()
+    err = max(rel_err(full[k], ref_sd[k]) for k in ref_sd if ref_sd[k].is_floating_point())
+    groups.destroy_model_parallel()
+    return {"norm": norm, "ref_norm": ref_norm, "weights_err": err}
+
+
 def _all_cases(rank, world):
-    return [
+    return [_clipped_zero1_step(rank, world),
         _equivalence(rank, world, "m2_gpt", {}),
         _equivalence(rank, world, "m2_gpt", {"tie_word_embeddings": False, "mlp_type": "dense"}),
         _equivalence(rank, world, "m2_bert", {}),
@@ -90,7 +127,11 @@ def _all_cases(rank, world):
 @pytest.mark.slow  # two spawned processes importing megatron-core + DeepSpeed: ~30 s on 2 busy cores
 def test_tp2_forward_backward_equal_single_process():
     results = run_distributed(_all_cases, 2)
-    for case in zip(*results):
+    for r in [res[0] for res in results]:
+        assert r["ref_norm"] > 0.1                          # far above the 0.01 clip: clipping is active
+        assert math.isclose(r["norm"], r["ref_norm"], rel_tol=1e-5), r
+        assert r["weights_err"] < REL_TOL, r
+    for case in zip(*[res[1:] for res in results]):
         for r in case:
             assert r["errs"]["logits"] < REL_TOL, r["errs"]
             assert r["errs"]["loss"] < REL_TOL, r["errs"]

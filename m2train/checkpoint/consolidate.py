@@ -3,7 +3,8 @@
 Used by `m2train eval` and `m2train export`. ZeRO-1/2/3 (any checkpoint with per-rank optimizer
 partitions) keep the exact fp32 master weights in those partitions: DeepSpeed's
 get_fp32_state_dict_from_zero_checkpoint stitches them together. ZeRO-0 keeps the full module in
-mp_rank_00_model_states.pt.
+mp_rank_00_model_states.pt. Tensor-parallel checkpoints hold one module file per TP rank, merged with the
+model's TP plan (m2train.parallel.tensor_parallel.merge_state_dicts).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def consolidated_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     """The full model state_dict (CPU tensors) stored in a checkpoint folder: fp32 master weights when
     the checkpoint has ZeRO partitions, else the module weights as saved."""
     ckpt_dir = Path(ckpt_dir)
+    tp = int((read_manifest(ckpt_dir).get("world") or {}).get("tp", 1))
+    if tp > 1:
+        return _merge_tensor_parallel(ckpt_dir, tp)
     if has_partitioned_optimizer(ckpt_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         # DeepSpeed prints its progress to stdout; keep stdout for our results (`m2train eval` prints JSON).
@@ -58,6 +62,29 @@ def consolidated_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     if "module" not in state or not isinstance(state["module"], dict):
         raise CheckpointError(f"{module_file}: no 'module' state_dict inside")
     return state["module"]
+
+
+def _load_module_states(module_file: Path) -> dict:
+    if not module_file.is_file():
+        raise CheckpointError(f"{module_file.parent}: {module_file.name} is missing")
+    state = torch.load(module_file, map_location="cpu", weights_only=False)
+    if "module" not in state or not isinstance(state["module"], dict):
+        raise CheckpointError(f"{module_file}: no 'module' state_dict inside")
+    return state["module"]
+
+
+def _merge_tensor_parallel(ckpt_dir: Path, tp: int) -> dict[str, torch.Tensor]:
+    """A TP checkpoint: DeepSpeed wrote one module file per TP rank (mp_rank_XX_model_states.pt, by the
+    data-parallel rank 0 of each TP rank). The engine is fp32 and ZeRO-1/2 copy the updated fp32
+    partitions back into the module, so these are the exact master weights; merge the shards with the
+    model's TP plan."""
+    from ..models import build_model
+    from ..parallel.tensor_parallel import merge_state_dicts, shard_rules
+
+    manifest = read_manifest(ckpt_dir)
+    model = build_model(model_config_of(manifest, ckpt_dir))
+    shards = [_load_module_states(ckpt_dir / f"mp_rank_{r:02d}_model_states.pt") for r in range(tp)]
+    return merge_state_dicts(shards, shard_rules(model, tp))
 
 
 def model_config_of(manifest: dict, ckpt_dir: str | Path):

@@ -140,11 +140,16 @@ class CheckpointManager:
 
     @staticmethod
     def _world_layout(engine, given: dict | None) -> dict:
+        from ..parallel import groups
+
+        tp, cp = groups.tp_size(), groups.cp_size()
         layout = {
             "world": cdist.world_size(),
-            "dp": int(getattr(engine, "dp_world_size", cdist.world_size())),
-            "tp": 1,
-            "cp": 1,
+            # Pure data parallel: DeepSpeed's dp_world_size counts the dp x cp ranks it averages over.
+            "dp": (cdist.world_size() // (tp * cp) if tp * cp > 1
+                   else int(getattr(engine, "dp_world_size", cdist.world_size()))),
+            "tp": tp,
+            "cp": cp,
             "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage")
             else 0,
         }
@@ -268,6 +273,16 @@ class CheckpointManager:
 
         saved = manifest["world"]
         current = self._world_layout(engine, None)
+        saved_mp = (int(saved.get("tp", 1)), int(saved.get("cp", 1)))
+        if saved_mp != (current["tp"], current["cp"]):
+            # TP shards are per-rank files of different shapes; CP changes what a rank's RNG/data mean.
+            # Resharding them is not implemented: consolidate instead (m2train export) and start anew.
+            raise CheckpointError(
+                f"{path}: saved with tensor_parallel={saved_mp[0]}, context_parallel={saved_mp[1]} "
+                f"(world {saved['world']}), but this run has tensor_parallel={current['tp']}, "
+                f"context_parallel={current['cp']} (world {current['world']}); resume with the saved "
+                f"parallel.tensor_parallel / parallel.context_parallel, or export the checkpoint "
+                f"(m2train export) and load the weights into a new run")
         world_changed = (int(saved.get("dp", saved["world"])) != current["dp"]
                          or int(saved["world"]) != current["world"])
         if world_changed and has_partitioned_optimizer(path):

@@ -73,11 +73,20 @@ class SkippableStep:
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, dp_size: int):
-    """deepspeed.initialize around an already-initialised process group (launch.init_distributed)."""
+    """deepspeed.initialize around an already-initialised process group (launch.init_distributed).
+
+    With tensor / context parallelism the m2train mpu tells DeepSpeed to shard and average over dp x cp
+    only (and to count TP shards once in the gradient norm); DeepSpeed's batch bookkeeping then counts
+    dp x cp ranks, so its train_batch_size is given for that many."""
     import deepspeed
 
+    from ..parallel.mpu import build_mpu
+
+    mpu = build_mpu()
+    ds_ranks = dp_size * cfg.parallel.context_parallel if mpu is not None else dp_size
     engine, ds_optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size), dist_init_required=False)
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, ds_ranks), dist_init_required=False,
+        mpu=mpu)
     return engine, ds_optimizer
 
 
@@ -88,11 +97,22 @@ def autocast_context(cfg: Config, device: torch.device):
 
 
 def global_grad_norm_stage0(model: torch.nn.Module) -> float:
-    """L2 norm of the (already data-parallel-averaged) gradients; inf/nan when any grad is non-finite."""
+    """L2 norm of the (already data-parallel-averaged) gradients; inf/nan when any grad is non-finite.
+    Under tensor parallelism the squares of sharded gradients (megatron's `tensor_model_parallel` tag) are
+    summed over the TP group and replicated ones counted once, so the norm is the single-process one."""
+    from ..parallel import groups
+
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.get_total_norm(grads, 2.0))
+    if groups.tp_size() == 1:
+        return float(torch.nn.utils.get_total_norm(grads, 2.0)) if grads else 0.0
+    import torch.distributed as dist
+
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.tp_rank() == 0):
+            sq += p.grad.detach().double().pow(2).sum().cpu()
+    dist.all_reduce(sq, group=groups.tp_group())
+    return float(sq.sqrt())
 
 
 def clip_stage0(model: torch.nn.Module, max_norm: float, total_norm: float) -> None:

@@ -48,6 +48,15 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], max_batches: Option
     progress: show a tqdm bar (for long command-line evaluations; the trainer leaves it off)."""
     net = _unwrap(model)
     causal = _is_causal(net)
+    # A tensor-parallel model returns its vocab shard of the logits: gather them (TP peers then compute the
+    # same sums, counted once below). A context-parallel model takes and returns this rank's sequence chunk.
+    tp_group = getattr(net, "_tp_group", None)
+    tp = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
+    cp_group = None
+    from ..parallel.context_parallel import is_context_parallel
+    if is_context_parallel(net):
+        from ..parallel import groups
+        cp_group = groups.cp_group()
     device = next(net.parameters()).device
     # [loss sum, tokens, correct, batches] in float64: exact token counts up to 2**53.
     totals = torch.zeros(4, dtype=torch.float64)
@@ -66,11 +75,14 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], max_batches: Option
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
+            if cp_group is not None:
+                from ..parallel.context_parallel import shard_batch
+                batch = shard_batch(batch, cp_group)
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             if causal:
                 with autocast:
-                    logits = net(input_ids).logits
+                    logits = _full_vocab(net(input_ids).logits, tp_group)
                 flat_labels = labels.reshape(-1)
                 loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_labels,
                                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -80,7 +92,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], max_batches: Option
                 kwargs = {k: batch[k].to(device) for k in ("attention_mask", "token_type_ids") if k in batch}
                 with autocast:
                     # With labels the MLM head runs only where labels are set (the reference behaviour).
-                    logits = net(input_ids, labels=labels, **kwargs).logits
+                    logits = _full_vocab(net(input_ids, labels=labels, **kwargs).logits, tp_group)
                 selected = labels > 0
                 picked = logits[selected].float()
                 target = labels[selected]
@@ -98,6 +110,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], max_batches: Option
         t = totals.to(reduce_on)
         torch.distributed.all_reduce(t, group=group)
         totals = t.cpu()
+        if group is None:
+            totals /= tp                     # every TP rank added the same sums
     loss_sum, tokens, correct, batches = totals.tolist()
     loss = loss_sum / tokens if tokens else float("nan")
     if causal:
@@ -105,6 +119,13 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], max_batches: Option
                 "tokens": int(tokens), "batches": int(batches)}
     return {"loss": loss, "mlm_loss": loss, "mlm_accuracy": correct / tokens if tokens else float("nan"),
             "tokens": int(tokens), "batches": int(batches)}
+
+
+def _full_vocab(logits: torch.Tensor, tp_group) -> torch.Tensor:
+    if tp_group is None:
+        return logits
+    from ..parallel.tensor_parallel import gather_logits
+    return gather_logits(logits, tp_group)
 
 
 __all__ = ["evaluate"]

@@ -131,6 +131,10 @@ def train(cfg: Config) -> int:
     dp = resolve_batch(cfg, detect_env().world_size)   # reads the launcher's env only: still cheap
     env = init_distributed(cfg.parallel.backend)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel > 1
+    if model_parallel:
+        from ..parallel import groups
+        groups.init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel)
     trainer = Trainer(cfg, env, dp, info)
     code = trainer.run()
     for loader in (getattr(trainer, "train_loader", None), getattr(trainer, "val_loader", None)):
@@ -138,6 +142,8 @@ def train(cfg: Config) -> int:
             loader.close()                      # releases streaming's shared memory now, not at exit
     dist.barrier()
     signals.exit_with_code_on_sigterm(code)   # every rank is done: a launcher's teardown SIGTERM is not a failure
+    if model_parallel:
+        groups.destroy_model_parallel()
     shutdown_distributed()
     if code != signals.EXIT_FINISHED and env.world_size > 1:
         # torchrun SIGTERMs the remaining workers as soon as one exits non-zero. Skip interpreter teardown
@@ -157,6 +163,11 @@ class Trainer:
         self.cfg, self.env, self.dp, self.info = cfg, env, dp, info
         self.rank = env.rank
         self.is_main = env.rank == 0
+        from ..parallel import groups
+        # Data-parallel position (what the loader shards by) and the model-parallel peers of this replica:
+        # TP and CP ranks of one replica read the same samples.
+        self.dp_rank = groups.dp_rank() if groups.is_initialized() else env.rank
+        self.model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel
         self.device = torch.device(env.device)
         t = cfg.train
         self.run_dir = Path(t.run_dir or f"runs/{cfg.name}")
@@ -192,12 +203,14 @@ class Trainer:
         self.guard = SkippableStep(optimizer)
         self.engine, _ = build_engine(model, optimizer, cfg, self.dp)
         self.model = self.engine.module
-        # Dropout / masking randomness differs per rank from here on (restored exactly on resume).
-        seed_everything(cfg.train.seed + 1 + self.rank)
+        # Dropout / masking randomness differs per data-parallel replica from here on (restored exactly on
+        # resume). TP ranks of a replica share the stream: their replicated activations (embeddings, block
+        # outputs) must see the same dropout masks, or the replicas of those tensors would diverge.
+        seed_everything(cfg.train.seed + 1 + self.dp_rank)
 
         cache = cfg.data.local_cache or str(self.run_dir / "data_cache")
         loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                         dp_rank=self.rank, dp_world=self.dp, cache_dir=cache)
+                         dp_rank=self.dp_rank, dp_world=self.dp, cache_dir=cache)
         # The train loader is one endless stream across epochs (reshuffled per epoch), so max_steps may
         # exceed an epoch; its state_dict is the exact resume point.
         self.train_loader = build_dataloader(
@@ -268,6 +281,10 @@ class Trainer:
         for micro in range(accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.train_loader).items()}
             tokens += batch["input_ids"].numel()
+            if cfg.parallel.context_parallel > 1:
+                from ..parallel import groups
+                from ..parallel.context_parallel import shard_batch
+                batch = shard_batch(batch, groups.cp_group())      # this rank's sequence chunk
             with autocast_context(cfg, self.device):
                 loss = engine(**batch).loss
             if step_no in self.inject and self.rank == 0 and micro == 0:
@@ -286,7 +303,9 @@ class Trainer:
         flags = torch.cat([loss_sum.view(1), nonfinite.view(1), host])
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)
         loss_total, n_nonfinite, tokens, stop_signal, budget = flags.cpu().tolist()
-        loss_mean = loss_total / (accum * self.dp)
+        # Every TP / CP rank of a replica reports that replica's whole-batch loss and token count.
+        loss_mean = loss_total / (accum * self.dp * self.model_parallel)
+        tokens = tokens / self.model_parallel
         skip = n_nonfinite > 0 or not math.isfinite(loss_total)
 
         grad_norm = None

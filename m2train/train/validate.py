@@ -4,6 +4,7 @@ message names the key to change."""
 from __future__ import annotations
 
 from ..config import Config, ConfigError
+from ..parallel import check_parallel_config
 
 GPT_LAYOUTS = ("gpt_packed",)
 BERT_LAYOUTS = ("bert_doc", "bert_packed")
@@ -13,16 +14,8 @@ def resolve_batch(cfg: Config, world_size: int) -> int:
     """Fill in train.grad_accum_steps / train.global_batch_size so that
     global = micro_batch_size x data-parallel size x grad_accum_steps, or explain which key is wrong.
     Returns the data-parallel size."""
-    t, p = cfg.train, cfg.parallel
-    model_parallel = p.tensor_parallel * p.context_parallel
-    if model_parallel != 1:
-        raise ConfigError(
-            f"parallel.tensor_parallel={p.tensor_parallel}, parallel.context_parallel={p.context_parallel}: "
-            f"the trainer runs data parallel + ZeRO only so far; set both to 1")
-    if world_size % model_parallel:
-        raise ConfigError(f"parallel.tensor_parallel x parallel.context_parallel = {model_parallel} does not "
-                          f"divide the world size {world_size}")
-    dp = world_size // model_parallel
+    t = cfg.train
+    dp = check_parallel_config(cfg, world_size)
     per_step = t.micro_batch_size * dp
     if t.global_batch_size is None and t.grad_accum_steps is None:
         t.grad_accum_steps = 1

@@ -1,0 +1,158 @@
+"""`m2train train` with parallel.tensor_parallel=2 end to end: 2 ranks under torchrun on gloo, DeepSpeed
+ZeRO-1 with the m2train mpu, real MDS shards and checkpoints.
+
+- the TP=2 loss curve (20 steps) matches the single-process one within fp32 tolerance, and so do the
+  clipped gradient norms (clipping is active: train.grad_clip is tiny);
+- a TP=2 checkpoint resumes: steps 11..20 after a resume from step 10 equal the uninterrupted run;
+- resuming with another TP layout is refused naming both layouts;
+- `m2train export` of the TP=2 checkpoint gives a single-process model whose logits equal the TP=2
+  model's (loaded from the per-rank files in 2 spawned processes); `m2train eval` on the TP=2 checkpoint
+  from one process reproduces the run's own validation loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_fixtures import gpt_id_samples, write_prepared
+from test_checkpoint_helpers import run_distributed
+from test_train_e2e import _env, run, losses
+from m2train.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.intermediate_size=64",
+        "model.max_seq_len=32", "model.filter_order=16", "train.micro_batch_size=4",
+        "train.global_batch_size=4", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.log_every=1",
+        "train.eval_every=10", "train.eval_batches=2", "train.save_every=10", "train.keep_last=10",
+        "train.grad_clip=0.05", "train.wandb=disabled", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "gpt32"
+    return write_prepared(out, "gpt_packed", 32, 256, {"train": gpt_id_samples(range(24), 32, 256),
+                                                       "val": gpt_id_samples(range(1000, 1008), 32, 256)})
+
+
+@pytest.fixture(scope="module")
+def single(data, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("single")
+    run(d, data, *TINY, "parallel.zero_stage=1")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tp2(data, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tp2")
+    run(d, data, *TINY, "parallel.zero_stage=1", "parallel.tensor_parallel=2", nproc=2)
+    return d
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def test_tp2_zero1_matches_single_process_loss_curve(single, tp2):
+    ref, got = _records(single), _records(tp2)
+    assert list(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert math.isclose(got[step]["loss"], ref[step]["loss"], rel_tol=1e-4), (step, got[step], ref[step])
+        # The clipped norm counts every TP shard once (the mpu): equal to the single-process norm.
+        assert math.isclose(got[step]["grad_norm"], ref[step]["grad_norm"], rel_tol=1e-3), step
+        assert got[step]["tokens_seen"] == ref[step]["tokens_seen"]
+    assert got[STEPS]["loss"] < got[1]["loss"] - 0.1          # it trains
+    assert ref[1]["grad_norm"] > 0.05                        # so clipping was active
+    val_ref = [r for r in read_metrics(single / "metrics.jsonl") if "val_loss" in r]
+    val_got = [r for r in read_metrics(tp2 / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in val_got] == [10, 20]
+    for a, b in zip(val_got, val_ref):
+        assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-4)
+    # One DeepSpeed module file per TP rank.
+    ckpt = tp2 / "checkpoints" / f"step_{STEPS:08d}"
+    assert (ckpt / "mp_rank_00_model_states.pt").is_file() and (ckpt / "mp_rank_01_model_states.pt").is_file()
+    world = json.loads((ckpt / "manifest.json").read_text())["world"]
+    assert (world["tp"], world["dp"], world["world"]) == (2, 1, 2)
+
+
+def _rewind_to(run_dir: Path, step: int) -> None:
+    """What a run killed right after its step-`step` checkpoint leaves behind."""
+    ckpts = run_dir / "checkpoints"
+    for p in ckpts.glob("step_*"):
+        if int(p.name.split("_")[1]) > step:
+            shutil.rmtree(p)
+    (ckpts / "latest").write_text(f"step_{step:08d}\n")
+    lines = [ln for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["step"] <= step]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_tp2_checkpoint_resume_equals_uninterrupted(data, tp2, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tp2, resumed)
+    _rewind_to(resumed, 10)
+    over = [*TINY, "parallel.zero_stage=1", "parallel.tensor_parallel=2", f"train.run_dir={resumed}"]
+    log = run(resumed, data, *over, nproc=2)
+    assert "resumed from" in log
+    assert losses(resumed) == losses(tp2)                  # == at every step: exact
+
+
+def test_resume_with_another_tp_layout_is_refused(data, tp2, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tp2, other)
+    log = run(other, data, *TINY, "parallel.zero_stage=1", f"train.run_dir={other}", nproc=1, expect=None)
+    assert "tensor_parallel=2" in log and "tensor_parallel=1" in log, log[-3000:]
+
+
+def _tp_logits(rank, world, ckpt_dir, ids):
+    """The TP=2 model of the checkpoint, each rank loading its own DeepSpeed module file."""
+    from m2train.checkpoint.consolidate import model_config_of
+    from m2train.checkpoint.manifest import read_manifest
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.tensor_parallel import apply_tensor_parallel, gather_logits
+
+    groups.init_model_parallel(tp=world)
+    model = build_model(model_config_of(read_manifest(ckpt_dir), ckpt_dir))
+    model = apply_tensor_parallel(model, groups.tp_group()).eval()
+    states = torch.load(Path(ckpt_dir) / f"mp_rank_{rank:02d}_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    model.load_state_dict(states, strict=True)
+    with torch.no_grad():
+        logits = gather_logits(model(ids).logits, groups.tp_group())
+    groups.destroy_model_parallel()
+    return logits
+
+
+def test_tp2_export_logits_and_eval_from_one_process(data, tp2, tmp_path):
+    import subprocess
+
+    from m2train.models import from_pretrained
+
+    ckpt = tp2 / "checkpoints" / f"step_{STEPS:08d}"
+    out = tmp_path / "export"
+    cmd = [sys.executable, "-m", "m2train", "export", str(ckpt), str(out), "--no-tokenizer"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = from_pretrained(out)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        single_logits = model(ids).logits
+    tp_logits = run_distributed(_tp_logits, 2, str(ckpt), ids)
+    for lg in tp_logits:
+        assert ((lg - single_logits).norm() / single_logits.norm()).item() < 1e-5
+
+    cmd = [sys.executable, "-m", "m2train", "eval", str(ckpt), "--batches", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads(res.stdout)
+    val = [r for r in read_metrics(tp2 / "metrics.jsonl") if r.get("step") == STEPS and "val_loss" in r][0]
+    assert math.isclose(metrics["loss"], val["val_loss"], rel_tol=1e-5), (metrics, val)
