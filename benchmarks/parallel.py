@@ -1,0 +1,479 @@
+"""Communication and memory of tensor (TP) and context (CP) parallelism for M2-GPT (issue 5).
+
+    traffic   bytes communicated per training step (forward + backward), by kind (all-reduce, all-to-all,
+              all-gather, send/recv halo), per rank and in total, for M2-GPT-360M at TP = 1, 2, 4, 8
+              (CP = 1) and CP = 1, 2, 4 (TP = 1), computed from the model config; the data-parallel /
+              ZeRO gradient traffic separately.
+    check     the same formulas against MEASURED traffic: 2 gloo processes run one training step of the
+              tiny M2-GPT (configs/m2_gpt_tiny.yaml) at TP=2 and at CP=2 with every torch.distributed
+              collective wrapped to count calls and bytes. Any difference from the formula, per rank and
+              per kind, in calls or bytes, fails (exit 1).
+    memory    per-rank memory of M2-GPT-360M at L = 2048 ... 131,072 and CP = 1 ... 8: parameters,
+              gradients, optimizer state (ZeRO over the dp x cp ranks), activations per layer from the
+              model's shapes, with and without activation checkpointing; then a measured check on the tiny
+              model (bytes autograd saves for backward, CP=1 in this process and CP=2 on 2 gloo ranks).
+    all       all three (the default).
+
+    python benchmarks/parallel.py                       # everything, Markdown on stdout
+    python benchmarks/parallel.py check                 # only the measured traffic check
+    python benchmarks/parallel.py traffic --seq-len 8192 --micro-batch 2
+
+Definitions. "payload" is the size of the tensor(s) a rank hands to a collective (what the check compares
+exactly); "wire" is what a rank sends under the usual algorithms, derived from the payload: ring all-reduce
+2(P-1)/P·S, all-gather (P-1)·S_in, all-to-all the chunks for other ranks ((P-1)/P·S), send = S. Traffic of
+the 360M tables assumes bf16 activations (2 bytes; what the DeepSpeed bf16 engine runs) and fp32 for the
+loss statistics; the check runs fp32 (CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("all_reduce", "all_to_all", "all_gather", "send_recv")
+
+
+def load_model_config(name: str):
+    from m2train.config import load_config
+    return load_config(name).model
+
+
+# =====================================================================================================
+# Traffic: the formulas
+# =====================================================================================================
+@dataclass
+class Traffic:
+    """Per rank: {kind: [calls, payload bytes, wire bytes]}."""
+
+    kinds: dict = field(default_factory=lambda: {k: [0, 0, 0] for k in KINDS})
+
+    def add(self, kind: str, payload: int, wire: float, calls: int = 1) -> None:
+        k = self.kinds.setdefault(kind, [0, 0, 0])
+        k[0] += calls
+        k[1] += payload * calls
+        k[2] += wire * calls
+
+
+def _ring_all_reduce(t: Traffic, nbytes: int, P: int) -> None:
+    t.add("all_reduce", nbytes, 2 * (P - 1) / P * nbytes)
+
+
+def _check_m2_gpt(cfg) -> None:
+    if cfg.arch != "m2_gpt":
+        raise SystemExit(f"benchmarks/parallel.py models M2-GPT only (model.arch m2_gpt), got {cfg.arch!r}")
+    if cfg.sequence_mixer != "fft":
+        raise SystemExit("benchmarks/parallel.py: model.sequence_mixer must be 'fft' (TP/CP support only that)")
+
+
+def tp_traffic(cfg, B: int, L: int, T: int, e: int) -> list[Traffic]:
+    """One training step of M2-GPT under TP=T (m2train.parallel.tensor_parallel), per TP rank.
+    e: bytes per activation element; the vocab-parallel cross-entropy works in fp32."""
+    _check_m2_gpt(cfg)
+    t = Traffic()
+    if T == 1:
+        return [t]
+    N, H, O = B * L, cfg.hidden_size, cfg.filter_order
+    convs = 1 + int(cfg.residual_long_conv)
+    mlps = 2 if cfg.bidirectional else 1
+    act = N * H * e
+    _ring_all_reduce(t, act, T)                              # fwd: vocab-parallel embedding
+    for _ in range(cfg.num_layers):
+        _ring_all_reduce(t, act, T)                          # fwd: row-parallel out_linear
+        _ring_all_reduce(t, act, T)                          # fwd: GLU partial output
+        _ring_all_reduce(t, act, T)                          # bwd: mixer input copied to the TP region
+        _ring_all_reduce(t, act, T)                          # bwd: GLU input copied to the TP region
+        for _ in range(convs * mlps):                        # bwd: filter MLP features (L, O) copied
+            _ring_all_reduce(t, L * O * e, T)
+    for _ in range(3):                                       # fwd: CE max, target logit, sum exp (fp32)
+        _ring_all_reduce(t, N * 4, T)
+    _ring_all_reduce(t, act, T)                              # bwd: LM-head input copied to the TP region
+    return [t] * T
+
+
+def cp_traffic(cfg, B: int, L: int, P: int, e: int) -> list[Traffic]:
+    """One training step of M2-GPT under CP=P (m2train.parallel.context_parallel), per CP rank."""
+    _check_m2_gpt(cfg)
+    if P == 1:
+        return [Traffic()]
+    H, K = cfg.hidden_size, cfg.short_conv_kernel
+    Lc = L // P
+    convs = 1 + int(cfg.residual_long_conv)
+    chunk = B * H * Lc * e                                   # one (B, H, L/P) operand of an all-to-all
+    halo = B * 3 * H * (K - 1) * e                           # the last K-1 positions of the 3H channels
+    out = []
+    for r in range(P):
+        t = Traffic()
+        for _ in range(cfg.num_layers):
+            # seq -> channel and back, around each long conv, forward and again (inverse) backward
+            for _ in range(4 * convs):
+                t.add("all_to_all", chunk, (P - 1) / P * chunk)
+            if K > 1:
+                if r < P - 1:
+                    t.add("send_recv", halo, halo)           # fwd: my tail to the next rank
+                if r > 0:
+                    t.add("send_recv", halo, halo)           # bwd: the halo's gradient to the previous rank
+        _ring_all_reduce(t, 2 * 4, P)                        # the global token mean: (sum, count) in fp32
+        out.append(t)
+    return out
+
+
+def zero_traffic(n_params: int, D: int, stage: int, e_grad: int = 2, e_param: int = 2) -> float:
+    """Wire bytes per rank per step of the gradient/parameter traffic of DeepSpeed ZeRO over D = dp x cp
+    ranks (ring algorithms): stage 0 all-reduces the gradients, 1/2 reduce-scatter them and all-gather the
+    updated parameters (the same volume), 3 also all-gathers the parameters in forward and backward."""
+    if D == 1:
+        return 0.0
+    base = 2 * (D - 1) / D * n_params * e_grad
+    return base + (2 * (D - 1) / D * n_params * e_param if stage == 3 else 0.0)
+
+
+def count_params(cfg) -> int:
+    from m2train.models import build_model
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(cfg).parameters())
+
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:.3f}"
+
+
+def _mb(x: float) -> str:
+    return f"{x / 2**20:.2f}"
+
+
+def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int) -> str:
+    n = count_params(cfg)
+    lines = [f"### Traffic per training step: {cfg_name(cfg)}, micro-batch {B} x L={L}, activations "
+             f"{e} bytes/element (forward + backward)",
+             "",
+             "Wire MiB per rank (payload handed to the collectives in parentheses, MiB); 'total' = all ranks "
+             "of the TP or CP group. Halo send/recv: the busiest (middle) rank.",
+             "",
+             "| layout | all-reduce | all-to-all | all-gather | send/recv halo | per rank | total | "
+             f"ZeRO-{zero_stage} grads (dp=1, per rank) |",
+             "|---|---|---|---|---|---|---|---|"]
+    layouts = [(T, 1) for T in (1, 2, 4, 8)] + [(1, P) for P in (2, 4)]
+    for T, P in layouts:
+        ranks = tp_traffic(cfg, B, L, T, e) if P == 1 else cp_traffic(cfg, B, L, P, e)
+        busiest = max(ranks, key=lambda t: sum(v[2] for v in t.kinds.values()))
+        cells = [f"{_mb(busiest.kinds[k][2])} ({_mb(busiest.kinds[k][1])})" for k in KINDS]
+        per_rank = sum(v[2] for v in busiest.kinds.values())
+        total = sum(sum(v[2] for v in t.kinds.values()) for t in ranks) if P > 1 else per_rank * T
+        # ZeRO over dp x cp = P ranks (dp = 1); each TP rank holds ~1/T of the parameters.
+        zero = zero_traffic(n // T, P, zero_stage)
+        lines.append(f"| TP={T} CP={P} | " + " | ".join(cells) + f" | {_mb(per_rank)} | {_mb(total)} | "
+                     f"{_mb(zero)} |")
+    lines += ["", f"Parameters: {n:,}. ZeRO/DP gradient traffic is separate from the model-parallel traffic "
+              f"above; with dp > 1 replicas multiply it by the ring factor 2(D-1)/D for D = dp x cp "
+              "(bf16 gradients; stage 3 adds 2(D-1)/D x params of parameter all-gathers)."]
+    return "\n".join(lines)
+
+
+def cfg_name(cfg) -> str:
+    return f"M2-GPT H={cfg.hidden_size} x {cfg.num_layers} layers (I={cfg.intermediate_size}, V={cfg.vocab_size})"
+
+
+# =====================================================================================================
+# Traffic: measured (2 gloo processes, every collective wrapped)
+# =====================================================================================================
+class CommCounter:
+    """Wraps torch.distributed's collectives (module attributes, so callers that look them up at call time
+    are counted: our code, megatron-core's cross-entropy) and records calls and bytes by kind."""
+
+    NAMES = ("all_reduce", "all_to_all", "all_to_all_single", "all_gather", "all_gather_into_tensor",
+             "reduce_scatter", "reduce_scatter_tensor", "broadcast", "isend", "send", "batch_isend_irecv")
+
+    def __init__(self):
+        self.traffic = Traffic()
+        self.other: list[str] = []
+        self._saved: dict = {}
+
+    def __enter__(self):
+        import torch.distributed as dist
+        for name in self.NAMES:
+            self._saved[name] = getattr(dist, name)
+            setattr(dist, name, self._wrap(name, self._saved[name]))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    def _wrap(self, name, fn):
+        import torch.distributed as dist
+
+        def counted(*args, **kwargs):
+            group = kwargs.get("group")
+            P = dist.get_world_size(group)
+            if name == "all_reduce":
+                _ring_all_reduce(self.traffic, args[0].nbytes, P)
+            elif name == "all_to_all":
+                inputs = args[1] if len(args) > 1 else kwargs["input_tensor_list"]
+                me = dist.get_rank(group)
+                payload = sum(x.nbytes for x in inputs)
+                self.traffic.add("all_to_all", payload, payload - inputs[me].nbytes)
+            elif name == "all_gather":
+                t = args[1] if len(args) > 1 else kwargs["tensor"]
+                self.traffic.add("all_gather", t.nbytes, (P - 1) * t.nbytes)
+            elif name in ("isend", "send"):
+                t = args[0]
+                self.traffic.add("send_recv", t.nbytes, t.nbytes)
+            else:                                            # not expected in a step: reported, and fails
+                self.other.append(name)
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step_batch(cfg, B: int, L: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+    return {"input_ids": ids, "labels": torch.randint(0, cfg.vocab_size, (B, L), generator=g)}
+
+
+def _worker(rank, world, port, config, tp, cp, B, L, queue):
+    """One rank: build the tiny model, apply TP or CP, then count one forward + backward."""
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+        from m2train.models import build_model
+        from m2train.parallel import groups
+        from m2train.parallel.context_parallel import apply_context_parallel, shard_batch
+        from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        groups.init_model_parallel(tp, cp)
+        cfg = load_model_config(config) if isinstance(config, str) else config
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        batch = _step_batch(cfg, B, L)
+        if tp > 1:
+            from m2train.parallel.tensor_parallel import apply_tensor_parallel
+            model = apply_tensor_parallel(model, groups.tp_group())
+        if cp > 1:
+            model = apply_context_parallel(model, groups.cp_group())
+            batch = shard_batch(batch, groups.cp_group())
+        dist.barrier()
+        with CommCounter() as counter:
+            loss = model(**batch).loss
+            loss.backward()
+        dist.barrier()
+        model.zero_grad(set_to_none=True)
+        saved = saved_activation_bytes(model, lambda: model(**batch).loss)
+        queue.put((rank, {"kinds": counter.traffic.kinds, "other": counter.other, "saved": saved}))
+        groups.destroy_model_parallel()
+        dist.destroy_process_group()
+    except BaseException:
+        import traceback
+        queue.put((rank, {"error": traceback.format_exc()}))
+
+
+def measure(config, tp: int, cp: int, B: int, L: int, world: int = 2) -> list[dict]:
+    """Run `world` gloo processes (tp * cp == world) and return each rank's counted traffic."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, config, tp, cp, B, L, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(world):
+            rank, res = queue.get(timeout=600)
+            if "error" in res:
+                raise SystemExit(f"rank {rank} failed:\n{res['error']}")
+            results[rank] = res
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]
+
+
+def check_report(config: str, B: int, L: int) -> tuple[str, bool]:
+    """Measured vs formula for TP=2 and CP=2 on `config` (fp32): exact per rank, kind, calls and bytes."""
+    cfg = load_model_config(config)
+    lines = [f"### Measured vs formula: {config} ({cfg_name(cfg)}), micro-batch {B} x L={L}, fp32, 2 gloo "
+             "processes", "",
+             "| layout | rank | kind | calls measured / formula | payload bytes measured / formula | match |",
+             "|---|---|---|---|---|---|"]
+    ok = True
+    for tp, cp in ((2, 1), (1, 2)):
+        formula = tp_traffic(cfg, B, L, tp, 4) if cp == 1 else cp_traffic(cfg, B, L, cp, 4)
+        measured = measure(config, tp, cp, B, L)
+        for r, (m, f) in enumerate(zip(measured, formula)):
+            if m["other"]:
+                ok = False
+                lines.append(f"| TP={tp} CP={cp} | {r} | unexpected collectives {m['other']} | | | NO |")
+            for kind in KINDS:
+                mc, mp_, _ = m["kinds"].get(kind, [0, 0, 0])
+                fc, fp, _ = f.kinds.get(kind, [0, 0, 0])
+                match = (mc, mp_) == (fc, fp)
+                ok &= match
+                if mc or fc:
+                    lines.append(f"| TP={tp} CP={cp} | {r} | {kind} | {mc} / {fc} | {mp_:,} / {fp:,} | "
+                                 f"{'yes' if match else 'NO'} |")
+    return "\n".join(lines), ok
+
+
+# =====================================================================================================
+# Memory
+# =====================================================================================================
+def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> dict:
+    """Bytes autograd keeps for backward in one M2-GPT block on one CP rank (chunk Lc = L/P), by part.
+
+    From the shapes of the context-parallel forward (m2train.parallel.context_parallel), counting each
+    storage once; e bytes per activation element, FFT spectra complex fp32 (8 bytes). With P = 1 the same
+    formula describes the reference forward: only the chunk is the whole sequence."""
+    H, I, O, K = cfg.hidden_size, cfg.intermediate_size, cfg.filter_order, cfg.short_conv_kernel
+    Lc = L // P
+    convs = 1 + int(cfg.residual_long_conv)
+    mlps = 2 if cfg.bidirectional else 1
+    n = 1 << (2 * L - 1).bit_length()                          # FFT size of the long conv
+    tok = B * Lc
+    parts = {
+        # LayerNorm inputs (x, x + mixer) and their mean/rstd (fp32), in_linear / GLU inputs (norm outputs)
+        "norms + linear inputs": 4 * tok * H * e + 2 * 2 * tok * 4,
+        # short conv input with its K-1 halo, and its output (x1, x2, v are views of it)
+        "short conv": 2 * B * 3 * H * (Lc + K - 1) * e,
+        # per long conv: its channel-sharded input (B, H/P, L) and the input's spectrum (B, H/P, n/2+1)
+        "long convs": convs * (B * (H // P) * L * e + B * (H // P) * (n // 2 + 1) * 8),
+        # gated conv output (kept for ⊙ x2) and the mixer's pre-out_linear sum
+        "mixer outputs": 2 * tok * H * e,
+        # filters, per conv and MLP: 3 Linear->Sin stages over (L, O) keep 3 tensors each; the output rows
+        # of this rank's H/P channels and the decay (L, H/P); the kernel spectrum (H/P, n/2+1)
+        "filters": convs * (mlps * (9 * L * O + L * (H // P)) * e + L * (H // P) * e
+                            + (H // P) * (n // 2 + 1) * 8),
+        # GLU: the (2I) up-projection, GELU(gate), and the product fed to Wo
+        "GLU": tok * (2 * I + I + I) * e,
+    }
+    return parts
+
+
+def head_bytes(cfg, B: int, L: int, P: int, e: int) -> int:
+    """Embedding output, final norm, the (B, L/P, V) logits and their fp32 log-softmax for the loss."""
+    tok = B * (L // P)
+    return tok * cfg.hidden_size * e * 2 + tok * cfg.vocab_size * (e + 4)
+
+
+def memory_per_rank(cfg, n_params: int, B: int, L: int, P: int, zero_stage: int, checkpointing: bool,
+                    e: int = 2) -> dict:
+    """Per-rank bytes under bf16 mixed precision with ZeRO over D = P ranks (dp = 1): bf16 parameters and
+    gradients, fp32 master weights + Adam moments (12 bytes/parameter), each sharded by the ZeRO stage."""
+    D = P
+    params = 2 * n_params / (D if zero_stage >= 3 else 1)
+    grads = 2 * n_params / (D if zero_stage >= 2 else 1)
+    optim = 12 * n_params / (D if zero_stage >= 1 else 1)
+    layer = sum(activation_bytes_per_layer(cfg, B, L, P, e).values())
+    if checkpointing:
+        # every_block: each block keeps only its input; one block's activations live during its recompute
+        acts = cfg.num_layers * B * (L // P) * cfg.hidden_size * e + layer
+    else:
+        acts = cfg.num_layers * layer
+    acts += head_bytes(cfg, B, L, P, e)
+    return {"params": params, "grads": grads, "optim": optim, "per_layer": layer, "activations": acts,
+            "total": params + grads + optim + acts}
+
+
+def memory_report(cfg, B: int, zero_stage: int) -> str:
+    from dataclasses import replace
+    n = count_params(cfg)
+    lines = [f"### Per-rank memory (GiB): {cfg_name(cfg)}, micro-batch {B}, bf16 + fp32 Adam, "
+             f"ZeRO-{zero_stage} over the CP ranks (dp = 1)", "",
+             "params / grads / optimizer: sharded by ZeRO over dp x cp; act/layer: one block's saved tensors; "
+             "'no ckpt' / 'ckpt': all activations (blocks + embedding/head) without / with every-block "
+             "activation checkpointing; totals include params, grads and optimizer.", "",
+             "| L | CP | params | grads | optim | act/layer | act (no ckpt) | act (ckpt) | total no ckpt | "
+             "total ckpt |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for L in (2048, 8192, 32768, 131072):
+        c = replace(cfg, max_seq_len=max(cfg.max_seq_len, L))
+        for P in (1, 2, 4, 8):
+            a = memory_per_rank(c, n, B, L, P, zero_stage, False)
+            b = memory_per_rank(c, n, B, L, P, zero_stage, True)
+            lines.append(f"| {L} | {P} | {_gb(a['params'])} | {_gb(a['grads'])} | {_gb(a['optim'])} | "
+                         f"{_gb(a['per_layer'])} | {_gb(a['activations'])} | {_gb(b['activations'])} | "
+                         f"{_gb(a['total'])} | {_gb(b['total'])} |")
+    return "\n".join(lines)
+
+
+def measured_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
+    """Bytes autograd saves in one forward of the tiny model (fp32), CP=1 here and CP=2 on 2 gloo ranks,
+    against the formula (all layers + head)."""
+    from dataclasses import replace
+    from m2train.models import build_model
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+    base = load_model_config(config)
+    lines = [f"### Measured activation bytes vs formula: {config}, micro-batch {B}, fp32", "",
+             "| L | CP | measured saved bytes (rank 0) | formula | measured / formula |", "|---|---|---|---|---|"]
+    for L in lengths:
+        cfg = replace(base, max_seq_len=max(base.max_seq_len, L))
+        formula = lambda P: cfg.num_layers * sum(activation_bytes_per_layer(cfg, B, L, P, 4).values()) \
+            + head_bytes(cfg, B, L, P, 4)                                       # noqa: E731
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        batch = _step_batch(cfg, B, L)
+        m1 = saved_activation_bytes(model, lambda: model(**batch).loss)
+        m2 = measure(cfg, 1, 2, B, L)[0]["saved"]
+        for P, m in ((1, m1), (2, m2)):
+            f = formula(P)
+            lines.append(f"| {L} | {P} | {m:,} | {f:,.0f} | {m / f:.3f} |")
+    return "\n".join(lines)
+
+
+# =====================================================================================================
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", default="all", choices=("all", "traffic", "check", "memory"),
+                    help="which report (default: all)")
+    ap.add_argument("--config", default=str(ROOT / "configs/m2_gpt_360m.yaml"),
+                    help="model config of the traffic and memory tables (default configs/m2_gpt_360m.yaml)")
+    ap.add_argument("--check-config", default=str(ROOT / "configs/m2_gpt_tiny.yaml"),
+                    help="the small config measured on CPU (default configs/m2_gpt_tiny.yaml)")
+    ap.add_argument("--seq-len", type=int, default=2048, help="sequence length of the traffic table")
+    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per step (traffic, memory)")
+    ap.add_argument("--bytes", type=int, default=2,
+                    help="bytes per activation element in the 360M tables (2 = bf16, 4 = fp32)")
+    ap.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2, 3),
+                    help="DeepSpeed ZeRO stage of the gradient-traffic column and the memory table")
+    ap.add_argument("--check-seq-len", type=int, default=64, help="sequence length of the measured check")
+    ap.add_argument("--check-batch", type=int, default=2, help="micro-batch of the measured checks")
+    args = ap.parse_args(argv)
+    ok = True
+    cfg = load_model_config(args.config)
+    if args.what in ("all", "traffic"):
+        print(traffic_report(cfg, args.micro_batch, args.seq_len, args.bytes, args.zero_stage), "\n")
+    if args.what in ("all", "check"):
+        text, ok = check_report(args.check_config, args.check_batch, args.check_seq_len)
+        print(text, "\n")
+        print("formula == measured for every rank, kind, call count and byte count" if ok else
+              "MISMATCH between the traffic formula and the measured traffic (rows marked NO)", "\n")
+    if args.what in ("all", "memory"):
+        print(memory_report(cfg, args.micro_batch, args.zero_stage), "\n")
+        print(measured_memory_report(args.check_config, args.check_batch, (256, 1024, 4096)), "\n")
+    if not ok:
+        print("FAILED: the traffic formula does not match the measured traffic", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
