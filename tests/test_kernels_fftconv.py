@@ -188,3 +188,33 @@ def test_mixer_warns_and_runs_torch_for_fp64():
         warnings.simplefilter("always")
         assert not ker.long_conv.use_kernel(torch.randn(1, 16, 30, dtype=torch.float64, device=DEVICE))
     assert any("float64" in str(w.message) for w in caught)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode is for machines without a GPU")
+def test_bench_smoke_mode_runs_every_section(tmp_path, capsys):
+    """kernels/bench.py's plumbing (peaks, every section, markdown, JSON) on a tiny interpreted shape."""
+    import json
+
+    from m2train.kernels import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["peaks"]["matmul_tflops"] > 0 and result["peaks"]["copy_gbs"] > 0
+    assert {r["op"] for r in result["monarch"]} == {"glu_up (H->2I, gelu*gate)", "blockdiag (I->H)",
+                                                    "monarch (H->H)"}
+    conv = result["fftconv"][0]
+    assert conv["triton_fwdbwd_ms"] > 0 and conv["speedup_fwdbwd"] > 0 and "tflops" in conv
+    assert result["models"][0]["bert_base_sdpa_tokens_per_ms"] > 0
+    assert "| gated FFT conv |" in table and "BERT-base SDPA tok/ms" in table
+
+
+def test_bench_refuses_without_a_gpu(capsys):
+    from m2train.kernels import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert bench.main(["--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
