@@ -40,12 +40,17 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from .dispatch import interpreting
 from .fft_monarch import MAX_FFT_SIZE, dft_factors, kernel_fft_size, monarch_kernel_spectrum, split_fft_size
 
 INTERPRET = interpreting()
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A GPU whose registers/shared memory cannot hold one whole sequence at some FFT size (every autotune
+# config failed to compile): that size runs the torch path from then on. (FFT size, device name) pairs.
+_TOO_LARGE: set[tuple[int, str]] = set()
+_RESOURCE_ERRORS = (OutOfResources, PTXASError)
 
 
 def _configs(backward: bool) -> list[triton.Config]:
@@ -218,32 +223,64 @@ class _GatedFFTConv(torch.autograd.Function):
             y.stride(0), y.stride(1),
             N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype))
         ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip)
-        ctx.gates = (x1 is not None, x2 is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         v, x1, x2, spec_re, spec_im, skip = ctx.saved_tensors
-        gate_in, gate_out = ctx.gates
-        B, H, L = v.shape
         n = spec_re.shape[-1]
-        n1, n2 = split_fft_size(n)
         dy = _seq_view(dy)
-        dv = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
-        dx1 = torch.empty_like(dv) if gate_in else None
-        dx2 = torch.empty_like(dv) if gate_out else None
-        dkr = torch.empty_like(spec_re)
-        dki = torch.empty_like(spec_im)
-        dd = torch.empty(H, dtype=torch.float32, device=v.device)
-        a1 = x1 if gate_in else v
-        a2 = x2 if gate_out else v
-        _fftconv_bwd_kernel[(H,)](
-            dy, v, a1, a2, spec_re, spec_im, skip,
-            dv, dx1 if gate_in else dv, dx2 if gate_out else dv, dkr, dki, dd, *dft_factors(n, v.device),
-            B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
-            a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
-            N1=n1, N2=n2, GATE_IN=gate_in, GATE_OUT=gate_out, PREC=_precision(v.dtype))
-        return dv, dx1, dx2, dkr, dki, dd.to(skip.dtype)
+        if (n, _device_name(v)) not in _TOO_LARGE:
+            try:
+                return _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip)
+            except _RESOURCE_ERRORS as err:
+                _give_up_on(n, v, err)
+        return _reference_backward(dy, v, x1, x2, spec_re, spec_im, skip)
+
+
+def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip):
+    B, H, L = v.shape
+    n = spec_re.shape[-1]
+    n1, n2 = split_fft_size(n)
+    dv = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
+    dx1 = torch.empty_like(dv) if x1 is not None else None
+    dx2 = torch.empty_like(dv) if x2 is not None else None
+    dkr = torch.empty_like(spec_re)
+    dki = torch.empty_like(spec_im)
+    dd = torch.empty(H, dtype=torch.float32, device=v.device)
+    a1 = x1 if x1 is not None else v                     # placeholder pointers when a gate is absent
+    a2 = x2 if x2 is not None else v
+    _fftconv_bwd_kernel[(H,)](
+        dy, v, a1, a2, spec_re, spec_im, skip,
+        dv, dx1 if dx1 is not None else dv, dx2 if dx2 is not None else dv, dkr, dki, dd,
+        *dft_factors(n, v.device),
+        B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
+        a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
+        N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype))
+    return dv, dx1, dx2, dkr, dki, dd.to(skip.dtype)
+
+
+def _device_name(x: torch.Tensor) -> str:
+    return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+
+
+def _give_up_on(n: int, x: torch.Tensor, err: Exception) -> None:
+    _TOO_LARGE.add((n, _device_name(x)))
+    warnings.warn(f"fused FFT conv: FFT size {n} does not fit on {_device_name(x)} ({type(err).__name__}: "
+                  f"{str(err)[:200]}); this size runs the torch path from now on", stacklevel=3)
+
+
+def _reference_backward(dy, v, x1, x2, spec_re, spec_im, skip):
+    """Gradients by autograd through the torch reference (used only when the backward kernel cannot be
+    compiled for this size on this GPU)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None
+                  for t in (v, x1, x2, spec_re, spec_im, skip)]
+        lv, l1, l2, lre, lim, ls = leaves
+        y = gated_fft_conv_reference(lv, lre, lim, ls, l1, l2)
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(y, wanted, dy))
+    return tuple(next(grads) if t is not None else None for t in leaves)
 
 
 def unsupported_reason(v: torch.Tensor, spec_re: torch.Tensor | None = None) -> str | None:
@@ -260,6 +297,8 @@ def unsupported_reason(v: torch.Tensor, spec_re: torch.Tensor | None = None) -> 
         return f"spectrum length {spec_re.shape[-1]} is not kernel_fft_size(L) = {n}"
     if not v.is_cuda and not INTERPRET:
         return "a CPU tensor without TRITON_INTERPRET=1"
+    if (n, _device_name(v)) in _TOO_LARGE:
+        return f"FFT size {n} did not fit in registers/shared memory on {_device_name(v)} (see earlier warning)"
     return None
 
 
@@ -273,7 +312,11 @@ def gated_fft_conv(v: torch.Tensor, spec_re: torch.Tensor, spec_im: torch.Tensor
     if reason is not None:
         warnings.warn(f"fused FFT conv falls back to torch: {reason}", stacklevel=2)
         return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out)
-    return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip)
+    try:
+        return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip)
+    except _RESOURCE_ERRORS as err:
+        _give_up_on(spec_re.shape[-1], v, err)
+        return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out)
 
 
 def gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in=None, gate_out=None) -> torch.Tensor:

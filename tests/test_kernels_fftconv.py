@@ -218,3 +218,20 @@ def test_bench_refuses_without_a_gpu(capsys):
         pytest.skip("has a GPU")
     assert bench.main(["--quick"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_size_that_does_not_fit_the_gpu_runs_torch(monkeypatch):
+    """When no config of a kernel compiles for an FFT size on this device (registers/shared memory), that
+    size is remembered and runs the torch path - including the backward of a forward already taken."""
+    B, H, L = 1, 2, 40
+    v = torch.randn(B, H, L, device=DEVICE, requires_grad=True)
+    k = torch.randn(H, L, device=DEVICE, requires_grad=True)
+    skip = torch.randn(H, device=DEVICE, requires_grad=True)
+    y = fftconv.fused_long_conv(v, k, None, skip)                 # forward through the kernel
+    monkeypatch.setattr(fftconv, "_TOO_LARGE", {(kernel_fft_size(L), fftconv._device_name(v))})
+    assert "did not fit" in fftconv.unsupported_reason(v)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (v, k, skip), dy)                # backward through _reference_backward
+    want = reference(v, k, None, skip)
+    for g, e in zip(got, torch.autograd.grad(want, (v, k, skip), dy)):
+        assert rel(g, e) < 1e-5
