@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 
 _TASKS_ITEM = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
@@ -119,3 +120,48 @@ def expand_tasks_per_node(spec: str) -> list[int]:
             raise NodelistError(f"bad tasks-per-node entry {item!r} in {spec!r} (expected N or N(xM))")
         counts.extend([int(m.group(1))] * int(m.group(2) or 1))
     return counts
+
+
+class SlurmJobError(RuntimeError):
+    """The Slurm job's environment or `scontrol` answers do not say where the job runs."""
+
+
+def _scontrol(*args: str) -> str:
+    exe = shutil.which("scontrol")
+    if exe is None:
+        raise SlurmJobError("`scontrol` is not on PATH: the Slurm client commands must be installed on the "
+                            "compute nodes (Debian: slurm-client)")
+    res = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise SlurmJobError(f"`scontrol {' '.join(args)}` failed (exit {res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+def job_hostnames(nodelist: str) -> list[str]:
+    """The job's hosts, in Slurm's order, as `scontrol show hostnames` expands SLURM_JOB_NODELIST.
+
+    scontrol (not our own expander) because it is the authority on the cluster's naming; an empty answer
+    is a hard error: without it no node knows where rank 0 and the rendezvous store live."""
+    if not nodelist.strip():
+        raise SlurmJobError("SLURM_JOB_NODELIST is empty: run this inside a Slurm allocation (sbatch/salloc)")
+    hosts = _scontrol("show", "hostnames", nodelist).split()
+    if not hosts:
+        raise SlurmJobError(f"`scontrol show hostnames {nodelist}` printed no host: cannot choose MASTER_ADDR "
+                            "(is SLURM_CONF pointing at this cluster's slurm.conf?)")
+    return hosts
+
+
+def node_address(host: str) -> str:
+    """An address other nodes can reach `host` at: the name itself when it resolves, else the node's
+    NodeAddr from `scontrol show node` (names that are only Slurm's, e.g. several simulated nodes on one
+    machine, or clusters whose node names are not in DNS)."""
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except OSError:
+        pass
+    m = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", host))
+    if m is None or m.group(1) in ("", "(null)"):
+        raise SlurmJobError(f"node {host!r} does not resolve and `scontrol show node {host}` has no NodeAddr: "
+                            "set MASTER_ADDR to rank 0's address")
+    return m.group(1)
