@@ -148,7 +148,7 @@ def _mb(x: float) -> str:
     return f"{x / 2**20:.2f}"
 
 
-def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int) -> str:
+def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int, dp: int) -> str:
     n = count_params(cfg)
     lines = [f"### Traffic per training step: {cfg_name(cfg)}, micro-batch {B} x L={L}, activations "
              f"{e} bytes/element (forward + backward)",
@@ -157,7 +157,7 @@ def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int) -> str:
              "of the TP or CP group. Halo send/recv: the busiest (middle) rank.",
              "",
              "| layout | all-reduce | all-to-all | all-gather | send/recv halo | per rank | total | "
-             f"ZeRO-{zero_stage} grads (dp=1, per rank) |",
+             f"ZeRO-{zero_stage} grads + params, dp={dp} (per rank) |",
              "|---|---|---|---|---|---|---|---|"]
     layouts = [(T, 1) for T in (1, 2, 4, 8)] + [(1, P) for P in (2, 4)]
     for T, P in layouts:
@@ -166,13 +166,15 @@ def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int) -> str:
         cells = [f"{_mb(busiest.kinds[k][2])} ({_mb(busiest.kinds[k][1])})" for k in KINDS]
         per_rank = sum(v[2] for v in busiest.kinds.values())
         total = sum(sum(v[2] for v in t.kinds.values()) for t in ranks) if P > 1 else per_rank * T
-        # ZeRO over dp x cp = P ranks (dp = 1); each TP rank holds ~1/T of the parameters.
-        zero = zero_traffic(n // T, P, zero_stage)
+        # ZeRO over dp x cp ranks; each TP rank holds ~1/T of the parameters.
+        zero = zero_traffic(n // T, dp * P, zero_stage)
         lines.append(f"| TP={T} CP={P} | " + " | ".join(cells) + f" | {_mb(per_rank)} | {_mb(total)} | "
                      f"{_mb(zero)} |")
-    lines += ["", f"Parameters: {n:,}. ZeRO/DP gradient traffic is separate from the model-parallel traffic "
-              f"above; with dp > 1 replicas multiply it by the ring factor 2(D-1)/D for D = dp x cp "
-              "(bf16 gradients; stage 3 adds 2(D-1)/D x params of parameter all-gathers)."]
+    lines += ["", f"Parameters: {n:,}. The last column is the data-parallel traffic, separate from the "
+              "model-parallel traffic before it: ZeRO reduces bf16 gradients (and all-gathers the updated "
+              "parameters) over D = dp x cp ranks, 2(D-1)/D x 2 bytes x (parameters / TP) per rank with ring "
+              "algorithms, independent of L; stage 3 adds as much again for the forward/backward parameter "
+              "all-gathers."]
     return "\n".join(lines)
 
 
@@ -354,24 +356,27 @@ def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> dict:
         "norms + linear inputs": 4 * tok * H * e + 2 * 2 * tok * 4,
         # short conv input with its K-1 halo, and its output (x1, x2, v are views of it)
         "short conv": 2 * B * 3 * H * (Lc + K - 1) * e,
-        # per long conv: its channel-sharded input (B, H/P, L) and the input's spectrum (B, H/P, n/2+1)
-        "long convs": convs * (B * (H // P) * L * e + B * (H // P) * (n // 2 + 1) * 8),
+        # per long conv: its channel-sharded input (B, H/P, L), the fp32 zero-padded FFT input (B, H/P, n)
+        # and its spectrum (B, H/P, n/2+1) complex64
+        "long convs": convs * B * (H // P) * (L * e + n * 4 + (n // 2 + 1) * 8),
         # gated conv output (kept for ⊙ x2) and the mixer's pre-out_linear sum
         "mixer outputs": 2 * tok * H * e,
-        # filters, per conv and MLP: 3 Linear->Sin stages over (L, O) keep 3 tensors each; the output rows
-        # of this rank's H/P channels and the decay (L, H/P); the kernel spectrum (H/P, n/2+1)
-        "filters": convs * (mlps * (9 * L * O + L * (H // P)) * e + L * (H // P) * e
-                            + (H // P) * (n // 2 + 1) * 8),
-        # GLU: the (2I) up-projection, GELU(gate), and the product fed to Wo
+        # filters, per conv: 3 Linear -> Sin stages over (L, O) keep 3 tensors each (per MLP), the decay
+        # (L, H/P) of this rank's channels, the padded fp32 kernel (H/P, n) and its spectrum (H/P, n/2+1)
+        "filters": convs * (mlps * 9 * L * O * e + L * (H // P) * e
+                            + (H // P) * (n * 4 + (n // 2 + 1) * 8)),
+        # GLU: its input (as the block-diagonal layer's reshaped copy, counted above), the (2I) up-projection,
+        # GELU(gate), and the product fed to Wo (reshaped copy)
         "GLU": tok * (2 * I + I + I) * e,
     }
     return parts
 
 
 def head_bytes(cfg, B: int, L: int, P: int, e: int) -> int:
-    """Embedding output, final norm, the (B, L/P, V) logits and their fp32 log-softmax for the loss."""
+    """Final norm input and output (+ fp32 stats), the fp32 log-softmax of the (B, L/P, V) logits that the
+    loss keeps, and the int64 token ids and labels."""
     tok = B * (L // P)
-    return tok * cfg.hidden_size * e * 2 + tok * cfg.vocab_size * (e + 4)
+    return tok * cfg.hidden_size * e * 2 + 2 * tok * 4 + tok * cfg.vocab_size * 4 + 2 * tok * 8
 
 
 def memory_per_rank(cfg, n_params: int, B: int, L: int, P: int, zero_stage: int, checkpointing: bool,
@@ -448,7 +453,10 @@ def main(argv=None) -> int:
                     help="model config of the traffic and memory tables (default configs/m2_gpt_360m.yaml)")
     ap.add_argument("--check-config", default=str(ROOT / "configs/m2_gpt_tiny.yaml"),
                     help="the small config measured on CPU (default configs/m2_gpt_tiny.yaml)")
-    ap.add_argument("--seq-len", type=int, default=2048, help="sequence length of the traffic table")
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[2048, 32768],
+                    help="sequence length(s) of the traffic tables (default 2048 32768)")
+    ap.add_argument("--dp", type=int, default=2,
+                    help="data-parallel replicas assumed for the ZeRO gradient-traffic column (default 2)")
     ap.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per step (traffic, memory)")
     ap.add_argument("--bytes", type=int, default=2,
                     help="bytes per activation element in the 360M tables (2 = bf16, 4 = fp32)")
@@ -460,7 +468,8 @@ def main(argv=None) -> int:
     ok = True
     cfg = load_model_config(args.config)
     if args.what in ("all", "traffic"):
-        print(traffic_report(cfg, args.micro_batch, args.seq_len, args.bytes, args.zero_stage), "\n")
+        for L in args.seq_len:
+            print(traffic_report(cfg, args.micro_batch, L, args.bytes, args.zero_stage, args.dp), "\n")
     if args.what in ("all", "check"):
         text, ok = check_report(args.check_config, args.check_batch, args.check_seq_len)
         print(text, "\n")
