@@ -1,11 +1,13 @@
 """What a Slurm job does when its training step has ended: finish, requeue itself, or fail.
 
-The batch process is told to stop by Slurm (`--signal=B:USR1@300` before the time limit, SIGTERM on
-preemption or scancel, or a user's `scancel --signal=USR1 --batch`). It forwards the stop to the training
-step, whose ranks save a checkpoint and exit 3 (torchrun reports that as 1). Only a job that was told to
-stop requeues, and at most `max_requeues` times (Slurm counts attempts in SLURM_RESTART_COUNT), so a run
-that crashes right after every restart cannot requeue forever. A job that finished (exit 0) never requeues,
-even if a signal arrived after its last step.
+The batch process is told to stop by Slurm: SIGUSR1 from `--signal=B:USR1@300` before the time limit or
+from `scancel --signal=USR1 --batch` (how a user or a preemption hook asks for checkpoint-and-requeue), or
+SIGTERM from `scancel` and preemption. Either way it forwards the stop to the training step, whose ranks
+save a checkpoint and exit 3 (torchrun reports that as 1). Only USR1 requeues: SIGTERM is also what a plain
+`scancel` sends, and a cancelled job must stay cancelled (Slurm requeues jobs preempted with
+PreemptMode=REQUEUE by itself). At most `max_requeues` requeues (Slurm counts attempts in
+SLURM_RESTART_COUNT), so a run that crashes right after every restart cannot requeue forever. A job that
+finished (exit 0) never requeues, even if a signal arrived after its last step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def decide(step_rc: int, stop_signal: str | None, restart_count: int, max_requeu
         return Outcome("finished", 0, "training step finished")
     if stop_signal is None:
         return Outcome("failed", step_rc, f"training step failed with exit code {step_rc}")
+    if stop_signal != "SIGUSR1":
+        return Outcome("stopped", 3, f"stopped by {stop_signal} (scancel or preemption): checkpoint saved, not "
+                                     "requeueing (Slurm requeues preempted jobs itself when PreemptMode=REQUEUE; "
+                                     "resubmit to resume)")
     if restart_count >= max_requeues:
         return Outcome("stopped", 3, f"stopped by {stop_signal}; not requeued: SLURM_RESTART_COUNT="
                                      f"{restart_count} reached M2_MAX_REQUEUES={max_requeues}")
