@@ -310,6 +310,24 @@ def measure(config, tp: int, cp: int, B: int, L: int, world: int = 2) -> list[di
     return [results[r] for r in range(world)]
 
 
+def compare_traffic(measured: list[dict], formula: list[Traffic], layout: str) -> tuple[list[str], bool]:
+    """Markdown rows and whether every rank's calls and payload bytes match the formula for every kind."""
+    rows, ok = [], True
+    for r, (m, f) in enumerate(zip(measured, formula, strict=True)):
+        if m["other"]:
+            ok = False
+            rows.append(f"| {layout} | {r} | unexpected collectives {m['other']} | | | NO |")
+        for kind in KINDS:
+            mc, mb, _ = m["kinds"].get(kind, [0, 0, 0])
+            fc, fb, _ = f.kinds.get(kind, [0, 0, 0])
+            match = (mc, mb) == (fc, fb)
+            ok &= match
+            if mc or fc:
+                rows.append(f"| {layout} | {r} | {kind} | {mc} / {fc} | {mb:,} / {fb:,} | "
+                            f"{'yes' if match else 'NO'} |")
+    return rows, ok
+
+
 def check_report(config: str, B: int, L: int) -> tuple[str, bool]:
     """Measured vs formula for TP=2 and CP=2 on `config` (fp32): exact per rank, kind, calls and bytes."""
     cfg = load_model_config(config)
@@ -320,19 +338,9 @@ def check_report(config: str, B: int, L: int) -> tuple[str, bool]:
     ok = True
     for tp, cp in ((2, 1), (1, 2)):
         formula = tp_traffic(cfg, B, L, tp, 4) if cp == 1 else cp_traffic(cfg, B, L, cp, 4)
-        measured = measure(config, tp, cp, B, L)
-        for r, (m, f) in enumerate(zip(measured, formula)):
-            if m["other"]:
-                ok = False
-                lines.append(f"| TP={tp} CP={cp} | {r} | unexpected collectives {m['other']} | | | NO |")
-            for kind in KINDS:
-                mc, mp_, _ = m["kinds"].get(kind, [0, 0, 0])
-                fc, fp, _ = f.kinds.get(kind, [0, 0, 0])
-                match = (mc, mp_) == (fc, fp)
-                ok &= match
-                if mc or fc:
-                    lines.append(f"| TP={tp} CP={cp} | {r} | {kind} | {mc} / {fc} | {mp_:,} / {fp:,} | "
-                                 f"{'yes' if match else 'NO'} |")
+        rows, good = compare_traffic(measure(config, tp, cp, B, L), formula, f"TP={tp} CP={cp}")
+        lines += rows
+        ok &= good
     return "\n".join(lines), ok
 
 

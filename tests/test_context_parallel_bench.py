@@ -1,0 +1,57 @@
+"""benchmarks/parallel.py: its traffic formulas equal the collectives a real 2-rank gloo step makes (TP=2
+and CP=2, tiny M2-GPT, counted by wrapping torch.distributed), a wrong formula is caught, and the CP
+activation-memory formula equals the bytes autograd saves."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import parallel as bench  # noqa: E402  (benchmarks/ is scripts, not a package)
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs/m2_gpt_tiny.yaml")
+
+
+@pytest.mark.slow  # two 2-process gloo runs: ~30-60 s on 2 busy cores
+def test_traffic_formula_equals_measured_and_catches_errors():
+    cfg = bench.load_model_config(TINY)
+    B, L = 1, 32
+    for tp, cp in ((2, 1), (1, 2)):
+        measured = bench.measure(TINY, tp, cp, B, L)
+        formula = bench.tp_traffic(cfg, B, L, tp, 4) if cp == 1 else bench.cp_traffic(cfg, B, L, cp, 4)
+        rows, ok = bench.compare_traffic(measured, formula, f"TP={tp} CP={cp}")
+        assert ok, "\n".join(rows)
+        kinds = {k for m in measured for k, v in m["kinds"].items() if v[0]}
+        assert kinds == ({"all_reduce"} if tp > 1 else {"all_reduce", "all_to_all", "send_recv"})
+        # The comparison has teeth: one layer fewer, or halo of a kernel-2 conv, is a mismatch.
+        wrong = (bench.tp_traffic(replace(cfg, num_layers=cfg.num_layers - 1), B, L, tp, 4) if cp == 1 else
+                 bench.cp_traffic(replace(cfg, short_conv_kernel=2), B, L, cp, 4))
+        assert not bench.compare_traffic(measured, wrong, "wrong")[1]
+        if cp > 1:
+            # CP activation memory: the formula from the shapes equals what autograd saved (the token ids
+            # are views of the whole batch's storage: that batch-sized int64 difference is all).
+            saved = measured[0]["saved"]
+            f = cfg.num_layers * sum(bench.activation_bytes_per_layer(cfg, B, L, cp, 4).values()) \
+                + bench.head_bytes(cfg, B, L, cp, 4)
+            assert abs(saved - f) <= B * L * 8 + 16, (saved, f)
+
+
+def test_formulas_scale_as_designed():
+    cfg = bench.load_model_config(str(Path(TINY).parents[0] / "m2_gpt_360m.yaml"))
+    # CP: per-rank all-to-all payload halves from CP=2 to CP=4; the halo does not grow with L.
+    a2, a4 = (bench.cp_traffic(cfg, 1, 8192, P, 2)[1].kinds for P in (2, 4))
+    assert a2["all_to_all"][1] == 2 * a4["all_to_all"][1]
+    assert bench.cp_traffic(cfg, 1, 2048, 4, 2)[1].kinds["send_recv"] == a4["send_recv"]
+    # TP: the payload per rank does not depend on T, the ring wire bytes grow as 2(T-1)/T.
+    t2, t8 = (bench.tp_traffic(cfg, 1, 2048, T, 2)[0].kinds["all_reduce"] for T in (2, 8))
+    assert t2[1] == t8[1] and t8[2] == pytest.approx(t2[2] * (2 * 7 / 8) / (2 * 1 / 2))
+    # Memory: activations per rank shrink with CP, checkpointing keeps far less than all layers.
+    n = bench.count_params(cfg)
+    m = [bench.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, P, 1, False) for P in (1, 8)]
+    assert m[1]["activations"] < m[0]["activations"] / 4
+    ck = bench.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, 1, 1, True)
+    assert ck["activations"] < m[0]["activations"] / 5
