@@ -30,8 +30,12 @@ done
 export PATH="$PATH:/usr/sbin"
 dir=${dir:-$(mktemp -d /tmp/m2train-slurm.XXXXXX)}
 dir=$(cd "$dir" 2>/dev/null && pwd || { mkdir -p "$dir" && cd "$dir" && pwd; })
-mkdir -p "$dir"/{run,log,state,spool,munge}
-chmod 755 "$dir"
+mkdir -p "$dir"/{run,log,state,spool}
+# munged runs as the munge user, which must reach its key, socket and log: DIR may sit under a private
+# parent (pytest's tmp folders are 0700), so munge gets its own folder under /tmp, linked as DIR/munge.
+if [ ! -L "$dir/munge" ]; then
+    ln -s "$(mktemp -d /tmp/m2train-munge.XXXXXX)" "$dir/munge"
+fi
 
 # Free TCP ports for the controller and each node, so several clusters (or a system Slurm) can coexist.
 read -r -a ports < <(python3 - "$nodes" <<'PY'
@@ -44,18 +48,19 @@ PY
 )
 
 # munge: a private key and socket, so this cluster works whether or not a system munged runs.
-chown munge:munge "$dir/munge"
-chmod 711 "$dir/munge"     # munged: clients must be able to reach the socket
-if [ ! -f "$dir/munge/munge.key" ]; then
-    dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
+mdir=$(readlink -f "$dir/munge")
+chown munge:munge "$mdir"
+chmod 711 "$mdir"     # munged: clients must be able to reach the socket
+if [ ! -f "$mdir/munge.key" ]; then
+    dd if=/dev/urandom of="$mdir/munge.key" bs=1024 count=1 status=none
 fi
-chown munge:munge "$dir/munge/munge.key"
-chmod 400 "$dir/munge/munge.key"
-sock="$dir/munge/munge.sock"
-runuser -u munge -- munged --socket="$sock" --key-file="$dir/munge/munge.key" \
-    --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
-for _ in $(seq 50); do [ -S "$sock" ] && [ -s "$dir/munge/munged.pid" ] && break; sleep 0.1; done
-cp "$dir/munge/munged.pid" "$dir/run/munged.pid"
+chown munge:munge "$mdir/munge.key"
+chmod 400 "$mdir/munge.key"
+sock="$mdir/munge.sock"
+runuser -u munge -- munged --socket="$sock" --key-file="$mdir/munge.key" \
+    --pid-file="$mdir/munged.pid" --log-file="$mdir/munged.log" --seed-file="$mdir/munged.seed"
+for _ in $(seq 50); do [ -S "$sock" ] && [ -s "$mdir/munged.pid" ] && break; sleep 0.1; done
+cp "$mdir/munged.pid" "$dir/run/munged.pid"
 
 cpus=$(nproc)
 # Leave the OS some memory; Slurm rejects jobs asking for more than RealMemory.

@@ -40,6 +40,7 @@ for pid in "${pids[@]}"; do
 done
 rm -f "$dir"/run/*.pid
 if [ "${2:-}" = "--remove" ]; then
+    [ -L "$dir/munge" ] && rm -rf "$(readlink -f "$dir/munge")"
     rm -rf "$dir"
 fi
 echo "stopped ${#pids[@]} daemon(s) of $dir"
