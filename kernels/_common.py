@@ -22,9 +22,10 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def matmul_configs() -> list[triton.Config]:
     """Tile configs (BLOCK_M rows x BLOCK_N outputs of one block, BLOCK_K reduction) for the block matmuls.
 
-    Blocks of the released models are 192..768 wide (H/4, 2I/4 at H = 768..1792), so 64..128-wide tiles
-    fill them with little masking; 3-4 pipeline stages keep the H100's shared memory (227 KiB) in budget
-    even for fp32 operands, and a config that does not fit is skipped by the autotuner."""
+    Blocks of the released models are 192..3584 wide (H/4, 2I/4 at H = 768..1792), so 64..128-wide tiles
+    fill them with little masking; 32-wide ones are for Monarch layers with many small blocks (sqrt(n)).
+    3-4 pipeline stages keep the H100's shared memory (227 KiB) in budget even for fp32 operands; a config
+    that does not fit is skipped by the autotuner, and `prune_wide_tiles` drops tiles far wider than a block."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [
@@ -33,6 +34,20 @@ def matmul_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    ]
+
+
+def glu_configs() -> list[triton.Config]:
+    """The fused GLU holds two accumulators (gate and value) and streams two operand pairs, so its tiles are
+    half the area of the plain matmul's for the same registers and shared memory."""
+    if INTERPRET:
+        return matmul_configs()
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
     ]
 
 
@@ -44,7 +59,19 @@ def weight_grad_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     ]
+
+
+def prune_wide_tiles(configs, nargs, **kwargs):
+    """Autotuner pre-filter: a tile more than twice as wide as the block (rounded up to a power of two,
+    at least 32) only computes masked zeros, so it is never timed. Always keeps the narrowest config."""
+    def fits(cfg):
+        kw = cfg.kwargs
+        return (kw["BLOCK_N"] <= max(32, triton.next_power_of_2(nargs["OUT_BLK"]))
+                and kw["BLOCK_K"] <= max(32, triton.next_power_of_2(nargs["IN_BLK"])))
+    kept = [c for c in configs if fits(c)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
 
 
 def elementwise_block() -> tuple[int, int]:
@@ -54,10 +81,10 @@ def elementwise_block() -> tuple[int, int]:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: fp32 operands follow torch's own matmul TF32 switch, so the kernel is exactly
-    as precise as the torch.bmm reference it replaces (IEEE fp32 by default); 16-bit operands ignore it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    as precise as the torch.bmm reference it replaces (IEEE fp32 by default)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"           # Triton's default; the only setting used for 16-bit operands
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

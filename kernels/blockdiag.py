@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, dot_precision, matmul_configs, weight_grad_configs, \
-    weight_grad_splits
+from ._common import INTERPRET, compute_dtype, dot_precision, matmul_configs, prune_wide_tiles, \
+    weight_grad_configs, weight_grad_splits
 
 
 class Layout(NamedTuple):
@@ -36,7 +36,8 @@ def transposed_layout(nblocks: int) -> Layout:
     return Layout(1, nblocks)
 
 
-@triton.autotune(configs=matmul_configs(), key=["IN_BLK", "OUT_BLK", "x_elem", "y_elem"])
+@triton.autotune(configs=matmul_configs(), key=["IN_BLK", "OUT_BLK", "x_elem", "y_elem"],
+                 prune_configs_by={"early_config_prune": prune_wide_tiles})
 @triton.jit
 def _blockdiag_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, in_limit, out_limit, stride_xm, stride_ym,
                       x_blk, x_elem, y_blk, y_elem, stride_wb, stride_wn, stride_wk, IN_BLK, OUT_BLK,
@@ -72,7 +73,8 @@ def _blockdiag_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, in_limit, out_limit, stride
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=weight_grad_configs(), key=["IN_BLK", "OUT_BLK", "x_elem", "dy_elem"])
+@triton.autotune(configs=weight_grad_configs(), key=["IN_BLK", "OUT_BLK", "x_elem", "dy_elem"],
+                 prune_configs_by={"early_config_prune": prune_wide_tiles})
 @triton.jit
 def _weight_grad_kernel(dy_ptr, x_ptr, dw_ptr, M, rows_per_split, NBLOCKS, in_limit, out_limit,
                         stride_dym, stride_xm, x_blk, x_elem, dy_blk, dy_elem,

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, dot_precision, elementwise_block, matmul_configs
+from ._common import INTERPRET, compute_dtype, dot_precision, elementwise_block, glu_configs, \
+    prune_wide_tiles
 from .blockdiag import blockdiag_forward, blockdiag_weight_grad, contiguous_layout
 
 def supported_shape(weight: torch.Tensor, in_features: int, intermediate_size: int) -> bool:
@@ -25,7 +26,8 @@ def supported_shape(weight: torch.Tensor, in_features: int, intermediate_size: i
     return nblocks % 2 == 0 and nblocks * in_blk == in_features and nblocks * out_blk == 2 * intermediate_size
 
 
-@triton.autotune(configs=matmul_configs(), key=["IN_BLK", "OUT_BLK", "STORE_H"])
+@triton.autotune(configs=glu_configs(), key=["IN_BLK", "OUT_BLK", "STORE_H"],
+                 prune_configs_by={"early_config_prune": prune_wide_tiles})
 @triton.jit
 def _glu_fwd_kernel(x_ptr, w_ptr, h_ptr, act_ptr, M, stride_xm, stride_hm, stride_am,
                     stride_wb, stride_wn, stride_wk, HALF, IN_BLK, OUT_BLK, INTER,
