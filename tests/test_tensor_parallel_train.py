@@ -1,7 +1,7 @@
 """`m2train train` with parallel.tensor_parallel=2 end to end: 2 ranks under torchrun on gloo, DeepSpeed
 ZeRO-1 with the m2train mpu, real MDS shards and checkpoints.
 
-- the TP=2 loss curve (20 steps) matches the single-process one within fp32 tolerance, and so do the
+- the TP=2 (and the CP=2) loss curve (20 steps) matches the single-process one within fp32 tolerance, and so do the
   clipped gradient norms (clipping is active: train.grad_clip is tiny);
 - a TP=2 checkpoint resumes: steps 11..20 after a resume from step 10 equal the uninterrupted run;
 - resuming with another TP layout is refused naming both layouts;
@@ -156,3 +156,19 @@ def test_tp2_export_logits_and_eval_from_one_process(data, tp2, tmp_path):
     metrics = json.loads(res.stdout)
     val = [r for r in read_metrics(tp2 / "metrics.jsonl") if r.get("step") == STEPS and "val_loss" in r][0]
     assert math.isclose(metrics["loss"], val["val_loss"], rel_tol=1e-5), (metrics, val)
+
+
+def test_cp2_zero1_run_matches_single_process(data, single, tmp_path):
+    """The trainer's context-parallel path (engineer CP's layers): each rank trains on its sequence chunk,
+    ZeRO averages over dp x cp, the logged loss / norm / validation equal the single-process run's."""
+    d = tmp_path / "cp2"
+    run(d, data, *TINY, "parallel.zero_stage=1", "parallel.context_parallel=2", nproc=2)
+    ref, got = _records(single), _records(d)
+    assert list(got) == list(range(1, STEPS + 1))
+    for step in ref:
+        assert math.isclose(got[step]["loss"], ref[step]["loss"], rel_tol=1e-4), (step, got[step], ref[step])
+        assert math.isclose(got[step]["grad_norm"], ref[step]["grad_norm"], rel_tol=1e-3), step
+        assert got[step]["tokens_seen"] == ref[step]["tokens_seen"]
+    val_ref = [r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if "val_loss" in r]
+    val_got = [r["val_loss"] for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r]
+    assert len(val_got) == 2 and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(val_got, val_ref))
