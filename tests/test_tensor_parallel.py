@@ -1,6 +1,7 @@
 """Tensor parallelism (m2train.parallel.tensor_parallel) on 2 real gloo processes, fp32: the TP=2 model
 equals the single-process one (logits gathered over the vocab shards, loss, every parameter's gradient after
-merging the shards), state dicts shard and merge exactly, and DeepSpeed's clipped gradient norm under TP=2
+merging the shards), replicated tensors stay identical across TP ranks under dropout, state dicts shard and
+merge exactly, and DeepSpeed's clipped gradient norm under TP=2
 with the m2train mpu (ZeRO-1) equals the single-process norm, as does the clipped update."""
 
 from __future__ import annotations
@@ -114,8 +115,28 @@ def _clipped_zero1_step(rank, world):
     return {"norm": norm, "ref_norm": ref_norm, "weights_err": err}
 
 
+def _dropout_replicas(rank, world):
+    """With dropout on, TP peers (same RNG stream) must keep replicated tensors identical: the loss and
+    every replicated parameter's gradient are the same on both ranks."""
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.tensor_parallel import apply_tensor_parallel, shard_rules
+
+    groups.init_model_parallel(tp=world)
+    torch.manual_seed(0)
+    cfg = _cfg("m2_bert", max_seq_len=24, hidden_dropout=0.1, mixer_dropout=0.1)
+    tp = apply_tensor_parallel(build_model(cfg).train(), groups.tp_group())
+    torch.manual_seed(5)
+    out = tp(**_batch(cfg, 2, 24, "m2_bert"))
+    out.loss.backward()
+    rules = shard_rules(tp, world)
+    replicated = {n: p.grad.clone() for n, p in tp.named_parameters() if n not in rules}
+    groups.destroy_model_parallel()
+    return {"loss": out.loss.item(), "grads": replicated}
+
+
 def _all_cases(rank, world):
-    return [_clipped_zero1_step(rank, world),
+    return [_clipped_zero1_step(rank, world), _dropout_replicas(rank, world),
         _equivalence(rank, world, "m2_gpt", {}),
         _equivalence(rank, world, "m2_gpt", {"tie_word_embeddings": False, "mlp_type": "dense"}),
         _equivalence(rank, world, "m2_bert", {}),
@@ -131,7 +152,10 @@ def test_tp2_forward_backward_equal_single_process():
         assert r["ref_norm"] > 0.1                          # far above the 0.01 clip: clipping is active
         assert math.isclose(r["norm"], r["ref_norm"], rel_tol=1e-5), r
         assert r["weights_err"] < REL_TOL, r
-    for case in zip(*[res[1:] for res in results]):
+    d0, d1 = results[0][1], results[1][1]
+    assert d0["loss"] == d1["loss"] and d0["grads"].keys() == d1["grads"].keys()
+    assert all(torch.equal(d0["grads"][n], d1["grads"][n]) for n in d0["grads"])
+    for case in zip(*[res[2:] for res in results]):
         for r in case:
             assert r["errs"]["logits"] < REL_TOL, r["errs"]
             assert r["errs"]["loss"] < REL_TOL, r["errs"]
@@ -179,3 +203,19 @@ def test_unshardable_configs_name_the_key():
         check_tensor_parallel(build_model(_cfg("m2_gpt", sequence_mixer="monarch_causal")), 2)
     with pytest.raises(ConfigError, match="model.arch"):
         check_tensor_parallel(build_model(_cfg("gpt")), 2)
+
+
+def test_sharded_dropout_draws_independent_slices_of_one_mask():
+    from m2train.parallel.tensor_parallel import sharded_dropout
+
+    drop = torch.nn.Dropout(0.5).train()
+    x = torch.ones(3, 8, 5)
+    masks = []
+    for rank in range(2):
+        torch.manual_seed(7)                                 # TP peers share the RNG stream
+        masks.append(sharded_dropout(x, drop, 1, rank, 2))
+    torch.manual_seed(7)
+    full = torch.empty(3, 16, 5).bernoulli_(0.5) * 2.0
+    assert torch.equal(torch.cat(masks, dim=1), full)       # rank r keeps slice r of the unsharded mask
+    assert not torch.equal(masks[0], masks[1])
+    assert torch.equal(sharded_dropout(x, drop.eval(), 1, 0, 2), x)

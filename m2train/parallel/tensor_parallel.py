@@ -29,7 +29,9 @@ Per layer and micro-batch of N = B·L tokens (fp32 words; H hidden, O filter ord
 So a layer costs 2 forward + 2 backward all-reduces of an (N, H) activation, as a Transformer layer under
 megatron TP; activations stay replicated between layers (no sequence parallelism).
 
-Dropout in replicated regions must draw the same mask on every TP rank: the trainer seeds TP peers alike.
+Dropout: TP peers share one RNG stream (the trainer seeds them alike), so replicated activations get the
+same masks on every rank; dropout on sharded activations (`sharded_dropout`) draws the unsharded mask and
+keeps this rank's slice, so channels on different ranks are not dropped in lockstep.
 
 State dicts: `shard_rules(model, T)` describes how every sharded tensor of the full model is split;
 `shard_state_dict` / `merge_state_dicts` / `gather_state_dict` convert exactly between the full
@@ -85,6 +87,23 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     out = x.contiguous(memory_format=torch.contiguous_format).clone()
     dist.all_reduce(out, group=group)
     return out
+
+
+def sharded_dropout(x: torch.Tensor, dropout: nn.Dropout, dim: int, rank: int, size: int) -> torch.Tensor:
+    """Dropout of a tensor sharded along `dim` over TP ranks that share one RNG stream (the trainer seeds
+    TP peers alike so replicated activations get equal masks). Plain dropout would give every rank the SAME
+    mask on its different channels; instead each rank draws the mask of the whole unsharded tensor (the
+    RNG advances alike everywhere) and keeps its own slice, so masks are independent across channels."""
+    p = dropout.p
+    if not dropout.training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    shape = list(x.shape)
+    width = shape[dim]
+    shape[dim] = width * size
+    keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+    return x * keep.narrow(dim, rank * width, width) / (1.0 - p)
 
 
 def _copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -208,6 +227,7 @@ class TensorParallelMixer(M2SequenceMixer):
         self.pad_masking, self.bidirectional = mixer.pad_masking, mixer.bidirectional
         self.hidden_size = hi - lo
         self.lo, self.hi, self.group = lo, hi, group
+        self.tp_rank, self.tp_size = dist.get_rank(group), dist.get_world_size(group)
 
     def forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.input_norm is not None:
@@ -219,7 +239,7 @@ class TensorParallelMixer(M2SequenceMixer):
             z = z * keep
         z = self.short_conv(z)
         x1, x2, v = z.chunk(3, dim=1)
-        v = self.dropout(v * x1)
+        v = sharded_dropout(v * x1, self.dropout, 1, self.tp_rank, self.tp_size)
         if keep is not None:
             v = v * keep
         y = self.long_conv(v) * x2
@@ -228,7 +248,7 @@ class TensorParallelMixer(M2SequenceMixer):
             if keep is not None:
                 u_t = u_t * keep
             y = y + self.residual_conv(u_t)
-        y = self.dropout(y.transpose(1, 2))
+        y = sharded_dropout(y.transpose(1, 2), self.dropout, 2, self.tp_rank, self.tp_size)
         out = _reduce_from_tp(F.linear(y, self.out_linear.weight), self.group)
         return out + self.out_linear.bias if self.out_linear.bias is not None else out
 
@@ -242,16 +262,20 @@ class TensorParallelGLU(MonarchGLU):
         self.gated_layers, self.wo, self.dropout = glu.gated_layers, glu.wo, glu.dropout
         self.out_blocks = out_blocks             # blockdiag: the Wo blocks (output chunks) this rank feeds
         self.group = group
+        self.tp_rank, self.tp_size = dist.get_rank(group), dist.get_world_size(group)
+
+    def _dropout(self, act: torch.Tensor) -> torch.Tensor:
+        return sharded_dropout(act, self.dropout, act.dim() - 1, self.tp_rank, self.tp_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         y = _copy_to_tp(y, self.group)
         if self.out_blocks is None:              # dense
             gate, value = F.linear(y, self.gated_layers.weight).chunk(2, dim=-1)
-            partial = F.linear(self.dropout(F.gelu(gate) * value), self.wo.weight)
+            partial = F.linear(self._dropout(F.gelu(gate) * value), self.wo.weight)
         else:
             wg, wo = self.gated_layers.weight, self.wo.weight
             gate, value = blockdiag_matmul(y, wg).chunk(2, dim=-1)
-            act = self.dropout(F.gelu(gate) * value)
+            act = self._dropout(F.gelu(gate) * value)
             nb, out_chunk = 2 * wo.shape[0], wo.shape[1]
             part = blockdiag_matmul(act, wo).unflatten(-1, (nb // 2, out_chunk))
             partial = part.new_zeros(*part.shape[:-2], nb, out_chunk)
@@ -590,6 +614,6 @@ def gather_logits(logits: torch.Tensor, group) -> torch.Tensor:
 
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "shard_rules", "shard_state_dict",
-           "merge_state_dicts", "gather_state_dict", "gather_tensors", "gather_logits", "vocab_parallel_loss",
+           "merge_state_dicts", "gather_state_dict", "gather_tensors", "sharded_dropout", "gather_logits", "vocab_parallel_loss",
            "ColumnParallelLinear", "VocabParallelEmbedding", "TensorParallelMixer", "TensorParallelGLU",
            "Shard", "GLUOutShard"]
