@@ -1,18 +1,9 @@
 #!/bin/bash
-# Pretrain M2-GPT-145M (configs/m2_gpt_145m.yaml) on 2 nodes x 8 GPUs: one torchrun per node, data-parallel DeepSpeed.
-#
-# Submit from the repository root (the job runs from the folder sbatch was called in):
-#   sbatch slurm/m2_gpt_145m.sh
-#   M2_DATA=/data/prepared/x M2_OVERRIDES="train.max_steps=20000" sbatch --nodes=2 slurm/m2_gpt_145m.sh
-# Resume: nothing to do. On the 300 s warning before the time limit (or scancel --signal=USR1 --batch, or
-# preemption's SIGTERM) the job checkpoints and requeues itself; the new attempt resumes from
-# RUN_DIR/checkpoints/latest (at most M2_MAX_REQUEUES times). Resubmitting the same command also resumes.
-# Settings (environment, documented defaults; full list: python -m m2train.launch.job batch --help):
-#   M2_CONFIG=m2_gpt_145m  M2_DATA=data/c4_gpt2048  M2_RUN_DIR=runs/<config name>
-#   M2_CKPT_DIR (default RUN_DIR/checkpoints)  M2_OVERRIDES (key=value ...)  M2_GPUS_PER_NODE (default: the
-#   GPUs Slurm allocated)  M2_PROCS_PER_NODE  M2_MAX_REQUEUES=10  M2_LOCAL_CACHE  M2_PYTHON  M2_REPO
-# Resources: the #SBATCH lines below are defaults; command-line options override them, e.g. CPU only:
-#   sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=4 --mem=8G slurm/m2_gpt_145m.sh
+# Pretrain M2-GPT-145M (configs/m2_gpt_145m.yaml): 2 nodes x 8 GPUs, one torchrun per node.
+#   sbatch slurm/m2_gpt_145m.sh                                    (from the repository root)
+#   M2_DATA=/data/x M2_OVERRIDES="train.max_steps=20000" sbatch --nodes=2 slurm/m2_gpt_145m.sh
+# Checkpoints and requeues itself on the time-limit warning (USR1); settings, resume and CPU-only runs:
+# slurm/README.md and `python -m m2train.launch.job batch --help`.
 #SBATCH --job-name=m2-gpt-145m
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
