@@ -1,0 +1,177 @@
+"""GPU-only checks of every Triton kernel at real model sizes, fp32 and bf16, against the PyTorch reference,
+and of whole M2-BERT-80M / M2-GPT-360M forward+backward passes with kernels on vs the torch path.
+
+Run on a GPU node (one call does all kernel tests, then the benchmark):
+    pytest -m gpu tests/test_kernels_gpu.py tests/test_kernels_*.py && python -m m2train.kernels.bench
+Without CUDA every test here is skipped (tests/conftest.py skips @pytest.mark.gpu).
+
+Tolerances: fp32 kernels compute with fp32 accumulation (the FFT conv's DFT products as "tf32x3", ~fp32
+accurate; the block-diagonal products in IEEE fp32, as torch.bmm does by default), so fp32 results are
+held to rel < 1e-4 (error accumulates over 2L-point transforms and 12-24 layers). bf16 results are
+compared with the fp32 reference on the same bf16-rounded inputs, rel < 2e-2 (a handful of bf16
+roundings, 2^-8 each).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """The fp32 references must be fp32 (torch's default), whatever a previous test switched on."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# --------------------------------------------------------------------------------------- gated FFT conv
+def _conv_reference(v, k_fwd, k_rev, skip, x1, x2):
+    from m2train.models.longconv import long_conv
+
+    u = v * x1
+    return (long_conv(u, k_fwd, k_rev) + u * skip[:, None]) * x2
+
+
+@pytest.mark.parametrize("L,bidirectional", [(512, True), (2048, False), (4096, True), (8192, False),
+                                             (1000, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fftconv_real_sizes(L, bidirectional, dtype):
+    from m2train.kernels.fftconv import fused_long_conv
+
+    B, H = 2, 768
+    g = torch.Generator(device=DEV).manual_seed(0)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, device=DEV, generator=g) * scale)  # noqa: E731
+    acts = [mk(B, H, L).to(dtype).requires_grad_() for _ in range(3)]
+    v, x1, x2 = acts
+    k_fwd = mk(H, L, scale=0.05).requires_grad_()
+    k_rev = mk(H, L, scale=0.05).requires_grad_() if bidirectional else None
+    skip = mk(H).requires_grad_()
+    params = [t for t in (k_fwd, k_rev, skip) if t is not None]
+
+    with warnings.catch_warnings():
+        if L <= 4096:
+            # No fallback to torch at these sizes. At L = 8192 (a 16384-point FFT, 128 x 128 factors) a GPU
+            # whose registers/shared memory cannot hold the sequence falls back (warned, still correct).
+            warnings.filterwarnings("error", message=".*fused FFT conv.*")
+        y = fused_long_conv(v, k_fwd, k_rev, skip, x1, x2)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, acts + params, dy)
+    assert y.dtype == dtype
+    # Reference in fp32 on the same (rounded) inputs.
+    ref_in = [a.detach().float().requires_grad_() for a in acts]
+    want = _conv_reference(ref_in[0], k_fwd, k_rev, skip, ref_in[1], ref_in[2])
+    exp = torch.autograd.grad(want, ref_in + params, dy.float())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert rel(y, want) < tol
+    for gk, ge in zip(got, exp):
+        assert rel(gk, ge) < tol
+
+
+def test_fftconv_longest_falls_back_cleanly():
+    """L = 16384 needs a 32768-point FFT, beyond the one-program-per-sequence kernel: torch path, same result."""
+    from m2train.kernels.fftconv import fused_long_conv, unsupported_reason
+
+    v = torch.randn(1, 8, 16384, device=DEV)
+    assert "3-level" in unsupported_reason(v)
+    k = torch.randn(8, 16384, device=DEV) * 0.01
+    skip = torch.randn(8, device=DEV)
+    with pytest.warns(UserWarning, match="falls back"):
+        y = fused_long_conv(v, k, None, skip)
+    from m2train.models.longconv import long_conv
+    assert rel(y, long_conv(v, k, None) + v * skip[:, None]) < 1e-5
+
+
+# ------------------------------------------------------------------------ block-diagonal / Monarch / GLU
+@pytest.mark.parametrize("H", [768, 1792])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_monarch_family_real_sizes(H, dtype):
+    from m2train.kernels import ops
+
+    I, nb, M = 4 * H, 4, 4096 + 7                              # rows that do not fill a tile
+    g = torch.Generator(device=DEV).manual_seed(0)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, device=DEV, generator=g) * scale).to(dtype)  # noqa: E731
+    x, xi = mk(M, H), mk(M, I)
+    w_up, w_dn = mk(nb, 2 * I // nb, H // nb, scale=0.05), mk(nb, H // nb, I // nb, scale=0.05)
+    b_dn = mk(H, scale=0.1)
+    w1, w2 = mk(nb, H // nb, H // nb, scale=0.05), mk(nb, H // nb, H // nb, scale=0.05)
+    cases = {
+        "glu": (lambda m, a, w: ops.glu_blockdiag(a[0], w[0], I, m), [x], [w_up]),
+        "blockdiag": (lambda m, a, w: ops.blockdiag_linear(a[0], w[0], w[1], I, H, m), [xi], [w_dn, b_dn]),
+        "monarch": (lambda m, a, w: ops.monarch_linear(a[0], w[0], w[1], None, H, H, m), [x], [w1, w2]),
+    }
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, (fn, acts, weights) in cases.items():
+        outs = {}
+        for mode, cast in (("triton", dtype), ("torch", torch.float32)):
+            a = [t.detach().to(cast).requires_grad_() for t in acts]
+            w = [t.detach().to(cast).requires_grad_() for t in weights]
+            y = fn(mode, a, w)
+            dy = torch.randn(y.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
+            outs[mode] = (y, torch.autograd.grad(y, a + w, dy.to(y.dtype)))
+        (yk, gk), (yr, gr) = outs["triton"], outs["torch"]
+        assert yk.dtype == dtype, name
+        assert rel(yk, yr) < tol, name
+        for a, b in zip(gk, gr):
+            assert rel(a, b) < tol, name
+
+
+# ------------------------------------------------------------------------------------------ whole models
+def _model_pair(config: str, overrides: list[str]):
+    from m2train.config import load_config
+    from m2train.models import build_model
+
+    torch.manual_seed(0)
+    ref = build_model(load_config(config, overrides + ["model.kernels=torch"]).model).to(DEV).eval()
+    ker = build_model(load_config(config, overrides + ["model.kernels=triton"]).model).to(DEV).eval()
+    ker.load_state_dict(ref.state_dict())
+    return ref, ker
+
+
+def _loss(model, ids):
+    out = model(ids)
+    logits = out.logits if hasattr(out, "logits") else out
+    return logits.float().square().mean(), logits
+
+
+@pytest.mark.parametrize("config,L,B", [("m2_bert_80m", 1024, 4), ("m2_gpt_360m", 2048, 1)])
+def test_whole_model_fp32_kernels_match_torch(config, L, B):
+    ref, ker = _model_pair(config, [f"model.max_seq_len={L}", "model.hidden_dropout=0.0"])
+    ids = torch.randint(5, 1000, (B, L), device=DEV)
+    loss_r, logits_r = _loss(ref, ids)
+    loss_k, logits_k = _loss(ker, ids)
+    assert rel(logits_k, logits_r) < 1e-4
+    loss_r.backward()
+    loss_k.backward()
+    worst = max(rel(pk.grad, pr.grad) for pr, pk in zip(ref.parameters(), ker.parameters())
+                if pr.grad is not None and pr.grad.norm() > 0)
+    assert worst < 1e-3
+
+
+@pytest.mark.parametrize("config,L,B", [("m2_bert_80m", 4096, 2), ("m2_gpt_360m", 2048, 2)])
+def test_whole_model_bf16_autocast_kernels_match_torch(config, L, B):
+    ref, ker = _model_pair(config, [f"model.max_seq_len={L}", "model.hidden_dropout=0.0"])
+    ids = torch.randint(5, 1000, (B, L), device=DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_r, logits_r = _loss(ref, ids)
+        loss_k, logits_k = _loss(ker, ids)
+    assert torch.isfinite(loss_k)
+    assert rel(logits_k, logits_r) < 3e-2
+    loss_r.backward()
+    loss_k.backward()
+    # Summed over the whole model, bf16 rounding differences reach a few percent per parameter gradient.
+    g_r = torch.cat([p.grad.flatten() for p in ref.parameters() if p.grad is not None])
+    g_k = torch.cat([p.grad.flatten() for p in ker.parameters() if p.grad is not None])
+    assert rel(g_k, g_r) < 5e-2
