@@ -14,6 +14,14 @@ launching:
   Rank and world size come from the launcher's environment; every run goes through a DeepSpeed engine
   (gloo on CPU, nccl on GPU).
 
+model parallelism (M2-GPT / M2-BERT; data parallel = world / (tensor x context)):
+  parallel.tensor_parallel=T   megatron-style TP over T contiguous ranks: mixer channels, GLU blocks and the
+                               vocabulary are split; needs T | hidden_size, vocab_size and T even for
+                               block-diagonal GLUs; ZeRO 0-2. Checkpoints hold one module file per TP rank
+                               and resume only with the same T (export / eval merge them).
+  parallel.context_parallel=C  sequences split over C ranks around the long convolutions (long contexts).
+  Not both at once yet. e.g. torchrun --nproc-per-node 2 -m m2train train CONFIG parallel.tensor_parallel=2
+
 resuming:
   Rerun the same command: it resumes from the newest complete checkpoint under train.checkpoint_dir
   (default RUN_DIR/checkpoints) - step, tokens seen, model/optimizer, data-loader position and RNG - and
