@@ -247,38 +247,45 @@ def _step_batch(cfg, B: int, L: int) -> dict:
     return {"input_ids": ids, "labels": torch.randint(0, cfg.vocab_size, (B, L), generator=g)}
 
 
-def _worker(rank, world, port, config, tp, cp, B, L, queue):
-    """One rank: build the tiny model, apply TP or CP, then count one forward + backward."""
+def _measure_layout(config, tp: int, cp: int, B: int, L: int) -> dict:
+    """On this rank: build the model, apply TP or CP, count one forward + backward, then measure the bytes
+    autograd saves in one more forward."""
+    import torch.distributed as dist
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+    from m2train.parallel.context_parallel import apply_context_parallel, shard_batch
+
+    groups.init_model_parallel(tp, cp)
+    cfg = load_model_config(config) if isinstance(config, str) else config
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = _step_batch(cfg, B, L)
+    if tp > 1:
+        from m2train.parallel.tensor_parallel import apply_tensor_parallel
+        model = apply_tensor_parallel(model, groups.tp_group())
+    if cp > 1:
+        model = apply_context_parallel(model, groups.cp_group())
+        batch = shard_batch(batch, groups.cp_group())
+    dist.barrier()                                   # group set-up traffic is not the step's
+    with CommCounter() as counter:
+        loss = model(**batch).loss
+        loss.backward()
+    dist.barrier()
+    model.zero_grad(set_to_none=True)
+    saved = saved_activation_bytes(model, lambda: model(**batch).loss)
+    groups.destroy_model_parallel()
+    return {"kinds": counter.traffic.kinds, "other": counter.other, "saved": saved}
+
+
+def _worker(rank, world, port, config, layouts, B, L, queue):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         import torch.distributed as dist
-        from m2train.models import build_model
-        from m2train.parallel import groups
-        from m2train.parallel.context_parallel import apply_context_parallel, shard_batch
-        from m2train.parallel.activation_checkpointing import saved_activation_bytes
-
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        groups.init_model_parallel(tp, cp)
-        cfg = load_model_config(config) if isinstance(config, str) else config
-        torch.manual_seed(0)
-        model = build_model(cfg).train()
-        batch = _step_batch(cfg, B, L)
-        if tp > 1:
-            from m2train.parallel.tensor_parallel import apply_tensor_parallel
-            model = apply_tensor_parallel(model, groups.tp_group())
-        if cp > 1:
-            model = apply_context_parallel(model, groups.cp_group())
-            batch = shard_batch(batch, groups.cp_group())
-        dist.barrier()
-        with CommCounter() as counter:
-            loss = model(**batch).loss
-            loss.backward()
-        dist.barrier()
-        model.zero_grad(set_to_none=True)
-        saved = saved_activation_bytes(model, lambda: model(**batch).loss)
-        queue.put((rank, {"kinds": counter.traffic.kinds, "other": counter.other, "saved": saved}))
-        groups.destroy_model_parallel()
+        res = [_measure_layout(config, tp, cp, B, L) for tp, cp in layouts]
+        queue.put((rank, res))
         dist.destroy_process_group()
     except BaseException:
         import traceback
@@ -287,11 +294,16 @@ def _worker(rank, world, port, config, tp, cp, B, L, queue):
 
 def measure(config, tp: int, cp: int, B: int, L: int, world: int = 2) -> list[dict]:
     """Run `world` gloo processes (tp * cp == world) and return each rank's counted traffic."""
+    return measure_layouts(config, [(tp, cp)], B, L, world)[0]
+
+
+def measure_layouts(config, layouts: list[tuple[int, int]], B: int, L: int, world: int = 2) -> list[list[dict]]:
+    """Like `measure` for several (tp, cp) layouts in one set of processes: [layout][rank] -> result."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, config, tp, cp, B, L, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, config, layouts, B, L, queue))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -299,7 +311,7 @@ def measure(config, tp: int, cp: int, B: int, L: int, world: int = 2) -> list[di
     try:
         for _ in range(world):
             rank, res = queue.get(timeout=600)
-            if "error" in res:
+            if isinstance(res, dict):
                 raise SystemExit(f"rank {rank} failed:\n{res['error']}")
             results[rank] = res
     finally:
@@ -307,7 +319,7 @@ def measure(config, tp: int, cp: int, B: int, L: int, world: int = 2) -> list[di
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return [results[r] for r in range(world)]
+    return [[results[r][i] for r in range(world)] for i in range(len(layouts))]
 
 
 def compare_traffic(measured: list[dict], formula: list[Traffic], layout: str) -> tuple[list[str], bool]:
@@ -336,9 +348,10 @@ def check_report(config: str, B: int, L: int) -> tuple[str, bool]:
              "| layout | rank | kind | calls measured / formula | payload bytes measured / formula | match |",
              "|---|---|---|---|---|---|"]
     ok = True
-    for tp, cp in ((2, 1), (1, 2)):
+    layouts = [(2, 1), (1, 2)]
+    for (tp, cp), measured in zip(layouts, measure_layouts(config, layouts, B, L)):
         formula = tp_traffic(cfg, B, L, tp, 4) if cp == 1 else cp_traffic(cfg, B, L, cp, 4)
-        rows, good = compare_traffic(measure(config, tp, cp, B, L), formula, f"TP={tp} CP={cp}")
+        rows, good = compare_traffic(measured, formula, f"TP={tp} CP={cp}")
         lines += rows
         ok &= good
     return "\n".join(lines), ok

@@ -87,15 +87,26 @@ def _assert_equivalent(results):
         assert len(r["zero_grads"]) < r["n_params"] // 4, r["zero_grads"]
 
 
-@pytest.mark.slow  # two spawned processes: ~20 s on 2 busy cores
-def test_cp2_m2_gpt_and_bert_equal_single_process():
-    # One spawn for every case (each spawn pays interpreter + torch start-up).
-    results = run_distributed(_all_equivalence_cases, 2)
-    for case in zip(*results):
+@pytest.fixture(scope="module")
+def small_runs():
+    """Every small-sequence case in ONE pair of processes (each spawn pays interpreter, torch and
+    DeepSpeed start-up): {name: [rank 0 result, rank 1 result]}."""
+    results = run_distributed(_small_cases, 2)
+    return {k: [r[k] for r in results] for k in results[0]}
+
+
+def _small_cases(rank, world):
+    return {"equivalence": _equivalence_cases(rank, world), "bf16": _bf16(rank, world),
+            "causality": _causality(rank, world)}
+
+
+@pytest.mark.slow  # the shared 2-process run: ~30-60 s on 2 busy cores
+def test_cp2_m2_gpt_and_bert_equal_single_process(small_runs):
+    for case in zip(*small_runs["equivalence"]):
         _assert_equivalent(case)
 
 
-def _all_equivalence_cases(rank, world):
+def _equivalence_cases(rank, world):
     return [
         _equivalence(rank, world, "m2_gpt", {}, "sum", 32),
         # ZeRO over dp x cp averages gradients: grads averaged over CP ranks must equal the reference.
@@ -128,9 +139,9 @@ def _bf16(rank, world):
                                      for p in cp.parameters() if p.grad is not None)}
 
 
-@pytest.mark.slow  # two spawned processes
-def test_cp2_bf16_runs_and_agrees():
-    for r in run_distributed(_bf16, 2):
+@pytest.mark.slow  # the shared 2-process run
+def test_cp2_bf16_runs_and_agrees(small_runs):
+    for r in small_runs["bf16"]:
         assert r["loss"] < 1e-2, r          # bf16 round-off, not an fp32 comparison
         assert r["grads_bf16_finite"]
 
@@ -164,9 +175,9 @@ def _causality(rank, world):
     return out
 
 
-@pytest.mark.slow  # two spawned processes
-def test_cp2_causal_and_bidirectional_across_chunks():
-    diffs = run_distributed(_causality, 2)[0]
+@pytest.mark.slow  # the shared 2-process run
+def test_cp2_causal_and_bidirectional_across_chunks(small_runs):
+    diffs = small_runs["causality"][0]
     L = 32
     for p in (5, L // 2 + 2):
         gpt = diffs[("m2_gpt", p)]

@@ -16,12 +16,12 @@ import parallel as bench  # noqa: E402  (benchmarks/ is scripts, not a package)
 TINY = str(Path(__file__).resolve().parents[1] / "configs/m2_gpt_tiny.yaml")
 
 
-@pytest.mark.slow  # two 2-process gloo runs: ~30-60 s on 2 busy cores
+@pytest.mark.slow  # one 2-process gloo run of both layouts: ~30-60 s on 2 busy cores
 def test_traffic_formula_equals_measured_and_catches_errors():
     cfg = bench.load_model_config(TINY)
     B, L = 1, 32
-    for tp, cp in ((2, 1), (1, 2)):
-        measured = bench.measure(TINY, tp, cp, B, L)
+    layouts = [(2, 1), (1, 2)]
+    for (tp, cp), measured in zip(layouts, bench.measure_layouts(TINY, layouts, B, L)):
         formula = bench.tp_traffic(cfg, B, L, tp, 4) if cp == 1 else bench.cp_traffic(cfg, B, L, cp, 4)
         rows, ok = bench.compare_traffic(measured, formula, f"TP={tp} CP={cp}")
         assert ok, "\n".join(rows)
