@@ -133,13 +133,13 @@ def bench_monarch(device, dtype, tokens: int, hidden_sizes, peaks, reps: int) ->
 
 # ------------------------------------------------------------------------------------------- FFT conv
 def conv_flops(L: int, backward: bool) -> float:
-    """DFT-matrix FLOPs the fused kernel executes per (sample, channel): a forward real->complex transform
-    is 2 real products of F1 (N1·N1·N2) and 4 of F2 (N1·N2·N2); the inverse the same. The forward does one
-    of each, the gated backward two of each."""
+    """DFT-matrix FLOPs the fused kernel executes per (sample, channel): a transform is 2 real products
+    with F1 (N1·N1·N2 each) and 3 with F2 (N1·N2·N2 each, Gauss's complex product); the forward does one
+    transform each way, the gated backward two each way."""
     from m2train.kernels.fft_monarch import kernel_fft_size, split_fft_size
 
     n1, n2 = split_fft_size(kernel_fft_size(L))
-    one_way = 2 * (2 * n1 * n1 * n2) + 4 * (2 * n1 * n2 * n2)
+    one_way = 2 * (2 * n1 * n1 * n2) + 3 * (2 * n1 * n2 * n2)
     return (4 if backward else 2) * one_way
 
 

@@ -9,7 +9,7 @@ passes only the output gate).
 One program owns one whole zero-padded sequence of length N = N1·N2 (kernel_fft_size(L) <= 16384) as an
 (N1, N2) fp32 matrix and does the FFT, the pointwise product with the kernel spectrum and the inverse FFT
 as the four-step (Monarch) factorisation of kernels/fft_monarch.py: dense DFT-matrix products on the
-tensor cores (tl.dot on real and imaginary parts), twiddle multiplies, and no transposes at all because the
+tensor cores (tl.dot on real and imaginary parts; 3 real products per complex one), twiddle multiplies, and no transposes at all because the
 kernel spectrum is stored in the permuted frequency order the factorisation produces. Gates, the D skip and
 the dtype casts happen in registers around it, so a sequence is read once and written once.
 
@@ -79,21 +79,28 @@ def _fft(a, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
     ti = _load_mat(ti_ptr, N1, N2)
     cr = br * tr - bi * ti
     ci = br * ti + bi * tr
+    return _cmul_f2(cr, ci, f2r_ptr, f2i_ptr, N2, PREC)
+
+
+@triton.jit
+def _cmul_f2(ar, ai, f2r_ptr, f2i_ptr, N2: tl.constexpr, PREC: tl.constexpr):
+    """(ar + i·ai) @ (F2r + i·F2i) with three real products instead of four (Gauss): the N2 x N2 products
+    are most of the FLOPs of a transform."""
     f2r = _load_mat(f2r_ptr, N2, N2)
     f2i = _load_mat(f2i_ptr, N2, N2)
-    xr = tl.dot(cr, f2r, input_precision=PREC) - tl.dot(ci, f2i, input_precision=PREC)
-    xi = tl.dot(cr, f2i, input_precision=PREC) + tl.dot(ci, f2r, input_precision=PREC)
-    return xr, xi
+    p1 = tl.dot(ar, f2r, input_precision=PREC)
+    p2 = tl.dot(ai, f2i, input_precision=PREC)
+    p3 = tl.dot(ar + ai, f2r + f2i, input_precision=PREC)
+    return p1 - p2, p3 - p1 - p2
 
 
 @triton.jit
 def _ifft_real(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
                N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
     """Permuted spectrum (N1, N2) -> real part of the inverse DFT: Re(conj(F1) @ ((Z @ conj(F2)) ⊙ conj(T))) / N."""
-    f2r = _load_mat(f2r_ptr, N2, N2)
-    f2i = _load_mat(f2i_ptr, N2, N2)
-    wr = tl.dot(zr, f2r, input_precision=PREC) + tl.dot(zi, f2i, input_precision=PREC)
-    wi = tl.dot(zi, f2r, input_precision=PREC) - tl.dot(zr, f2i, input_precision=PREC)
+    # Z @ conj(F2) = conj(conj(Z) @ F2)
+    wr, wi = _cmul_f2(zr, -zi, f2r_ptr, f2i_ptr, N2, PREC)
+    wi = -wi
     tr = _load_mat(tr_ptr, N1, N2)
     ti = _load_mat(ti_ptr, N1, N2)
     vr = wr * tr + wi * ti
