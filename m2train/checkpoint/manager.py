@@ -285,6 +285,12 @@ class CheckpointManager:
                 f"(m2train export) and load the weights into a new run")
         world_changed = (int(saved.get("dp", saved["world"])) != current["dp"]
                          or int(saved["world"]) != current["world"])
+        if world_changed and current["tp"] * current["cp"] > 1:
+            # The universal-checkpoint reshard path knows nothing of TP shards / CP replicas.
+            raise CheckpointError(
+                f"{path}: saved with data-parallel size {saved.get('dp')} (world {saved['world']}), this run "
+                f"has {current['dp']} (world {current['world']}); a tensor/context-parallel checkpoint resumes "
+                f"only with the same world layout")
         if world_changed and has_partitioned_optimizer(path):
             log.warning("resharding checkpoint %s: saved with data-parallel size %s (world %s), loading "
                         "with %s (world %s) via a DeepSpeed universal checkpoint", path, saved.get("dp"),
