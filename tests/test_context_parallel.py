@@ -97,7 +97,52 @@ def small_runs():
 
 def _small_cases(rank, world):
     return {"equivalence": _equivalence_cases(rank, world), "bf16": _bf16(rank, world),
-            "causality": _causality(rank, world)}
+            "causality": _causality(rank, world), "errors": _errors(rank, world)}
+
+
+def _errors(rank, world):
+    """The message of each unsupported input (None if it did not raise)."""
+    import torch.distributed as dist
+    from conftest import tiny_model_cfg
+    from m2train.models import build_model
+    from m2train.parallel.context_parallel import apply_context_parallel, shard_sequence
+
+    group = dist.new_group(list(range(world)))
+
+    def message(fn):
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def apply(arch, **kw):
+        return lambda: apply_context_parallel(build_model(tiny_model_cfg(arch, **kw)), group)
+
+    cp = apply_context_parallel(build_model(tiny_model_cfg("m2_gpt", max_seq_len=64)), group)
+    return {
+        "odd_length": message(lambda: shard_sequence(torch.zeros(1, 33), group)),
+        "attention": message(apply("gpt")),
+        "classification": message(apply("m2_bert", head="classification")),
+        "hidden": message(apply("m2_gpt", hidden_size=33, intermediate_size=66, mlp_type="dense")),
+        "monarch": message(apply("m2_gpt", sequence_mixer="monarch_causal")),
+        "twice": message(lambda: apply_context_parallel(cp, group)),
+        "too_long": message(lambda: cp(torch.zeros(1, 40, dtype=torch.long))),     # 2 x 40 > 64
+        "short_chunk": message(lambda: cp(torch.zeros(1, 1, dtype=torch.long))),   # chunk < halo of 2
+    }
+
+
+@pytest.mark.slow  # the shared 2-process run
+def test_cp_errors_name_the_config_key(small_runs):
+    e = small_runs["errors"][0]
+    assert "parallel.context_parallel=2" in e["odd_length"]
+    assert "model.arch" in e["attention"]
+    assert "classification" in e["classification"]
+    assert "model.hidden_size=33" in e["hidden"]
+    assert "model.sequence_mixer" in e["monarch"]
+    assert "already applied" in e["twice"]
+    assert "max_seq_len" in e["too_long"]
+    assert "model.short_conv_kernel" in e["short_chunk"]
 
 
 @pytest.mark.slow  # the shared 2-process run: ~30-60 s on 2 busy cores
