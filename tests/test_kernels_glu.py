@@ -1,6 +1,10 @@
 """Fused GLU up-projection kernel (gelu(A·y) ⊙ (B·y) in the block-diagonal matmul's epilogue) and the
 MonarchGLU module with kernels on, vs the PyTorch reference (interpreted on CPU)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,3 +103,26 @@ def test_gpu_fused_glu_bf16_and_fp32(hidden):
         yb = ops.glu_blockdiag(x, up.weight, inter, "triton")
     assert yb.dtype == torch.bfloat16 and rel_err(yb, y_ref) < 2e-2
     assert all(rel_err(a, b) < 3e-2 for a, b in zip(torch.autograd.grad(yb, [x, up.weight], g), grads_ref))
+
+
+def test_bf16_fused_glu_close_to_fp32():
+    up = BlockDiagonalLinear(64, 256, 4, bias=False)
+    x = torch.randn(40, 64)
+    y = ops.glu_blockdiag(x.bfloat16(), up.weight.bfloat16(), 128, "triton")
+    assert y.dtype == torch.bfloat16
+    exact = reference_glu(x.bfloat16().float(), up.weight.bfloat16().float(), 128)
+    # three bf16 roundings (gate, value, output); the interpreter rounds toward zero (GPUs round to
+    # nearest even), so its errors add up one-sidedly to ~1e-2
+    assert rel_err(y, exact) < 1.5e-2
+
+
+def test_cpu_models_on_auto_never_import_triton():
+    """kernels=auto on CPU tensors is the reference path, and does not even import Triton."""
+    code = ("import sys, torch\n"
+            "from m2train.models.glu import MonarchGLU\n"
+            "MonarchGLU(32, 64)(torch.randn(2, 5, 32)).sum().backward()\n"
+            "print('triton' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", ENV_VAR)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
