@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from m2train.config import ConfigError
+
 from .env import slurm_port
 from .header import Layout, job_header
 from .requeue import decide, requeue
@@ -221,7 +223,11 @@ def run_batch(mode: str, env: Mapping[str, str] | None = None) -> int:
     outcome = decide(rc, stop["signal"], restart, settings.max_requeues)
     _print(outcome.reason)
     if outcome.action == "requeue":
-        requeue(job_id)
+        try:
+            requeue(job_id)
+        except RuntimeError as err:
+            _print(f"{err}; the checkpoint is saved: resubmit the job to resume")
+            return 3
     return outcome.exit_code
 
 
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rest:
             raise JobConfigError("node: give the m2train command after --")
         return run_node(args, rest)
-    except (JobConfigError, SlurmJobError) as err:
+    except (JobConfigError, SlurmJobError, ConfigError) as err:
         print(f"m2train Slurm job: {err}", file=sys.stderr, flush=True)
         return 2
 

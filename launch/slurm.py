@@ -6,6 +6,9 @@
 
 If our expander cannot parse a host list (a format Slurm adds later), `first_host` falls back to
 `scontrol show hostnames`, the authoritative expander, when it is on PATH.
+
+Inside a job (launch/job.py): `job_hostnames` asks scontrol and fails loudly on an empty answer;
+`node_address` gives a reachable address for a node name (its NodeAddr when the name does not resolve).
 """
 
 from __future__ import annotations
