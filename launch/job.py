@@ -155,10 +155,15 @@ class JobSettings:
         return str(Path(cfg.train.checkpoint_dir or Path(run_dir) / "checkpoints"))
 
 
+def _cpus_per_node(env: Mapping[str, str]) -> int:
+    """CPUs the job has on each node: --cpus-per-task (one task per node), else what Slurm allocated here."""
+    return _env_int(env, "SLURM_CPUS_PER_TASK", 0) or _env_int(env, "SLURM_CPUS_ON_NODE", 1)
+
+
 def _step_environment(env: Mapping[str, str], settings: JobSettings) -> dict[str, str]:
     """The environment srun passes to every node: NCCL/OpenMP defaults unless the user set them."""
     out = dict(env)
-    cpus = _env_int(env, "SLURM_CPUS_PER_TASK", 0) or _env_int(env, "SLURM_CPUS_ON_NODE", 1)
+    cpus = _cpus_per_node(env)
     defaults = {"OMP_NUM_THREADS": str(max(1, cpus // settings.procs_per_node)), "NCCL_DEBUG": "WARN",
                 "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "PYTHONUNBUFFERED": "1"}
     for key, value in defaults.items():
@@ -178,12 +183,12 @@ def run_batch(mode: str, env: Mapping[str, str] | None = None) -> int:
         raise SlurmJobError("SLURM_JOB_ID is not set: submit this with sbatch (see slurm/README.md)")
     settings = JobSettings.from_env(mode, env)
     hosts = job_hostnames(env.get("SLURM_JOB_NODELIST", ""))
-    # Every node computes nothing itself: the batch process decides address and port once and passes them.
+    # Decided once here and passed to every node, so all torchruns agree on the rendezvous.
     addr = env.get("MASTER_ADDR") or node_address(hosts[0])
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else slurm_port(job_id)
     layout = Layout(tuple(hosts), settings.procs_per_node, settings.gpus_per_node, addr, port)
     restart = _env_int(env, "SLURM_RESTART_COUNT", 0)
-    cpus = _env_int(env, "SLURM_CPUS_PER_TASK", 0) or _env_int(env, "SLURM_CPUS_ON_NODE", 1)
+    cpus = _cpus_per_node(env)
 
     node_cmd = [sys.executable, "-m", "m2train.launch.job", "node", "--nnodes", str(len(hosts)),
                 "--nproc-per-node", str(settings.procs_per_node), "--master-addr", addr, "--master-port",
