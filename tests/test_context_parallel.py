@@ -97,7 +97,29 @@ def small_runs():
 
 def _small_cases(rank, world):
     return {"equivalence": _equivalence_cases(rank, world), "bf16": _bf16(rank, world),
-            "causality": _causality(rank, world), "errors": _errors(rank, world)}
+            "causality": _causality(rank, world), "errors": _errors(rank, world),
+            "no_labels": _no_labels(rank, world)}
+
+
+def _no_labels(rank, world):
+    """An MLM batch in which only rank 1's chunk has labels, and one with none at all."""
+    import torch.distributed as dist
+    from conftest import tiny_model_cfg
+    from m2train.models import build_model
+    from m2train.parallel.context_parallel import apply_context_parallel, shard_batch
+
+    torch.manual_seed(0)
+    ref = build_model(tiny_model_cfg("m2_bert", max_seq_len=32))
+    cp = apply_context_parallel(copy.deepcopy(ref), dist.new_group(list(range(world))), grad_reduction="sum")
+    ids = torch.randint(1, 101, (2, 32), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for name, labels in (("half", torch.where(torch.arange(32) >= 20, ids, -100)),
+                         ("none", torch.full_like(ids, -100))):
+        batch = {"input_ids": ids, "labels": labels}
+        loss = cp(**shard_batch(batch, cp._cp_group)).loss
+        loss.backward()
+        out[name] = (loss.item(), ref(**batch).loss.item())
+    return out
 
 
 def _errors(rank, world):
@@ -130,6 +152,14 @@ def _errors(rank, world):
         "too_long": message(lambda: cp(torch.zeros(1, 40, dtype=torch.long))),     # 2 x 40 > 64
         "short_chunk": message(lambda: cp(torch.zeros(1, 1, dtype=torch.long))),   # chunk < halo of 2
     }
+
+
+@pytest.mark.slow  # the shared 2-process run
+def test_cp_loss_when_a_chunk_or_the_batch_has_no_labels(small_runs):
+    for r in small_runs["no_labels"]:
+        cp, ref = r["half"]
+        assert abs(cp - ref) <= REL_TOL * abs(ref)      # rank 0's chunk has no label: still the global mean
+        assert r["none"] == (0.0, 0.0)
 
 
 @pytest.mark.slow  # the shared 2-process run

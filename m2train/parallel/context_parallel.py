@@ -134,11 +134,12 @@ def global_token_mean(local_sum: torch.Tensor, local_count: torch.Tensor, cp_gro
                       grad_scale: float = 1.0) -> torch.Tensor:
     """Σ over CP ranks of local_sum / Σ of local_count: the loss of the unsharded sequence, the same value
     on every rank. Its gradient reaches only this rank's local_sum (identity backward of the sum), scaled
-    by `grad_scale` (see the module docstring: P when the gradient reduction averages over CP ranks)."""
+    by `grad_scale` (see the module docstring: P when the gradient reduction averages over CP ranks).
+    A batch without a single labelled token gives 0 with zero gradients (as the MLM loss does unsharded)."""
     # One all-reduce for both numbers; the count carries no gradient.
     both = torch.stack([upcast(local_sum), local_count.to(upcast(local_sum).dtype).detach()])
     both = _SumOverRanks.apply(both, cp_group)
-    loss = both[0] / both[1]
+    loss = both[0] / both[1].clamp_min(1)
     return _ScaleGrad.apply(loss, grad_scale) if grad_scale != 1.0 else loss
 
 
