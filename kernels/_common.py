@@ -25,14 +25,13 @@ def matmul_configs() -> list[triton.Config]:
     Blocks of the released models are 192..3584 wide (H/4, 2I/4 at H = 768..1792), so 64..128-wide tiles
     fill them with little masking; 32-wide ones are for Monarch layers with many small blocks (sqrt(n)).
     3-4 pipeline stages keep the H100's shared memory (227 KiB) in budget even for fp32 operands; a config
-    that does not fit is skipped by the autotuner, and `prune_wide_tiles` drops tiles far wider than a block."""
+    that does not fit is skipped by the autotuner, and `prune_wide_tiles` drops tiles far wider than a block.
+    Few configs on purpose: every one costs a compile and a timing run per shape on the first GPU call."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     ]
@@ -45,7 +44,6 @@ def glu_configs() -> list[triton.Config]:
         return matmul_configs()
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
     ]

@@ -37,7 +37,7 @@ def transposed_layout(nblocks: int) -> Layout:
 
 
 @triton.autotune(configs=matmul_configs(), key=["IN_BLK", "OUT_BLK", "x_elem", "y_elem"],
-                 prune_configs_by={"early_config_prune": prune_wide_tiles})
+                 prune_configs_by={"early_config_prune": prune_wide_tiles}, cache_results=True)
 @triton.jit
 def _blockdiag_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, in_limit, out_limit, stride_xm, stride_ym,
                       x_blk, x_elem, y_blk, y_elem, stride_wb, stride_wn, stride_wk, IN_BLK, OUT_BLK,
@@ -74,7 +74,7 @@ def _blockdiag_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, in_limit, out_limit, stride
 
 
 @triton.autotune(configs=weight_grad_configs(), key=["IN_BLK", "OUT_BLK", "x_elem", "dy_elem"],
-                 prune_configs_by={"early_config_prune": prune_wide_tiles})
+                 prune_configs_by={"early_config_prune": prune_wide_tiles}, cache_results=True)
 @triton.jit
 def _weight_grad_kernel(dy_ptr, x_ptr, dw_ptr, M, rows_per_split, NBLOCKS, in_limit, out_limit,
                         stride_dym, stride_xm, x_blk, x_elem, dy_blk, dy_elem,

@@ -27,7 +27,7 @@ def supported_shape(weight: torch.Tensor, in_features: int, intermediate_size: i
 
 
 @triton.autotune(configs=glu_configs(), key=["IN_BLK", "OUT_BLK", "STORE_H"],
-                 prune_configs_by={"early_config_prune": prune_wide_tiles})
+                 prune_configs_by={"early_config_prune": prune_wide_tiles}, cache_results=True)
 @triton.jit
 def _glu_fwd_kernel(x_ptr, w_ptr, h_ptr, act_ptr, M, stride_xm, stride_hm, stride_am,
                     stride_wb, stride_wn, stride_wk, HALF, IN_BLK, OUT_BLK, INTER,

@@ -121,7 +121,7 @@ def test_bf16_inputs_accumulate_in_fp32():
 
 # ---------------------------------------------------------------------------------------------- GPU
 @on_gpu
-@pytest.mark.parametrize("hidden", [768, 1792])
+@pytest.mark.parametrize("hidden", [768])       # M2-BERT-80M's up-projection (the GLU test takes 1792)
 def test_gpu_blockdiag_bf16_and_fp32(hidden):
     torch.manual_seed(0)
     layer = BlockDiagonalLinear(hidden, 2 * 4 * hidden, 4).cuda()

@@ -87,7 +87,7 @@ def test_monarch_glu_module_with_kernels_on_equals_reference(kind, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- GPU
 @on_gpu
-@pytest.mark.parametrize("hidden", [768, 1792])
+@pytest.mark.parametrize("hidden", [1792])      # M2-GPT-360M-class width; 768 is in the blockdiag GPU test
 def test_gpu_fused_glu_bf16_and_fp32(hidden):
     torch.manual_seed(0)
     inter = 4 * hidden
