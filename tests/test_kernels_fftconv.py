@@ -136,9 +136,13 @@ def _mixer_pair(bidirectional: bool, **kw):
 
 
 @pytest.mark.parametrize("bidirectional,dropout,pad_mask", [(True, 0.0, False), (False, 0.0, False),
-                                                            (True, 0.2, True)])
+                                                            (False, 0.0, True), (True, 0.2, True)])
 def test_mixer_with_kernels_matches_torch_path(bidirectional, dropout, pad_mask):
     ref, ker = _mixer_pair(bidirectional, dropout=dropout, pad_masking=pad_mask)
+    if dropout:
+        # Dropout draws its mask in memory order; the short-conv kernel's output is laid out channels-first,
+        # the torch one follows its transposed input, so identical masks need the same short conv here.
+        ker.short_conv.kernels = "torch"
     assert ker.long_conv.use_kernel(torch.randn(1, 16, 30, device=DEVICE))
     assert not ref.long_conv.use_kernel(torch.randn(1, 16, 30, device=DEVICE))
     u = torch.randn(2, 30, 16, device=DEVICE)
@@ -235,3 +239,23 @@ def test_size_that_does_not_fit_the_gpu_runs_torch(monkeypatch):
     want = reference(v, k, None, skip)
     for g, e in zip(got, torch.autograd.grad(want, (v, k, skip), dy)):
         assert rel(g, e) < 1e-5
+
+
+@pytest.mark.parametrize("B,C,L,K,transposed", [(2, 20, 37, 3, True), (3, 5, 2, 3, False), (1, 17, 40, 4, False)])
+def test_short_conv_kernel_matches_reference(B, C, L, K, transposed):
+    """kernels/shortconv.py vs models/short_conv.py: channels not filling a block, L below one tile, the
+    mixer's transposed (channel-contiguous) input; the output is contiguous channels-first."""
+    from m2train.kernels import shortconv
+    from m2train.models.short_conv import causal_short_conv as reference_short_conv
+
+    x = torch.randn(B, L, C, device=DEVICE).transpose(1, 2) if transposed else torch.randn(B, C, L, device=DEVICE)
+    x.requires_grad_()
+    w = torch.randn(C, 1, K, device=DEVICE, requires_grad=True)
+    b = torch.randn(C, device=DEVICE, requires_grad=True)
+    assert shortconv.unsupported_reason(x, w) is None
+    y = shortconv.causal_short_conv(x, w, b)
+    want = reference_short_conv(x, w[:, 0], b)
+    assert y.is_contiguous() and rel(y, want) < 1e-5
+    dy = torch.randn_like(want)
+    for g, e in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
+        assert g.shape == e.shape and rel(g, e) < 1e-5

@@ -94,6 +94,28 @@ def test_fftconv_longest_falls_back_cleanly():
     assert rel(y, long_conv(v, k, None) + v * skip[:, None]) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_conv_real_size(dtype):
+    """The mixer's short conv on the in_linear output of M2-BERT-80M (3H = 2304 channels, transposed view)."""
+    from m2train.kernels import shortconv
+    from m2train.models.short_conv import causal_short_conv as reference_short_conv
+
+    B, C, L = 2, 2304, 4096 + 3
+    x = torch.randn(B, L, C, device=DEV).to(dtype).transpose(1, 2).requires_grad_()
+    w = (torch.randn(C, 1, 3, device=DEV) * 0.5).requires_grad_()
+    b = torch.randn(C, device=DEV).requires_grad_()
+    y = shortconv.causal_short_conv(x, w, b)
+    xr = x.detach().float().requires_grad_()
+    want = reference_short_conv(xr, w[:, 0], b)
+    dy = torch.randn_like(want)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and rel(y, want) < tol
+    got = torch.autograd.grad(y, (x, w, b), dy.to(dtype))
+    exp = torch.autograd.grad(want, (xr, w, b), dy)
+    for g, e in zip(got, exp):
+        assert rel(g, e) < tol
+
+
 # ------------------------------------------------------------------------ block-diagonal / Monarch / GLU
 @pytest.mark.parametrize("H", [768, 1792])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,6 +2,8 @@
 
 Same parameters and result as the reference `nn.Conv1d(C, C, K, groups=C, padding=K-1)` truncated to L,
 written as K shifted multiply-adds: on CPU this is several times faster than conv1d for depthwise K=3.
+With the Triton kernels on (ModelConfig.kernels), the module runs m2train.kernels.shortconv instead: one
+pass that reads any layout and writes a contiguous channels-first result.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+from .base import kernel_mode
 
 
 def causal_short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -26,6 +30,9 @@ def causal_short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 
 
 class CausalShortConv(nn.Module):
+    # "auto" | "triton" | "torch": ModelConfig.kernels, stored by the model's init_weights (base.kernel_mode).
+    kernels: str = "auto"
+
     def __init__(self, channels: int, kernel_size: int = 3):
         super().__init__()
         self.channels = channels
@@ -43,4 +50,11 @@ class CausalShortConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, L) -> (B, C, L)."""
+        from ..kernels.dispatch import use_triton
+
+        if use_triton(x, kernel_mode(self)):
+            from ..kernels import shortconv
+
+            if shortconv.unsupported_reason(x, self.weight) is None:
+                return shortconv.causal_short_conv(x, self.weight, self.bias)
         return causal_short_conv(x, self.weight[:, 0, :], self.bias)
