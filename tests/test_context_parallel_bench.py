@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # after everything else: shadows nothing
 import parallel as bench  # noqa: E402  (benchmarks/ is scripts, not a package)
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs/m2_gpt_tiny.yaml")
