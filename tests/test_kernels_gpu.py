@@ -177,8 +177,12 @@ def test_whole_model_fp32_kernels_match_torch(config, L, B):
     assert rel(logits_k, logits_r) < 1e-4
     loss_r.backward()
     loss_k.backward()
-    worst = max(rel(pk.grad, pr.grad) for pr, pk in zip(ref.parameters(), ker.parameters())
-                if pr.grad is not None and pr.grad.norm() > 0)
+    pairs = [(pr.grad, pk.grad) for pr, pk in zip(ref.parameters(), ker.parameters()) if pr.grad is not None]
+    total = torch.cat([g.flatten() for g, _ in pairs]).norm()
+    # Parameters whose gradient is ~0 in exact arithmetic (e.g. cancelled by a LayerNorm) carry only
+    # rounding noise; their relative error means nothing, so they are held to the global scale instead.
+    worst = max((gk - gr).double().norm().item() / max(gr.double().norm().item(), 1e-6 * total.item())
+                for gr, gk in pairs)
     assert worst < 1e-3
 
 
