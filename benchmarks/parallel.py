@@ -38,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("all_reduce", "all_to_all", "all_gather", "send_recv")
+PHASES = ("fwd", "bwd")
 
 
 def load_model_config(name: str):
@@ -50,19 +51,25 @@ def load_model_config(name: str):
 # =====================================================================================================
 @dataclass
 class Traffic:
-    """Per rank: {kind: [calls, payload bytes, wire bytes]}."""
+    """Per rank: {(phase, kind): [calls, payload bytes, wire bytes]}, phase "fwd" or "bwd"."""
 
-    kinds: dict = field(default_factory=lambda: {k: [0, 0, 0] for k in KINDS})
+    kinds: dict = field(default_factory=lambda: {(p, k): [0, 0, 0] for p in PHASES for k in KINDS})
 
-    def add(self, kind: str, payload: int, wire: float, calls: int = 1) -> None:
-        k = self.kinds.setdefault(kind, [0, 0, 0])
-        k[0] += calls
-        k[1] += payload * calls
-        k[2] += wire * calls
+    def add(self, phase: str, kind: str, payload: int, wire: float) -> None:
+        k = self.kinds.setdefault((phase, kind), [0, 0, 0])
+        k[0] += 1
+        k[1] += payload
+        k[2] += wire
+
+    def wire(self, kind: str | None = None, phase: str | None = None) -> float:
+        return sum(v[2] for (p, k), v in self.kinds.items() if kind in (None, k) and phase in (None, p))
+
+    def payload(self, kind: str | None = None, phase: str | None = None) -> int:
+        return sum(v[1] for (p, k), v in self.kinds.items() if kind in (None, k) and phase in (None, p))
 
 
-def _ring_all_reduce(t: Traffic, nbytes: int, P: int) -> None:
-    t.add("all_reduce", nbytes, 2 * (P - 1) / P * nbytes)
+def _ring_all_reduce(t: Traffic, phase: str, nbytes: int, P: int) -> None:
+    t.add(phase, "all_reduce", nbytes, 2 * (P - 1) / P * nbytes)
 
 
 def _check_m2_gpt(cfg) -> None:
@@ -83,17 +90,17 @@ def tp_traffic(cfg, B: int, L: int, T: int, e: int) -> list[Traffic]:
     convs = 1 + int(cfg.residual_long_conv)
     mlps = 2 if cfg.bidirectional else 1
     act = N * H * e
-    _ring_all_reduce(t, act, T)                              # fwd: vocab-parallel embedding
+    _ring_all_reduce(t, "fwd", act, T)                       # vocab-parallel embedding
     for _ in range(cfg.num_layers):
-        _ring_all_reduce(t, act, T)                          # fwd: row-parallel out_linear
-        _ring_all_reduce(t, act, T)                          # fwd: GLU partial output
-        _ring_all_reduce(t, act, T)                          # bwd: mixer input copied to the TP region
-        _ring_all_reduce(t, act, T)                          # bwd: GLU input copied to the TP region
-        for _ in range(convs * mlps):                        # bwd: filter MLP features (L, O) copied
-            _ring_all_reduce(t, L * O * e, T)
-    for _ in range(3):                                       # fwd: CE max, target logit, sum exp (fp32)
-        _ring_all_reduce(t, N * 4, T)
-    _ring_all_reduce(t, act, T)                              # bwd: LM-head input copied to the TP region
+        _ring_all_reduce(t, "fwd", act, T)                   # row-parallel out_linear
+        _ring_all_reduce(t, "fwd", act, T)                   # GLU partial output
+        _ring_all_reduce(t, "bwd", act, T)                   # mixer input copied to the TP region
+        _ring_all_reduce(t, "bwd", act, T)                   # GLU input copied to the TP region
+        for _ in range(convs * mlps):                        # filter MLP features (L, O) copied
+            _ring_all_reduce(t, "bwd", L * O * e, T)
+    for _ in range(3):                                       # CE max, target logit, sum exp (fp32)
+        _ring_all_reduce(t, "fwd", N * 4, T)
+    _ring_all_reduce(t, "bwd", act, T)                       # LM-head input copied to the TP region
     return [t] * T
 
 
@@ -112,14 +119,15 @@ def cp_traffic(cfg, B: int, L: int, P: int, e: int) -> list[Traffic]:
         t = Traffic()
         for _ in range(cfg.num_layers):
             # seq -> channel and back, around each long conv, forward and again (inverse) backward
-            for _ in range(4 * convs):
-                t.add("all_to_all", chunk, (P - 1) / P * chunk)
+            for phase in PHASES:
+                for _ in range(2 * convs):
+                    t.add(phase, "all_to_all", chunk, (P - 1) / P * chunk)
             if K > 1:
                 if r < P - 1:
-                    t.add("send_recv", halo, halo)           # fwd: my tail to the next rank
+                    t.add("fwd", "send_recv", halo, halo)    # my tail to the next rank
                 if r > 0:
-                    t.add("send_recv", halo, halo)           # bwd: the halo's gradient to the previous rank
-        _ring_all_reduce(t, 2 * 4, P)                        # the global token mean: (sum, count) in fp32
+                    t.add("bwd", "send_recv", halo, halo)    # the halo's gradient to the previous rank
+        _ring_all_reduce(t, "fwd", 2 * 4, P)                 # the global token mean: (sum, count) in fp32
         out.append(t)
     return out
 
@@ -156,16 +164,17 @@ def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int, dp: int) -> str
              "Wire MiB per rank (payload handed to the collectives in parentheses, MiB); 'total' = all ranks "
              "of the TP or CP group. Halo send/recv: the busiest (middle) rank.",
              "",
-             "| layout | all-reduce | all-to-all | all-gather | send/recv halo | per rank | total | "
+             "| layout | all-reduce | all-to-all | all-gather | send/recv halo | fwd / bwd | per rank | total | "
              f"ZeRO-{zero_stage} grads + params, dp={dp} (per rank) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     layouts = [(T, 1) for T in (1, 2, 4, 8)] + [(1, P) for P in (2, 4)]
     for T, P in layouts:
         ranks = tp_traffic(cfg, B, L, T, e) if P == 1 else cp_traffic(cfg, B, L, P, e)
-        busiest = max(ranks, key=lambda t: sum(v[2] for v in t.kinds.values()))
-        cells = [f"{_mb(busiest.kinds[k][2])} ({_mb(busiest.kinds[k][1])})" for k in KINDS]
-        per_rank = sum(v[2] for v in busiest.kinds.values())
-        total = sum(sum(v[2] for v in t.kinds.values()) for t in ranks) if P > 1 else per_rank * T
+        busiest = max(ranks, key=lambda t: t.wire())
+        cells = [f"{_mb(busiest.wire(k))} ({_mb(busiest.payload(k))})" for k in KINDS]
+        cells.append(f"{_mb(busiest.wire(phase='fwd'))} / {_mb(busiest.wire(phase='bwd'))}")
+        per_rank = busiest.wire()
+        total = sum(t.wire() for t in ranks) if P > 1 else per_rank * T
         # ZeRO over dp x cp ranks; each TP rank holds ~1/T of the parameters.
         zero = zero_traffic(n // T, dp * P, zero_stage)
         lines.append(f"| TP={T} CP={P} | " + " | ".join(cells) + f" | {_mb(per_rank)} | {_mb(total)} | "
@@ -194,6 +203,7 @@ class CommCounter:
 
     def __init__(self):
         self.traffic = Traffic()
+        self.phase = "fwd"                                   # set by the caller before the backward
         self.other: list[str] = []
         self._saved: dict = {}
 
@@ -216,18 +226,18 @@ class CommCounter:
             group = kwargs.get("group")
             P = dist.get_world_size(group)
             if name == "all_reduce":
-                _ring_all_reduce(self.traffic, args[0].nbytes, P)
+                _ring_all_reduce(self.traffic, self.phase, args[0].nbytes, P)
             elif name == "all_to_all":
                 inputs = args[1] if len(args) > 1 else kwargs["input_tensor_list"]
                 me = dist.get_rank(group)
                 payload = sum(x.nbytes for x in inputs)
-                self.traffic.add("all_to_all", payload, payload - inputs[me].nbytes)
+                self.traffic.add(self.phase, "all_to_all", payload, payload - inputs[me].nbytes)
             elif name == "all_gather":
                 t = args[1] if len(args) > 1 else kwargs["tensor"]
-                self.traffic.add("all_gather", t.nbytes, (P - 1) * t.nbytes)
+                self.traffic.add(self.phase, "all_gather", t.nbytes, (P - 1) * t.nbytes)
             elif name in ("isend", "send"):
                 t = args[0]
-                self.traffic.add("send_recv", t.nbytes, t.nbytes)
+                self.traffic.add(self.phase, "send_recv", t.nbytes, t.nbytes)
             else:                                            # not expected in a step: reported, and fails
                 self.other.append(name)
             return fn(*args, **kwargs)
@@ -270,6 +280,7 @@ def _measure_layout(config, tp: int, cp: int, B: int, L: int) -> dict:
     dist.barrier()                                   # group set-up traffic is not the step's
     with CommCounter() as counter:
         loss = model(**batch).loss
+        counter.phase = "bwd"
         loss.backward()
     dist.barrier()
     model.zero_grad(set_to_none=True)
@@ -323,20 +334,22 @@ def measure_layouts(config, layouts: list[tuple[int, int]], B: int, L: int, worl
 
 
 def compare_traffic(measured: list[dict], formula: list[Traffic], layout: str) -> tuple[list[str], bool]:
-    """Markdown rows and whether every rank's calls and payload bytes match the formula for every kind."""
+    """Markdown rows and whether every rank's calls and payload bytes match the formula for every kind, in
+    the forward and in the backward separately."""
     rows, ok = [], True
     for r, (m, f) in enumerate(zip(measured, formula, strict=True)):
         if m["other"]:
             ok = False
             rows.append(f"| {layout} | {r} | unexpected collectives {m['other']} | | | NO |")
-        for kind in KINDS:
-            mc, mb, _ = m["kinds"].get(kind, [0, 0, 0])
-            fc, fb, _ = f.kinds.get(kind, [0, 0, 0])
-            match = (mc, mb) == (fc, fb)
-            ok &= match
-            if mc or fc:
-                rows.append(f"| {layout} | {r} | {kind} | {mc} / {fc} | {mb:,} / {fb:,} | "
-                            f"{'yes' if match else 'NO'} |")
+        for phase in PHASES:
+            for kind in KINDS:
+                mc, mb, _ = m["kinds"].get((phase, kind), [0, 0, 0])
+                fc, fb, _ = f.kinds.get((phase, kind), [0, 0, 0])
+                match = (mc, mb) == (fc, fb)
+                ok &= match
+                if mc or fc:
+                    rows.append(f"| {layout} | {r} | {phase} {kind} | {mc} / {fc} | {mb:,} / {fb:,} | "
+                                f"{'yes' if match else 'NO'} |")
     return rows, ok
 
 

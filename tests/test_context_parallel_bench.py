@@ -26,7 +26,9 @@ def test_traffic_formula_equals_measured_and_catches_errors():
         rows, ok = bench.compare_traffic(measured, formula, f"TP={tp} CP={cp}")
         assert ok, "\n".join(rows)
         kinds = {k for m in measured for k, v in m["kinds"].items() if v[0]}
-        assert kinds == ({"all_reduce"} if tp > 1 else {"all_reduce", "all_to_all", "send_recv"})
+        assert kinds == ({("fwd", "all_reduce"), ("bwd", "all_reduce")} if tp > 1 else
+                         {("fwd", "all_reduce"), ("fwd", "all_to_all"), ("bwd", "all_to_all"),
+                          ("fwd", "send_recv"), ("bwd", "send_recv")})
         # The comparison has teeth: one layer fewer, or halo of a kernel-2 conv, is a mismatch.
         wrong = (bench.tp_traffic(replace(cfg, num_layers=cfg.num_layers - 1), B, L, tp, 4) if cp == 1 else
                  bench.cp_traffic(replace(cfg, short_conv_kernel=2), B, L, cp, 4))
@@ -43,12 +45,14 @@ def test_traffic_formula_equals_measured_and_catches_errors():
 def test_formulas_scale_as_designed():
     cfg = bench.load_model_config(str(Path(TINY).parents[0] / "m2_gpt_360m.yaml"))
     # CP: per-rank all-to-all payload halves from CP=2 to CP=4; the halo does not grow with L.
-    a2, a4 = (bench.cp_traffic(cfg, 1, 8192, P, 2)[1].kinds for P in (2, 4))
-    assert a2["all_to_all"][1] == 2 * a4["all_to_all"][1]
-    assert bench.cp_traffic(cfg, 1, 2048, 4, 2)[1].kinds["send_recv"] == a4["send_recv"]
+    a2, a4 = (bench.cp_traffic(cfg, 1, 8192, P, 2)[1] for P in (2, 4))
+    assert a2.payload("all_to_all") == 2 * a4.payload("all_to_all")
+    assert bench.cp_traffic(cfg, 1, 2048, 4, 2)[1].payload("send_recv") == a4.payload("send_recv") > 0
+    # ... and as much of it in the backward as in the forward.
+    assert a2.payload("all_to_all", "fwd") == a2.payload("all_to_all", "bwd")
     # TP: the payload per rank does not depend on T, the ring wire bytes grow as 2(T-1)/T.
-    t2, t8 = (bench.tp_traffic(cfg, 1, 2048, T, 2)[0].kinds["all_reduce"] for T in (2, 8))
-    assert t2[1] == t8[1] and t8[2] == pytest.approx(t2[2] * (2 * 7 / 8) / (2 * 1 / 2))
+    t2, t8 = (bench.tp_traffic(cfg, 1, 2048, T, 2)[0] for T in (2, 8))
+    assert t2.payload() == t8.payload() and t8.wire() == pytest.approx(t2.wire() * (2 * 7 / 8) / (2 * 1 / 2))
     # Memory: activations per rank shrink with CP, checkpointing keeps far less than all layers.
     n = bench.count_params(cfg)
     m = [bench.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, P, 1, False) for P in (1, 8)]
