@@ -3,7 +3,8 @@
 reference (the models' own functions, unchanged, so kernels off is bit-for-bit the reference).
 
 Triton runs when `use_triton` (kernels/dispatch.py) says so *and* the call is one the kernels support;
-otherwise the reference runs, and `unsupported_reason` says why. Kernel limits:
+otherwise the reference runs (`unsupported_reason` says why; with kernels='triton' forced, a warning
+names the reason once per op and reason). Kernel limits:
 - dtypes fp32 / bf16 / fp16 (fp64 etc. -> reference); inputs and weights on one device;
 - at least one row (an empty batch -> reference);
 - glu_blockdiag additionally needs the up-projection's blocks to tile H and 2I exactly with an even
@@ -14,10 +15,13 @@ and TRITON_INTERPRET can still be set late (it must precede the kernels' definit
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_triton
+from .dispatch import resolve_mode, use_triton
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -36,6 +40,24 @@ def unsupported_reason(x: torch.Tensor, *weights: torch.Tensor | None) -> str | 
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(op: str, reason: str) -> None:
+    # Once per (op, reason): a forced kernel that cannot run says why, without flooding every layer call.
+    warnings.warn(f"m2train.kernels: {op} runs the PyTorch reference although kernels='triton' was forced: "
+                  f"{reason}", stacklevel=3)
+
+
+def _triton_ok(op: str, x: torch.Tensor, mode: str, *weights: torch.Tensor | None, shape_reason=None) -> bool:
+    if not use_triton(x, mode):
+        return False
+    reason = unsupported_reason(x, *weights) or shape_reason
+    if reason is None:
+        return True
+    if resolve_mode(mode) == "triton" and x.numel() > 0:        # an empty batch is not worth a warning
+        _warn_fallback(op, reason)
+    return False
+
+
 def kernels_enabled(x: torch.Tensor, mode: str = "auto") -> bool:
     """Whether an op on `x` under `mode` would try the Triton path (before shape checks)."""
     return use_triton(x, mode)
@@ -44,7 +66,8 @@ def kernels_enabled(x: torch.Tensor, mode: str = "auto") -> bool:
 def blockdiag_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                      out_features: int, mode: str = "auto") -> torch.Tensor:
     """Block-diagonal layer (m2train.models.blockdiag semantics): x (..., in_features) -> (..., out_features)."""
-    if x.shape[-1] == in_features and use_triton(x, mode) and unsupported_reason(x, weight, bias) is None:
+    width = None if x.shape[-1] == in_features else f"input width {x.shape[-1]} != in_features {in_features}"
+    if _triton_ok("blockdiag_linear", x, mode, weight, bias, shape_reason=width):
         from .blockdiag import blockdiag_linear as kernel
         return kernel(x, weight, bias, out_features)
     from m2train.models.blockdiag import blockdiag_linear_reference
@@ -54,7 +77,8 @@ def blockdiag_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
                    in_features: int, out_features: int, mode: str = "auto") -> torch.Tensor:
     """Order-2 Monarch P·L·Pᵀ·R (m2train.models.monarch semantics), permutations fused in the kernels."""
-    if x.shape[-1] == in_features and use_triton(x, mode) and unsupported_reason(x, w1, w2, bias) is None:
+    width = None if x.shape[-1] == in_features else f"input width {x.shape[-1]} != in_features {in_features}"
+    if _triton_ok("monarch_linear", x, mode, w1, w2, bias, shape_reason=width):
         from .monarch import monarch_linear as kernel
         return kernel(x, w1, w2, bias, out_features)
     from m2train.models.monarch import monarch_linear_reference
@@ -64,9 +88,12 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
 def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int,
                   mode: str = "auto") -> torch.Tensor:
     """gelu(A·x) ⊙ (B·x), [A; B] = one block-diagonal H -> 2I layer without bias (first I outputs = gate)."""
-    if use_triton(x, mode) and unsupported_reason(x, weight) is None:
+    if use_triton(x, mode):
         from .glu import supported_shape
-        if supported_shape(weight, x.shape[-1], intermediate_size):
+        shape = None if supported_shape(weight, x.shape[-1], intermediate_size) else (
+            f"blocks {tuple(weight.shape)} do not pair gate/value halves of H={x.shape[-1]}, I={intermediate_size} "
+            "(needs an even nblocks tiling H and 2I exactly)")
+        if _triton_ok("glu_blockdiag", x, mode, weight, shape_reason=shape):
             from .glu import glu_blockdiag as kernel
             return kernel(x, weight, intermediate_size)
     # Reference formula; with kernels on but an unsupported shape, the projection still takes its kernel.
