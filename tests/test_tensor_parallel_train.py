@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import torch
 
 from data_fixtures import gpt_id_samples, write_prepared
 from test_checkpoint_helpers import run_distributed
-from test_train_e2e import _env, run, losses
+from test_train_e2e import run, losses
 from m2train.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -137,15 +136,14 @@ def _tp_logits(rank, world, ckpt_dir, ids):
 
 
 def test_tp2_export_logits_and_eval_from_one_process(data, tp2, tmp_path):
-    import subprocess
-
+    # In this (single, group-less) process: what `m2train export` / `m2train eval` call (their CLI wrappers
+    # are covered by test_eval_export.py).
     from m2train.models import from_pretrained
+    from m2train.train.evaluate import evaluate_checkpoint
+    from m2train.train.export import export_checkpoint
 
     ckpt = tp2 / "checkpoints" / f"step_{STEPS:08d}"
-    out = tmp_path / "export"
-    cmd = [sys.executable, "-m", "m2train", "export", str(ckpt), str(out), "--no-tokenizer"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = export_checkpoint(ckpt, tmp_path / "export", include_tokenizer=False)
     model = from_pretrained(out)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -154,11 +152,9 @@ def test_tp2_export_logits_and_eval_from_one_process(data, tp2, tmp_path):
     for lg in tp_logits:
         assert ((lg - single_logits).norm() / single_logits.norm()).item() < 1e-5
 
-    cmd = [sys.executable, "-m", "m2train", "eval", str(ckpt), "--batches", "2"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-    assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads(res.stdout)
+    metrics = evaluate_checkpoint(ckpt, batches=2, cache_dir=str(tmp_path / "cache"))
     val = [r for r in read_metrics(tp2 / "metrics.jsonl") if r.get("step") == STEPS and "val_loss" in r][0]
+    assert metrics["world_size"] == 1
     assert math.isclose(metrics["loss"], val["val_loss"], rel_tol=1e-5), (metrics, val)
 
 
