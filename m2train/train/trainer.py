@@ -92,6 +92,13 @@ def restore_monarch_warm_starts(model: torch.nn.Module, saved: dict | None) -> N
             modules[name]._points = points
 
 
+def full_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model: a tensor-parallel rank holds 1/T of each sharded tensor (tagged
+    `tensor_model_parallel`, split evenly) and all of each replicated one."""
+    tp = getattr(model, "tp_size", 1)
+    return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in model.parameters())
+
+
 def model_config_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{prefix}.{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
@@ -223,6 +230,11 @@ class Trainer:
                 mlm_probability=None if cfg.model.is_causal else cfg.data.eval_mlm_probability,
                 info=self.info, **loader_kw)
         self.ckpt = CheckpointManager(self.ckpt_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+
+    def _layout_note(self) -> str:
+        p = self.cfg.parallel
+        return ((f", tensor parallel {p.tensor_parallel}" if p.tensor_parallel > 1 else "")
+                + (f", context parallel {p.context_parallel}" if p.context_parallel > 1 else ""))
 
     # ---------------------------------------------------------------------------------------------
     def resume(self, *, data: bool = True) -> str | None:
@@ -375,9 +387,9 @@ class Trainer:
         restore_rng_state(rng)
         if self.is_main:
             logger.print(
-                f"m2train train: {cfg.name} ({cfg.model.arch}, {self.model.num_parameters() / 1e6:.2f}M params) "
+                f"m2train train: {cfg.name} ({cfg.model.arch}, {full_parameter_count(self.model) / 1e6:.2f}M params) "
                 f"on {self.env.world_size} process(es) [{self.env.backend}, ZeRO-{cfg.parallel.zero_stage}, "
-                f"{t.precision}], global batch {t.global_batch_size} = {t.micro_batch_size} x {self.dp} x "
+                f"{t.precision}{self._layout_note()}], global batch {t.global_batch_size} = {t.micro_batch_size} x {self.dp} x "
                 f"{t.grad_accum_steps}, {seq_len} tokens/sample; peak {peak / 1e9:.0f} GFLOP/s/device "
                 f"({peak_src}); run dir {self.run_dir}; engine + loaders {t_built - t_setup:.1f} s, "
                 f"resume {t_resumed - t_built:.1f} s")
