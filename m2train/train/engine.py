@@ -107,10 +107,11 @@ def global_grad_norm_stage0(model: torch.nn.Module) -> float:
         return float(torch.nn.utils.get_total_norm(grads, 2.0)) if grads else 0.0
     import torch.distributed as dist
 
-    sq = torch.zeros((), dtype=torch.float64)
+    # On the gradients' device: NCCL reduces only GPU tensors.
+    sq = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     for p in model.parameters():
         if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.tp_rank() == 0):
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+            sq += p.grad.detach().double().pow(2).sum()
     dist.all_reduce(sq, group=groups.tp_group())
     return float(sq.sqrt())
 
