@@ -8,6 +8,8 @@ Decided once, at import time, because Triton fixes autotune configs when a kerne
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -106,3 +108,8 @@ def weight_grad_splits(rows: int, programs_per_split: int, device: torch.device)
         return 1
     want = triton.cdiv(2 * num_sms(device), max(programs_per_split, 1))
     return max(1, min(want, rows // 512))
+
+
+def on_device_of(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device, not the tensor's: make them the same for the launch."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, dot_precision, matmul_configs, prune_wide_tiles, \
-    weight_grad_configs, weight_grad_splits
+from ._common import INTERPRET, compute_dtype, dot_precision, matmul_configs, on_device_of, \
+    prune_wide_tiles, weight_grad_configs, weight_grad_splits
 
 
 class Layout(NamedTuple):
@@ -127,10 +127,11 @@ def blockdiag_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     rows = x.shape[0]
     y = torch.empty(rows, out_width, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(out_blk, meta["BLOCK_N"]), nblocks)
-    _blockdiag_kernel[grid](
-        x, w, bias if bias is not None else x, y, rows, in_limit, out_limit, x.stride(0), y.stride(0),
-        x_layout.blk, x_layout.elem, y_layout.blk, y_layout.elem, s_wb, s_wn, s_wk, in_blk, out_blk,
-        HAS_BIAS=bias is not None, CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype))
+    with on_device_of(x):
+        _blockdiag_kernel[grid](
+            x, w, bias if bias is not None else x, y, rows, in_limit, out_limit, x.stride(0), y.stride(0),
+            x_layout.blk, x_layout.elem, y_layout.blk, y_layout.elem, s_wb, s_wn, s_wk, in_blk, out_blk,
+            HAS_BIAS=bias is not None, CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype))
     return y
 
 
@@ -145,10 +146,11 @@ def blockdiag_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape: torch.Size
     partial = torch.empty(splits, nblocks, out_blk, in_blk, device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(out_blk, meta["BLOCK_N"]), triton.cdiv(in_blk, meta["BLOCK_K"]),
                          nblocks * splits)
-    _weight_grad_kernel[grid](
-        dy, x, partial, rows, rows_per_split, nblocks, in_limit, out_limit, dy.stride(0), x.stride(0),
-        x_layout.blk, x_layout.elem, dy_layout.blk, dy_layout.elem, *partial.stride(), in_blk, out_blk,
-        CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype))
+    with on_device_of(x):
+        _weight_grad_kernel[grid](
+            dy, x, partial, rows, rows_per_split, nblocks, in_limit, out_limit, dy.stride(0), x.stride(0),
+            x_layout.blk, x_layout.elem, dy_layout.blk, dy_layout.elem, *partial.stride(), in_blk, out_blk,
+            CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype))
     return partial[0] if splits == 1 else partial.sum(0)
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, compute_dtype, dot_precision, elementwise_block, glu_configs, \
-    prune_wide_tiles
+    on_device_of, prune_wide_tiles
 from .blockdiag import blockdiag_forward, blockdiag_weight_grad, contiguous_layout
 
 def supported_shape(weight: torch.Tensor, in_features: int, intermediate_size: int) -> bool:
@@ -100,9 +100,10 @@ def glu_up_forward(x: torch.Tensor, w: torch.Tensor, intermediate_size: int, sto
     act = torch.empty(rows, intermediate_size, device=x.device, dtype=x.dtype)
     h = torch.empty(rows, 2 * intermediate_size, device=x.device, dtype=x.dtype) if store_h else act
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(out_blk, meta["BLOCK_N"]), nblocks // 2)
-    _glu_fwd_kernel[grid](x, w, h, act, rows, x.stride(0), h.stride(0), act.stride(0), *w.stride(),
-                          nblocks // 2, in_blk, out_blk, intermediate_size, STORE_H=store_h,
-                          CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype))
+    with on_device_of(x):
+        _glu_fwd_kernel[grid](x, w, h, act, rows, x.stride(0), h.stride(0), act.stride(0), *w.stride(),
+                              nblocks // 2, in_blk, out_blk, intermediate_size, STORE_H=store_h,
+                              CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype))
     return act, (h if store_h else None)
 
 
@@ -110,8 +111,9 @@ def glu_grad_preactivation(dact: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     rows, inter = dact.shape
     dh = torch.empty_like(h)
     bm, bn = elementwise_block()
-    _glu_bwd_kernel[(triton.cdiv(rows, bm), triton.cdiv(inter, bn))](
-        dact, h, dh, rows, inter, dact.stride(0), h.stride(0), dh.stride(0), BLOCK_M=bm, BLOCK_N=bn)
+    with on_device_of(h):
+        _glu_bwd_kernel[(triton.cdiv(rows, bm), triton.cdiv(inter, bn))](
+            dact, h, dh, rows, inter, dact.stride(0), h.stride(0), dh.stride(0), BLOCK_M=bm, BLOCK_N=bn)
     return dh
 
 
