@@ -1,4 +1,7 @@
-"""Shared by the kernel tests: relative error and the GPU-only marker."""
+"""Shared by the kernel tests: relative error, kernel detection, the GPU-only marker."""
+
+import contextlib
+import functools
 
 import pytest
 import torch
@@ -17,9 +20,14 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
 
 
 def on_gpu(fn):
+    """Mark a test GPU-only; its body runs with IEEE fp32 matmuls (see ieee_fp32_matmuls)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with ieee_fp32_matmuls():
+            return fn(*args, **kwargs)
     for mark in reversed(gpu):
-        fn = mark(fn)
-    return fn
+        run = mark(run)
+    return run
 
 
 def ran_kernel(t: torch.Tensor, function_name: str) -> bool:
@@ -35,3 +43,16 @@ def ran_kernel(t: torch.Tensor, function_name: str) -> bool:
             return True
         todo.extend(n for n, _ in node.next_functions)
     return False
+
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmuls():
+    """fp32 comparisons on a GPU need IEEE fp32 matmuls on both sides: torch's TF32 switch off (the kernels
+    follow it), whatever an earlier test left it at; restored afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
