@@ -13,6 +13,8 @@ What it measures, all on the same card in the same run:
 3. The gated FFT long convolution y = (conv(v ⊙ x1, k) + D ⊙ v ⊙ x1) ⊙ x2 (kernels/fftconv.py, bf16
    activations, fp32 spectrum) vs the torch.fft reference (models/longconv.py + the gating in torch), for
    H = 768 (M2-BERT-80M) and 1280 (M2-GPT-360M) at L = 512 ... 16384, forward and forward+backward.
+   The kernel holds one whole sequence per program, up to L = 2048 (fft_monarch.MAX_FFT_SIZE); longer rows
+   time the torch path only and are marked "fallback".
    FLOP/s counts the DFT matrix products the kernel executes; GB/s counts the activations read and written
    once plus the spectrum.
 4. M2-BERT-80M encoder forward (bf16 weights, inference, filters cached) with kernels and with the torch

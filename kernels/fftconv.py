@@ -6,7 +6,8 @@ The M2 sequence mixer's two long convolutions (DESIGN.md §4.2) in one Triton ke
 Either gate can be left out on its own (the mixer applies dropout or pad masks to v ⊙ x1 in torch and
 passes only the output gate).
 
-One program owns one whole zero-padded sequence of length N = N1·N2 (kernel_fft_size(L) <= 16384) as an
+One program owns one whole zero-padded sequence of length N = N1·N2 (kernel_fft_size(L) <= 4096, i.e.
+L <= 2048: the whole sequence lives in registers and shared memory; see fft_monarch.MAX_FFT_SIZE) as an
 (N1, N2) fp32 matrix and does the FFT, the pointwise product with the kernel spectrum and the inverse FFT
 as the four-step (Monarch) factorisation of kernels/fft_monarch.py: dense DFT-matrix products on the
 tensor cores (tl.dot on real and imaginary parts; 3 real products per complex one), twiddle multiplies, and no transposes at all because the
@@ -47,21 +48,19 @@ from .fft_monarch import MAX_FFT_SIZE, dft_factors, kernel_fft_size, monarch_ker
 
 INTERPRET = interpreting()
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# A GPU whose registers/shared memory cannot hold one whole sequence at some FFT size (every autotune
-# config failed to compile): that size runs the torch path from then on. (FFT size, device name) pairs.
+# A GPU whose shared memory cannot hold one whole sequence at some FFT size (the launch raised
+# OutOfResources): that size runs the torch path from then on. (FFT size, device name) pairs.
 _TOO_LARGE: set[tuple[int, str]] = set()
 _RESOURCE_ERRORS = (OutOfResources, PTXASError)
 
 
-def _configs(backward: bool) -> list[triton.Config]:
-    """One program holds whole (N1, N2) fp32 matrices in registers, so the warp count sets the registers
-    per thread: 4 warps suit N <= 1024, 8 up to 4096, 16 for 8192-16384; the autotuner picks per N and
-    skips a config that runs out of registers/shared memory. num_stages=1: the only loop (the batch loop in
-    the backward) must not be software-pipelined, which would multi-buffer whole sequences in shared memory.
-    The interpreter accepts exactly one config."""
-    if INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8, 16)]
+# Launch config, fixed rather than autotuned. One program holds whole (N1, N2) fp32 matrices, and an
+# offline sm_90a compile (Triton 3.8 + ptxas, no GPU needed) showed 4 warps spilling no more than 8 or 16
+# at N = 4096 (16 warps caps registers at 128 and spills most), while each compile of these large unrolled
+# kernels takes 15-40 s: autotuning three configs for every (FFT size, gates, precision) would spend
+# minutes compiling on first use. num_stages=1: the backward's batch loop must not be software-pipelined
+# (that would multi-buffer whole sequences in shared memory).
+NUM_WARPS, NUM_STAGES = 4, 1
 
 
 @triton.jit
@@ -110,7 +109,6 @@ def _ifft_real(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
     return out * (1.0 / (N1 * N2))
 
 
-@triton.autotune(configs=_configs(False), key=["N1", "N2", "GATE_IN", "GATE_OUT", "PREC"])
 @triton.jit
 def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr,
                         f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
@@ -137,7 +135,6 @@ def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr,
     tl.store(y_ptr + b * s_yb + h * s_yh + t, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_configs(True), key=["N1", "N2", "GATE_IN", "GATE_OUT", "PREC"])
 @triton.jit
 def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
                         dv_ptr, dx1_ptr, dx2_ptr, dkr_ptr, dki_ptr, dd_ptr,
@@ -228,7 +225,8 @@ class _GatedFFTConv(torch.autograd.Function):
             v, a1, a2, y, spec_re, spec_im, skip, *factors,
             L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
             y.stride(0), y.stride(1),
-            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype))
+            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip)
         return y
 
@@ -263,7 +261,8 @@ def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip):
         *dft_factors(n, v.device),
         B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
         a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
-        N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype))
+        N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return dv, dx1, dx2, dkr, dki, dd.to(skip.dtype)
 
 
