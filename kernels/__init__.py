@@ -1,5 +1,8 @@
 """Fused Triton kernels for Monarch matrices and the gated FFT convolution, with PyTorch reference paths.
 
-Installed as `m2train.kernels`. Until the kernels land, the models run their PyTorch paths
-(m2train.models.blockdiag / monarch / longconv), which are also the references the kernels are tested
-against."""
+Installed as `m2train.kernels`. The models call the kernels through one op API per family and fall back
+to their own PyTorch paths (m2train.models.blockdiag / monarch / glu / longconv / mixer / short_conv), which
+are also the references the kernels are tested against; dispatch.py holds the one rule (model.kernels,
+M2TRAIN_KERNELS). Monarch family: ops.py (blockdiag_linear, monarch_linear, glu_blockdiag) over
+blockdiag.py, monarch.py, glu.py; autotune.py lists and AOT-compiles their GPU configs. Nothing here
+imports Triton until a kernel is about to run."""
