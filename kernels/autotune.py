@@ -41,6 +41,9 @@ def kernel_specs(dtype_name: str) -> list[KernelSpec]:
     return [
         KernelSpec("blockdiag (bias)", blockdiag._blockdiag_kernel, (),
                    {"HAS_BIAS": True, "CAST_FP32": False, "PRECISION": prec}, ("x_elem", "y_elem", "stride_wk")),
+        # the input gradient dY·W: W read transposed (unit stride along the output index)
+        KernelSpec("blockdiag dX", blockdiag._blockdiag_kernel, (),
+                   {"HAS_BIAS": False, "CAST_FP32": False, "PRECISION": prec}, ("x_elem", "y_elem", "stride_wn")),
         # Monarch's second factor: transposed layout (element stride nblocks), the permutation in the loads
         KernelSpec("monarch L factor", blockdiag._blockdiag_kernel, (),
                    {"HAS_BIAS": True, "CAST_FP32": False, "PRECISION": prec}, ("x_blk", "y_blk", "stride_wk")),
