@@ -19,9 +19,12 @@ from .dispatch import interpreting
 
 INTERPRET = interpreting()
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (channels, time steps) per program: square-ish so both a channel-contiguous (the mixer's transposed
-# view) and a time-contiguous input are read in coalesced runs. Small in the interpreter (test shapes).
-BLOCK_C, BLOCK_T = (16, 16) if INTERPRET else (64, 64)
+# (channels, time steps) per program: both sides >= 32 so a channel-contiguous (the mixer's transposed
+# view) and a time-contiguous input are both read in coalesced runs; 8 warps keep it at 8 elements per
+# thread (an offline sm_90a compile of 64 x 64 with 4 warps spilled: general strides make every address a
+# 64-bit register pair). Small in the interpreter (test shapes).
+BLOCK_C, BLOCK_T = (16, 16) if INTERPRET else (32, 64)
+NUM_WARPS = 8
 MAX_KERNEL = 8
 
 
@@ -87,7 +90,8 @@ class _CausalShortConv(torch.autograd.Function):
         y = torch.empty(B, C, L, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(C, BLOCK_C), triton.cdiv(L, BLOCK_T), B)
         _shortconv_fwd_kernel[grid](x, w, b, y, C, L, x.stride(0), x.stride(1), x.stride(2),
-                                    y.stride(0), y.stride(1), K=K, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T)
+                                    y.stride(0), y.stride(1), K=K, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T,
+                                    num_warps=NUM_WARPS)
         ctx.save_for_backward(x, w)
         ctx.shapes = (weight.shape, bias.dtype)
         return y
@@ -107,7 +111,7 @@ class _CausalShortConv(torch.autograd.Function):
         _shortconv_bwd_kernel[(triton.cdiv(C, BLOCK_C), n_tb)](
             dy, x, w, dx, dw_part, db_part, B, C, L, dy.stride(0), dy.stride(1),
             x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1),
-            K=K, KP=triton.next_power_of_2(K), BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T)
+            K=K, KP=triton.next_power_of_2(K), BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
         return dx, dw_part.sum(0).to(w.dtype).reshape(w_shape), db_part.sum(0).to(b_dtype)
 
 
