@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from ._common import on_device_of
 from .dispatch import interpreting
 from .fft_monarch import MAX_FFT_SIZE, dft_factors, kernel_fft_size, monarch_kernel_spectrum, split_fft_size
 
@@ -221,12 +222,13 @@ class _GatedFFTConv(torch.autograd.Function):
         y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
         a1 = x1 if x1 is not None else v                 # placeholder pointer when a gate is absent
         a2 = x2 if x2 is not None else v
-        _fftconv_fwd_kernel[(B, H)](
-            v, a1, a2, y, spec_re, spec_im, skip, *factors,
-            L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
-            y.stride(0), y.stride(1),
-            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        with on_device_of(v):
+            _fftconv_fwd_kernel[(B, H)](
+                v, a1, a2, y, spec_re, spec_im, skip, *factors,
+                L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
+                y.stride(0), y.stride(1),
+                N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip)
         return y
 
@@ -255,14 +257,15 @@ def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip):
     dd = torch.empty(H, dtype=torch.float32, device=v.device)
     a1 = x1 if x1 is not None else v                     # placeholder pointers when a gate is absent
     a2 = x2 if x2 is not None else v
-    _fftconv_bwd_kernel[(H,)](
-        dy, v, a1, a2, spec_re, spec_im, skip,
-        dv, dx1 if dx1 is not None else dv, dx2 if dx2 is not None else dv, dkr, dki, dd,
-        *dft_factors(n, v.device),
-        B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
-        a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
-        N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    with on_device_of(v):
+        _fftconv_bwd_kernel[(H,)](
+            dy, v, a1, a2, spec_re, spec_im, skip,
+            dv, dx1 if dx1 is not None else dv, dx2 if dx2 is not None else dv, dkr, dki, dd,
+            *dft_factors(n, v.device),
+            B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
+            a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
+            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return dv, dx1, dx2, dkr, dki, dd.to(skip.dtype)
 
 

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_device_of
 from .dispatch import interpreting
 
 INTERPRET = interpreting()
@@ -89,9 +90,10 @@ class _CausalShortConv(torch.autograd.Function):
         b = bias.contiguous()
         y = torch.empty(B, C, L, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(C, BLOCK_C), triton.cdiv(L, BLOCK_T), B)
-        _shortconv_fwd_kernel[grid](x, w, b, y, C, L, x.stride(0), x.stride(1), x.stride(2),
-                                    y.stride(0), y.stride(1), K=K, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T,
-                                    num_warps=NUM_WARPS)
+        with on_device_of(x):
+            _shortconv_fwd_kernel[grid](x, w, b, y, C, L, x.stride(0), x.stride(1), x.stride(2),
+                                        y.stride(0), y.stride(1), K=K, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T,
+                                        num_warps=NUM_WARPS)
         ctx.save_for_backward(x, w)
         ctx.shapes = (weight.shape, bias.dtype)
         return y
@@ -108,10 +110,11 @@ class _CausalShortConv(torch.autograd.Function):
         dx = torch.empty(B, C, L, dtype=x.dtype, device=x.device)
         dw_part = torch.empty(n_tb, C, K, dtype=torch.float32, device=x.device)
         db_part = torch.empty(n_tb, C, dtype=torch.float32, device=x.device)
-        _shortconv_bwd_kernel[(triton.cdiv(C, BLOCK_C), n_tb)](
-            dy, x, w, dx, dw_part, db_part, B, C, L, dy.stride(0), dy.stride(1),
-            x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1),
-            K=K, KP=triton.next_power_of_2(K), BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
+        with on_device_of(x):
+            _shortconv_bwd_kernel[(triton.cdiv(C, BLOCK_C), n_tb)](
+                dy, x, w, dx, dw_part, db_part, B, C, L, dy.stride(0), dy.stride(1),
+                x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1),
+                K=K, KP=triton.next_power_of_2(K), BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
         return dx, dw_part.sum(0).to(w.dtype).reshape(w_shape), db_part.sum(0).to(b_dtype)
 
 
