@@ -259,3 +259,60 @@ def test_short_conv_kernel_matches_reference(B, C, L, K, transposed):
     dy = torch.randn_like(want)
     for g, e in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
         assert g.shape == e.shape and rel(g, e) < 1e-5
+
+
+_AOT_SCRIPT = r'''
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from m2train.kernels import fftconv, shortconv
+from m2train.kernels.fft_monarch import split_fft_size
+
+ACTS = {"dy_ptr", "v_ptr", "x1_ptr", "x2_ptr", "y_ptr", "dv_ptr", "dx1_ptr", "dx2_ptr", "x_ptr", "dx_ptr"}
+
+def build(fn, act, constexprs, warps):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = act if name in ACTS else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]          # what a launch with aligned tensors compiles
+        else:
+            sig[name] = "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    return k.metadata.shared
+
+n = int(sys.argv[1])
+n1, n2 = split_fft_size(n)
+for act, prec in (("*bf16", "tf32"), ("*fp32", "tf32x3")):
+    for gates in ((True, True), (False, False), (False, True)):
+        for name, fn in (("fwd", fftconv._fftconv_fwd_kernel), ("bwd", fftconv._fftconv_bwd_kernel)):
+            c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec}
+            print("fftconv", name, act, gates, build(fn, act, c, fftconv.NUM_WARPS), flush=True)
+for act in ("*bf16", "*fp32"):
+    c = {"K": 3, "BLOCK_C": 32, "BLOCK_T": 64}
+    print("shortconv fwd", act, build(shortconv._shortconv_fwd_kernel, act, c, shortconv.NUM_WARPS))
+    print("shortconv bwd", act, build(shortconv._shortconv_bwd_kernel, act, {**c, "KP": 4}, shortconv.NUM_WARPS))
+'''
+
+
+@pytest.mark.slow       # 16 sm_90 compiles through Triton's bundled ptxas, ~1 min on a busy 2-core machine
+def test_fftconv_and_shortconv_compile_for_h100_without_a_gpu(tmp_path):
+    """The interpreter checks none of the GPU lowering; Triton's compiler does, for sm_90, on this CPU:
+    every gate variant of the FFT-conv kernels in bf16 (tf32 products) and fp32 (tf32x3), and the short
+    conv, with shared memory inside an H100/H200 SM (227 KiB)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "512"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 16, proc.stdout
+    assert all(int(line.split()[-1]) <= 227 * 1024 for line in lines), proc.stdout
