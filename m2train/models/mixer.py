@@ -104,15 +104,15 @@ class LongConv(nn.Module):
     def use_kernel(self, x: torch.Tensor) -> bool:
         """Whether the fused Triton kernel (m2train.kernels.fftconv) takes this input: the configured kernel
         mode says so (kernels.dispatch.use_triton) and the kernel supports the shape/dtype; otherwise the
-        torch path runs, with a warning naming the reason when the kernels were asked for."""
-        from ..kernels.dispatch import use_triton
+        torch path runs, with a warning naming the reason when the kernels were forced ("triton")."""
+        from ..kernels.dispatch import resolve_mode, use_triton
 
         if not use_triton(x, kernel_mode(self)):
             return False
         from ..kernels.fftconv import unsupported_reason
 
         reason = unsupported_reason(x)
-        if reason is not None:
+        if reason is not None and resolve_mode(kernel_mode(self)) == "triton":
             warnings.warn(f"LongConv runs the torch FFT path: {reason}", stacklevel=3)
         return reason is None
 
