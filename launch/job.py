@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Mapping
 
 from m2train.config import ConfigError
+from m2train.train.signals import read_stop_marker
 
 from .env import slurm_port
 from .header import Layout, job_header
-from .requeue import decide, requeue
+from .requeue import TIME_BUDGET, decide, requeue
 from .slurm import SlurmJobError, job_hostnames, node_address
 
 ENV_HELP = """environment variables (the sbatch scripts in slurm/ set the defaults shown there):
@@ -154,6 +155,17 @@ class JobSettings:
         run_dir = cfg.train.run_dir or f"runs/{cfg.name}"
         return str(Path(cfg.train.checkpoint_dir or Path(run_dir) / "checkpoints"))
 
+    def run_dir(self) -> Path | None:
+        """RUN_DIR of the training run (relative to the checkout), or None if the config does not load."""
+        from m2train.config import load_config, resolve_config_path
+
+        try:
+            cfg = load_config(resolve_config_path(self.config), list(self.overrides))
+        except (ConfigError, OSError) as err:
+            _print(f"cannot resolve the run directory ({err})")
+            return None
+        return Path(cfg.train.run_dir or f"runs/{cfg.name}")
+
 
 def _cpus_per_node(env: Mapping[str, str]) -> int:
     """CPUs the job has on each node: --cpus-per-task (one task per node), else what Slurm allocated here."""
@@ -218,6 +230,7 @@ def run_batch(mode: str, env: Mapping[str, str] | None = None) -> int:
 
     for sig in _STOP_SIGNALS:
         signal.signal(sig, on_stop)
+    step_start = time.time()
     proc = subprocess.Popen(srun_cmd, env=_step_environment(env, settings))
     if stop["signal"] is not None:       # the signal came while srun was starting
         proc.send_signal(signal.SIGUSR1)
@@ -225,7 +238,15 @@ def run_batch(mode: str, env: Mapping[str, str] | None = None) -> int:
     _print(f"training step exited with code {rc}")
     if mode != "train":
         return rc
-    outcome = decide(rc, stop["signal"], restart, settings.max_requeues)
+    stop_reason = stop["signal"]
+    if rc != 0 and stop_reason is None:
+        # No signal, yet the step may have stopped gracefully (train.time_budget_s): torchrun turned the
+        # trainers' exit 3 into 1, so ask the run's stop marker, written only after its checkpoint is saved.
+        run_dir = settings.run_dir()
+        marker = read_stop_marker(run_dir, since=step_start) if run_dir is not None else None
+        if marker is not None and marker.get("reason") == "time_budget":
+            stop_reason = TIME_BUDGET
+    outcome = decide(rc, stop_reason, restart, settings.max_requeues)
     _print(outcome.reason)
     if outcome.action == "requeue":
         try:

@@ -7,7 +7,9 @@ save a checkpoint and exit 3 (torchrun reports that as 1). Only USR1 requeues: S
 `scancel` sends, and a cancelled job must stay cancelled (Slurm requeues jobs preempted with
 PreemptMode=REQUEUE by itself). At most `max_requeues` requeues (Slurm counts attempts in
 SLURM_RESTART_COUNT), so a run that crashes right after every restart cannot requeue forever. A job that
-finished (exit 0) never requeues, even if a signal arrived after its last step.
+finished (exit 0) never requeues, even if a signal arrived after its last step. A run that stopped itself
+because `train.time_budget_s` ran out (its stop marker says so, see m2train.train.signals.STOP_MARKER) counts
+as a USR1 stop: checkpoint saved, requeue to continue.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 from dataclasses import dataclass
+
+
+# The stop reason run_batch passes to `decide` for a step that stopped on its own time budget.
+TIME_BUDGET = "time_budget"
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ def decide(step_rc: int, stop_signal: str | None, restart_count: int, max_requeu
         return Outcome("finished", 0, "training step finished")
     if stop_signal is None:
         return Outcome("failed", step_rc, f"training step failed with exit code {step_rc}")
-    if stop_signal != "SIGUSR1":
+    if stop_signal not in ("SIGUSR1", TIME_BUDGET):
         return Outcome("stopped", 3, f"stopped by {stop_signal} (scancel or preemption): checkpoint saved, not "
                                      "requeueing (Slurm requeues preempted jobs itself when PreemptMode=REQUEUE; "
                                      "resubmit to resume)")

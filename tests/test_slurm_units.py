@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
     (1, "SIGUSR1", 9, "requeue", 0),
     (1, "SIGUSR1", 10, "stopped", 3),          # M2_MAX_REQUEUES=10 reached
     (1, "SIGTERM", 0, "stopped", 3),           # scancel: the job stays cancelled
+    (1, "time_budget", 0, "requeue", 0),       # train.time_budget_s stop (its marker), no signal
+    (1, "time_budget", 10, "stopped", 3),
 ])
 def test_requeue_decision(rc, sig, restarts, action, code):
     out = decide(rc, sig, restarts, max_requeues=10)
@@ -104,3 +107,22 @@ def test_scripts_share_the_driver_and_request_requeue():
                      "#SBATCH --open-mode=append", 'slurm/lib/job.sh" train'):
             assert line in text, (name, line)
     assert 'slurm/lib/job.sh" eval' in (REPO / "slurm" / "eval.sh").read_text()
+
+
+def test_stop_marker_is_read_only_when_written_by_this_attempt(tmp_path):
+    from m2train.train.signals import read_stop_marker, write_stop_marker
+
+    assert read_stop_marker(tmp_path) is None                      # no marker: not a graceful stop
+    write_stop_marker(tmp_path, 7, "time_budget", tmp_path / "checkpoints")
+    marker = read_stop_marker(tmp_path, since=time.time() - 60)
+    assert (marker["step"], marker["reason"]) == (7, "time_budget")
+    assert read_stop_marker(tmp_path, since=time.time() + 60) is None   # left by an earlier attempt
+    (tmp_path / "stopped.json").write_text("{not json")
+    assert read_stop_marker(tmp_path) is None
+
+
+def test_settings_run_dir_follows_the_config_and_overrides():
+    s = JobSettings.from_env("train", {"M2_CONFIG": "m2_gpt_tiny", "M2_RUN_DIR": "/r/x"})
+    assert s.run_dir() == Path("/r/x")
+    s = JobSettings.from_env("train", {"M2_CONFIG": "m2_gpt_tiny"})
+    assert s.run_dir() == Path("runs/m2_gpt_tiny")

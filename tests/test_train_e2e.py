@@ -285,6 +285,9 @@ def test_time_budget_stops_with_a_checkpoint(data, tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run"
     step = last_step(tmp_path)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    # What launchers read, since torchrun turns the exit code 3 into 1 (launch/job.py requeues on it).
+    marker = json.loads((tmp_path / "stopped.json").read_text())
+    assert (marker["step"], marker["reason"]) == (step, "time_budget")
 
 
 # --------------------------------------------------------------------------------------------------

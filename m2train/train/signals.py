@@ -13,6 +13,37 @@ import signal
 import sys
 import time
 
+# Written by rank 0 into RUN_DIR when a run stops early with its checkpoint saved (EXIT_STOPPED), removed
+# when a run starts. Launchers read it because the exit code alone is lost on the way: torchrun reports a
+# worker's 3 as 1. {"step": N, "reason": "signal" | "time_budget", "checkpoint_dir": ..., "time": unix s}
+STOP_MARKER = "stopped.json"
+
+
+def write_stop_marker(run_dir, step: int, reason: str, checkpoint_dir) -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / STOP_MARKER
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "reason": reason, "checkpoint_dir": str(checkpoint_dir),
+                               "time": time.time()}))
+    os.replace(tmp, path)
+
+
+def read_stop_marker(run_dir, since: float = 0.0) -> dict | None:
+    """The stop marker of RUN_DIR if a run wrote it at or after `since` (unix seconds), else None."""
+    import json
+    from pathlib import Path
+
+    try:
+        marker = json.loads((Path(run_dir) / STOP_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or float(marker.get("time", 0)) < since:
+        return None
+    return marker
+
+
 # Exit codes of `m2train train` (documented in `m2train train --help`).
 EXIT_FINISHED = 0        # max_steps reached, final checkpoint written
 EXIT_ERROR = 1           # unexpected error (traceback printed)

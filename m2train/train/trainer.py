@@ -375,6 +375,8 @@ class Trainer:
         resumed = self.resume()
         t_resumed = time.time()
         self.stop.install()
+        if self.is_main:    # a marker left by an earlier stop no longer describes this run
+            (self.run_dir / signals.STOP_MARKER).unlink(missing_ok=True)
         # Rank 0's side channels (wandb ids, the peak-FLOPs probe) must not shift the RNG streams that an
         # uninterrupted run would have had here.
         rng = capture_rng_state()
@@ -446,6 +448,9 @@ class Trainer:
                     why = (f"signal {self.stop.signal_name or 'on another rank'}" if stats["stop_signal"]
                            else f"train.time_budget_s={t.time_budget_s} nearly used")
                     self.save()
+                    if self.is_main:
+                        signals.write_stop_marker(self.run_dir, self.progress.step,
+                                                  "signal" if stats["stop_signal"] else "time_budget", self.ckpt_dir)
                     logger.print(f"stopped at step {self.progress.step} ({why}); checkpoint saved in "
                                  f"{self.ckpt_dir}; rerun the same command to resume")
                     code = signals.EXIT_STOPPED
