@@ -26,16 +26,21 @@ class BertEmbeddings(nn.Module):
         self.max_seq_len = cfg.max_seq_len
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        L = input_ids.shape[1]
-        if L > self.max_seq_len:
-            raise ValueError(f"input length {L} exceeds model.max_seq_len={self.max_seq_len}")
+        return self.embed_chunk(input_ids, token_type_ids, start=0, total_len=input_ids.shape[1])
+
+    def embed_chunk(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, start: int,
+                    total_len: int) -> torch.Tensor:
+        """Embeddings of positions start .. start+len of a sequence of `total_len` tokens (context
+        parallelism hands each rank one chunk; absolute positions must still count from the sequence start)."""
+        if total_len > self.max_seq_len:
+            raise ValueError(f"input length {total_len} exceeds model.max_seq_len={self.max_seq_len}")
         h = self.word_embeddings(input_ids)
         if token_type_ids is None:
             h = h + self.token_type_embeddings.weight[0]
         else:
             h = h + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
-            h = h + self.position_embeddings.weight[:L]
+            h = h + self.position_embeddings.weight[start:start + input_ids.shape[1]]
         return self.dropout(self.norm(h))
 
 

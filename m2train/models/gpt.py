@@ -29,6 +29,14 @@ class CausalLM(M2TrainModel):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        logits = F.linear(self.hidden_states(input_ids), self.lm_head_weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding -> blocks -> final LayerNorm: the (B, L, H) input of the LM head."""
         L = input_ids.shape[1]
         if L > self.config.max_seq_len:
             raise ValueError(f"input length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
@@ -38,10 +46,9 @@ class CausalLM(M2TrainModel):
         h = self.dropout(h)
         for block in self.blocks:
             h = block(h)
-        h = self.final_norm(h)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, weight)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100)
-        return ModelOutput(logits=logits, loss=loss)
+        return self.final_norm(h)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, H): the embedding when tied, else the LM head's own weight."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight

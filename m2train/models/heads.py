@@ -28,12 +28,18 @@ class MLMHead(nn.Module):
         return F.linear(h, self.decoder_weight, self.decoder_bias)
 
 
-def mlm_forward(head: MLMHead, hidden: torch.Tensor, labels: torch.Tensor | None, masked_only: bool):
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(upcast(logits), labels)
+
+
+def mlm_forward(head, hidden: torch.Tensor, labels: torch.Tensor | None, masked_only: bool,
+                loss_fn=_mean_cross_entropy):
     """Logits at every position, and with labels the mean cross-entropy over labelled positions.
 
     Reference semantics: a position is labelled when labels > 0 (−100 and the pad id 0 are ignored).
     With `masked_only` the head runs only at labelled positions (what training needs); the returned logits
-    are then zero elsewhere, as in the reference."""
+    are then zero elsewhere, as in the reference. `head` maps hidden states to logits (an MLMHead, or the
+    tensor-parallel decoder whose logits are a vocabulary shard, with its `loss_fn`)."""
     if labels is None:
         return head(hidden), None
     selected = labels > 0
@@ -47,7 +53,7 @@ def mlm_forward(head: MLMHead, hidden: torch.Tensor, labels: torch.Tensor | None
     if picked.shape[0] == 0:
         loss = picked.sum() * 0.0   # no labelled position: a zero that still has a graph
     else:
-        loss = F.cross_entropy(upcast(picked), labels[selected])
+        loss = loss_fn(picked, labels[selected])
     return logits, loss
 
 

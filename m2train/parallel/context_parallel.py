@@ -154,30 +154,19 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     return torch.cat(recv, dim=gather_dim)
 
 
-class _SeqToChannel(torch.autograd.Function):
-    """(B, C, L/P) sequence-sharded -> (B, C/P, L) channel-sharded; backward is the inverse swap."""
+class _AllToAll(torch.autograd.Function):
+    """Scatter `scatter_dim` and gather `gather_dim` across the group; backward is the inverse swap.
+    Around a long conv: (B, C, L/P) sequence-sharded <-> (B, C/P, L) channel-sharded."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_to_all(x, group, scatter_dim=1, gather_dim=2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad, ctx.group, scatter_dim=2, gather_dim=1), None
-
-
-class _ChannelToSeq(torch.autograd.Function):
-    """(B, C/P, L) channel-sharded -> (B, C, L/P) sequence-sharded; backward is the inverse swap."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_to_all(x, group, scatter_dim=2, gather_dim=1)
+    def forward(ctx, x, group, scatter_dim: int, gather_dim: int):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim=scatter_dim, gather_dim=gather_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_to_all(grad, ctx.group, scatter_dim=1, gather_dim=2), None
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, ctx.group, scatter_dim=gather_dim, gather_dim=scatter_dim), None, None, None
 
 
 def _neighbour_exchange(send: torch.Tensor | None, send_to: int | None, recv_like: torch.Tensor,
@@ -250,13 +239,13 @@ def context_parallel_long_conv(conv: LongConv, x: torch.Tensor, group) -> torch.
     computed channel-sharded between two all-to-alls."""
     rank, size = _rank_size(group)
     H = x.shape[1]
-    xc = _SeqToChannel.apply(x, group)                                # (B, H/P, L)
+    xc = _AllToAll.apply(x, group, 1, 2)                              # (B, H/P, L)
     L = xc.shape[-1]
     c = slice(rank * H // size, (rank + 1) * H // size)
     k_fwd, k_rev = _channel_kernels(conv, L, c)
     n = fft_size(L)
     y = fft_conv(xc, kernel_spectrum(k_fwd, k_rev, n), n) + xc * conv.skip[c].to(xc.dtype)[:, None]
-    return _ChannelToSeq.apply(y, group)
+    return _AllToAll.apply(y, group, 2, 1)                           # (B, H, L/P)
 
 
 # --- the model pieces, by class swap -----------------------------------------------------------------
@@ -300,16 +289,7 @@ class _ContextParallelBertEmbeddings:
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         rank, size = _rank_size(self._cp_group)
         Lc = input_ids.shape[1]
-        if Lc * size > self.max_seq_len:
-            raise ValueError(f"input length {Lc * size} exceeds model.max_seq_len={self.max_seq_len}")
-        h = self.word_embeddings(input_ids)
-        if token_type_ids is None:
-            h = h + self.token_type_embeddings.weight[0]
-        else:
-            h = h + self.token_type_embeddings(token_type_ids)
-        if self.position_embeddings is not None:
-            h = h + self.position_embeddings.weight[rank * Lc:(rank + 1) * Lc]
-        return self.dropout(self.norm(h))
+        return self.embed_chunk(input_ids, token_type_ids, start=rank * Lc, total_len=Lc * size)
 
 
 class _ContextParallelCausalLM:

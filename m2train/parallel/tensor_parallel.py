@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..models.blockdiag import BlockDiagonalLinear, blockdiag_matmul
 from ..models.glu import MonarchGLU
+from ..models.heads import mlm_forward
 from ..models.mixer import M2SequenceMixer
 from ..models.outputs import ModelOutput, upcast
 
@@ -301,18 +302,7 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
 def _causal_lm_forward(self, input_ids, labels=None, attention_mask=None) -> ModelOutput:
     """CausalLM.forward with a vocab-sharded tied (or untied) head; logits are this rank's vocab shard."""
-    L = input_ids.shape[1]
-    if L > self.config.max_seq_len:
-        raise ValueError(f"input length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
-    h = self.embed(input_ids)
-    if self.pos_embed is not None:
-        h = h + self.pos_embed.weight[:L]
-    h = self.dropout(h)
-    for block in self.blocks:
-        h = block(h)
-    h = self.final_norm(h)
-    weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-    logits = F.linear(_copy_to_tp(h, self._tp_group), weight)
+    logits = F.linear(_copy_to_tp(self.hidden_states(input_ids), self._tp_group), self.lm_head_weight)
     loss = vocab_parallel_loss(logits.flatten(0, 1), labels.flatten()) if labels is not None else None
     return ModelOutput(logits=logits, loss=loss)
 
@@ -328,20 +318,8 @@ def _mlm_forward(self, input_ids, token_type_ids=None, attention_mask=None, labe
         return F.linear(_copy_to_tp(h, self._tp_group), self.bert.embeddings.word_embeddings.weight,
                         head.decoder_bias)
 
-    if labels is None:
-        return ModelOutput(logits=decode(hidden))
-    selected = labels > 0
-    if self.config.mlm_logits_at_masked_only:
-        picked = decode(hidden[selected])
-        logits = hidden.new_zeros(*labels.shape, picked.shape[-1], dtype=picked.dtype)
-        logits[selected] = picked
-    else:
-        logits = decode(hidden)
-        picked = logits[selected]
-    if picked.shape[0] == 0:
-        loss = picked.sum() * 0.0
-    else:
-        loss = vocab_parallel_loss(picked, labels[selected])
+    logits, loss = mlm_forward(decode, hidden, labels, self.config.mlm_logits_at_masked_only,
+                               loss_fn=vocab_parallel_loss)
     return ModelOutput(logits=logits, loss=loss)
 
 
