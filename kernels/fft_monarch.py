@@ -15,6 +15,16 @@ is simply stored in the same permuted order (`permuted_spectrum`).
 
 The inverse (for real output): x = Re( conj(F1) @ ((X @ conj(F2)) ⊙ conj(T)) ) / N.
 
+Longer sequences (N > ONE_PROGRAM_MAX_FFT) add a third level: N = R·M with M = ROW_FFT_SIZE = M1·M2, the
+time index n = M·r + m and the frequency index k = k_r + R·k_m, so that
+
+    X[k_r, k_m] = DFT_M( ω_N^{m·k_r} · Σ_r ω_R^{r·k_r} · x[r, m] )[k_m]
+
+i.e. an R-point DFT across the rows (a "column" step, R small), a twiddle ω_N^{m·k_r}, then an M-point
+DFT of each row, done as above. Row k_r's spectrum is stored at positions k_r·M + (k1·M2 + k2), which holds
+frequency k_r + R·(k1 + M1·k2). kernels/fftconv_long.py runs this with one program per row (the rows do not
+fit one program together) and the inverse column step as a separate pass through global memory.
+
 Everything here is plain torch: the factors are computed once per (N, device) in fp64 and rounded to fp32
 (more accurate than evaluating sin/cos in fp32 inside a kernel), and `monarch_dft` / `monarch_idft_real`
 are torch versions of exactly what the Triton kernel does, for tests and for reading.
@@ -29,11 +39,17 @@ import torch
 
 # Smallest DFT factor: a tl.dot tile on a real GPU needs every dimension >= 16.
 MIN_FACTOR = 16
-# The largest FFT size the one-program-per-sequence kernel holds. Measured by compiling the kernels for
-# sm_90a offline (Triton 3.8 + ptxas): shared memory per program is 96-160 KiB at N = 4096 (forward/backward,
-# bf16/fp32) but 256 KiB at N = 8192 (64 x 128 factors), beyond the 227 KiB an H100/H200 SM offers. Longer
-# sequences need a third level streaming through global memory (not implemented): they run torch.fft.
-MAX_FFT_SIZE = 4096
+# The largest FFT size the one-program-per-sequence kernel (kernels/fftconv.py) holds. Measured by compiling
+# the kernels for sm_90a offline (Triton 3.8 + ptxas): shared memory per program is 96-160 KiB at N = 4096
+# (forward/backward, bf16/fp32) but 256 KiB at N = 8192 (64 x 128 factors), beyond the 227 KiB an H100/H200
+# SM offers. Longer sequences use the three-level layout (kernels/fftconv_long.py).
+ONE_PROGRAM_MAX_FFT = 4096
+# The row length M of the three-level layout: one program transforms one complex row of M points.
+ROW_FFT_SIZE = 2048
+# The longest FFT the fused kernels take (L <= 65,536). Each row program of the three-level kernels re-reads
+# the R/2 non-zero input rows (R = N / ROW_FFT_SIZE), so their cost grows with R; beyond this the torch
+# path runs.
+MAX_FFT_SIZE = 1 << 17
 MIN_FFT_SIZE = MIN_FACTOR * MIN_FACTOR
 
 
@@ -51,6 +67,18 @@ def split_fft_size(n: int) -> tuple[int, int]:
     log = n.bit_length() - 1
     n1 = 1 << (log // 2)
     return n1, n // n1
+
+
+def fft_layout(n: int) -> tuple[int, int, int]:
+    """(R, M1, M2) with N = R·M1·M2: R = 1 (one program per sequence) up to ONE_PROGRAM_MAX_FFT, else rows
+    of M = ROW_FFT_SIZE points. Read at call time, so the spectrum layout and the kernels always agree."""
+    if n <= ONE_PROGRAM_MAX_FFT:
+        return (1, *split_fft_size(n))
+    m = min(ROW_FFT_SIZE, n)
+    split_fft_size(m)                       # validates the row size
+    if n % m or n & (n - 1):
+        raise ValueError(f"FFT size {n} must be a power of two and a multiple of the row size {m}")
+    return (n // m, *split_fft_size(m))
 
 
 def _dft_matrix(m: int) -> torch.Tensor:
@@ -78,11 +106,40 @@ def dft_factors(n: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
     return _factors_cached(n, str(torch.device(device)))
 
 
+@functools.lru_cache(maxsize=32)
+def _outer_cached(n: int, r: int, device: str) -> tuple[torch.Tensor, ...]:
+    m = n // r
+    fr = _dft_matrix(r)
+    kr = torch.arange(r, dtype=torch.int64)[:, None]
+    m_idx = torch.arange(m, dtype=torch.int64)[None, :]
+    tw = torch.exp(-2j * math.pi * ((kr * m_idx) % n).to(torch.float64) / n)
+    out = []
+    for t in (fr, tw):
+        out += [t.real.to(torch.float32).contiguous().to(device), t.imag.to(torch.float32).contiguous().to(device)]
+    return tuple(out)
+
+
+def outer_factors(n: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """The three-level layout's column step, fp32 on `device`: (F_R re, F_R im) the R-point DFT matrix
+    (R, R) and (W re, W im) the twiddles ω_N^{k_r·m}, (R, M). Cached; read-only."""
+    r, m1, m2 = fft_layout(n)
+    if r == 1:
+        raise ValueError(f"FFT size {n} runs in one program (no column step)")
+    return _outer_cached(n, r, str(torch.device(device)))
+
+
 def permuted_spectrum(spec: torch.Tensor, n: int) -> torch.Tensor:
-    """A full length-n spectrum (..., n) in natural frequency order -> (..., n) in the kernel's order
-    (flat position k1·N2 + k2 holds frequency k1 + N1·k2). Differentiable (a view + copy)."""
-    n1, n2 = split_fft_size(n)
-    return spec.unflatten(-1, (n2, n1)).transpose(-1, -2).flatten(-2)
+    """A full length-n spectrum (..., n) in natural frequency order -> (..., n) in the kernels' order:
+    flat position k_r·M + k1·M2 + k2 holds frequency k_r + R·(k1 + M1·k2) (fft_layout; R = 1 gives
+    position k1·N2 + k2 for frequency k1 + N1·k2). Differentiable (a view + copy)."""
+    r, m1, m2 = fft_layout(n)
+    return spec.unflatten(-1, (m2, m1, r)).permute(*range(spec.dim() - 1), -1, -2, -3).flatten(-3)
+
+
+def natural_spectrum(spec: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `permuted_spectrum`."""
+    r, m1, m2 = fft_layout(n)
+    return spec.unflatten(-1, (r, m1, m2)).permute(*range(spec.dim() - 1), -1, -2, -3).flatten(-3)
 
 
 def monarch_kernel_spectrum(k_fwd: torch.Tensor, k_rev: torch.Tensor | None, n: int
@@ -101,24 +158,46 @@ def monarch_kernel_spectrum(k_fwd: torch.Tensor, k_rev: torch.Tensor | None, n: 
         return spec.real, spec.imag
 
 
-def monarch_dft(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Torch model of the kernel's forward transform: real x (..., L <= n) -> complex (..., n) spectrum of
-    the zero-padded signal in permuted order."""
-    n1, n2 = split_fft_size(n)
-    f1r, f1i, f2r, f2i, tr, ti = dft_factors(n, x.device)
+def _row_dft(z: torch.Tensor, m: int) -> torch.Tensor:
+    """Complex (..., m) rows, natural order -> their m-point DFTs in permuted order ((F1 @ z) ⊙ T) @ F2."""
+    m1, m2 = split_fft_size(m)
+    f1r, f1i, f2r, f2i, tr, ti = dft_factors(m, z.device)
     f1, f2, tw = torch.complex(f1r, f1i), torch.complex(f2r, f2i), torch.complex(tr, ti)
-    a = torch.nn.functional.pad(x.to(torch.float32), (0, n - x.shape[-1])).unflatten(-1, (n1, n2))
-    return ((f1 @ a.to(f1.dtype)) * tw @ f2).flatten(-2)
+    a = z.unflatten(-1, (m1, m2)).to(f1.dtype)
+    return ((f1 @ a) * tw @ f2).flatten(-2)
+
+
+def _row_idft(z: torch.Tensor, m: int) -> torch.Tensor:
+    """Permuted m-point spectra (..., m) -> complex rows: conj(F1) @ ((Z @ conj(F2)) ⊙ conj(T)) / m."""
+    m1, m2 = split_fft_size(m)
+    f1r, f1i, f2r, f2i, tr, ti = dft_factors(m, z.device)
+    f1, f2, tw = torch.complex(f1r, f1i), torch.complex(f2r, f2i), torch.complex(tr, ti)
+    w = (z.unflatten(-1, (m1, m2)) @ f2.conj()) * tw.conj()
+    return (f1.conj() @ w).flatten(-2) / m
+
+
+def monarch_dft(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Torch model of the kernels' forward transform: real x (..., L <= n) -> complex (..., n) spectrum of
+    the zero-padded signal in permuted order (fft_layout)."""
+    r, m1, m2 = fft_layout(n)
+    a = torch.nn.functional.pad(x.to(torch.float32), (0, n - x.shape[-1])).to(torch.complex64)
+    if r == 1:
+        return _row_dft(a, n)
+    frr, fri, twr, twi = outer_factors(n, x.device)
+    rows = (torch.complex(frr, fri) @ a.unflatten(-1, (r, m1 * m2))) * torch.complex(twr, twi)   # column step
+    return _row_dft(rows, m1 * m2).flatten(-2)
 
 
 def monarch_idft_real(z: torch.Tensor, n: int) -> torch.Tensor:
-    """Torch model of the kernel's inverse transform: permuted spectrum (..., n) -> real signal (..., n)."""
-    n1, n2 = split_fft_size(n)
-    f1r, f1i, f2r, f2i, tr, ti = dft_factors(n, z.device)
-    f1, f2, tw = torch.complex(f1r, f1i), torch.complex(f2r, f2i), torch.complex(tr, ti)
-    w = (z.unflatten(-1, (n1, n2)) @ f2.conj()) * tw.conj()
-    return (f1.conj() @ w).real.flatten(-2) / n
+    """Torch model of the kernels' inverse transform: permuted spectrum (..., n) -> real signal (..., n)."""
+    r, m1, m2 = fft_layout(n)
+    if r == 1:
+        return _row_idft(z, n).real
+    frr, fri, twr, twi = outer_factors(n, z.device)
+    rows = _row_idft(z.unflatten(-1, (r, m1 * m2)), m1 * m2) * torch.complex(twr, twi).conj()
+    return (torch.complex(frr, fri).conj() @ rows).real.flatten(-2) / r
 
 
-__all__ = ["MIN_FACTOR", "MIN_FFT_SIZE", "MAX_FFT_SIZE", "kernel_fft_size", "split_fft_size", "dft_factors",
-           "permuted_spectrum", "monarch_kernel_spectrum", "monarch_dft", "monarch_idft_real"]
+__all__ = ["MIN_FACTOR", "MIN_FFT_SIZE", "ONE_PROGRAM_MAX_FFT", "ROW_FFT_SIZE", "MAX_FFT_SIZE", "kernel_fft_size",
+           "split_fft_size", "fft_layout", "dft_factors", "outer_factors", "permuted_spectrum", "natural_spectrum",
+           "monarch_kernel_spectrum", "monarch_dft", "monarch_idft_real"]

@@ -7,7 +7,8 @@ Either gate can be left out on its own (the mixer applies dropout or pad masks t
 passes only the output gate).
 
 One program owns one whole zero-padded sequence of length N = N1·N2 (kernel_fft_size(L) <= 4096, i.e.
-L <= 2048: the whole sequence lives in registers and shared memory; see fft_monarch.MAX_FFT_SIZE) as an
+L <= 2048: the whole sequence lives in registers and shared memory; see fft_monarch.ONE_PROGRAM_MAX_FFT;
+longer sequences run the three-level kernels of kernels/fftconv_long.py through this same entry point) as an
 (N1, N2) fp32 matrix and does the FFT, the pointwise product with the kernel spectrum and the inverse FFT
 as the four-step (Monarch) factorisation of kernels/fft_monarch.py: dense DFT-matrix products on the
 tensor cores (tl.dot on real and imaginary parts; 3 real products per complex one), twiddle multiplies, and no transposes at all because the
@@ -45,7 +46,8 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from ._common import on_device_of
 from .dispatch import interpreting
-from .fft_monarch import MAX_FFT_SIZE, dft_factors, kernel_fft_size, monarch_kernel_spectrum, split_fft_size
+from .fft_monarch import (MAX_FFT_SIZE, dft_factors, fft_layout, kernel_fft_size, monarch_kernel_spectrum,
+                          natural_spectrum, split_fft_size)
 
 INTERPRET = interpreting()
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -210,27 +212,16 @@ def _seq_view(x: torch.Tensor) -> torch.Tensor:
 class _GatedFFTConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, x1, x2, spec_re, spec_im, skip):
-        B, H, L = v.shape
-        n = spec_re.shape[-1]
-        n1, n2 = split_fft_size(n)
         v = _seq_view(v)
         x1 = _seq_view(x1) if x1 is not None else None
         x2 = _seq_view(x2) if x2 is not None else None
         spec_re, spec_im = spec_re.contiguous(), spec_im.contiguous()
         skip = skip.contiguous()
-        factors = dft_factors(n, v.device)
-        y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
-        a1 = x1 if x1 is not None else v                 # placeholder pointer when a gate is absent
-        a2 = x2 if x2 is not None else v
-        with on_device_of(v):
-            _fftconv_fwd_kernel[(B, H)](
-                v, a1, a2, y, spec_re, spec_im, skip, *factors,
-                L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
-                y.stride(0), y.stride(1),
-                N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip)
-        return y
+        if _one_program(spec_re.shape[-1]):
+            return _launch_fwd(v, x1, x2, spec_re, spec_im, skip)
+        from . import fftconv_long
+        return fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip)
 
     @staticmethod
     def backward(ctx, dy):
@@ -239,10 +230,36 @@ class _GatedFFTConv(torch.autograd.Function):
         dy = _seq_view(dy)
         if (n, _device_name(v)) not in _TOO_LARGE:
             try:
-                return _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip)
+                if _one_program(n):
+                    return _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip)
+                from . import fftconv_long
+                return fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip)
             except _RESOURCE_ERRORS as err:
                 _give_up_on(n, v, err)
         return _reference_backward(dy, v, x1, x2, spec_re, spec_im, skip)
+
+
+def _one_program(n: int) -> bool:
+    """Whether FFT size n runs as one program per sequence (here) or in rows (kernels/fftconv_long.py)."""
+    return fft_layout(n)[0] == 1
+
+
+def _launch_fwd(v, x1, x2, spec_re, spec_im, skip):
+    B, H, L = v.shape
+    n = spec_re.shape[-1]
+    n1, n2 = split_fft_size(n)
+    factors = dft_factors(n, v.device)
+    y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
+    a1 = x1 if x1 is not None else v                 # placeholder pointer when a gate is absent
+    a2 = x2 if x2 is not None else v
+    with on_device_of(v):
+        _fftconv_fwd_kernel[(B, H)](
+            v, a1, a2, y, spec_re, spec_im, skip, *factors,
+            L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
+            y.stride(0), y.stride(1),
+            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return y
 
 
 def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip):
@@ -300,8 +317,8 @@ def unsupported_reason(v: torch.Tensor, spec_re: torch.Tensor | None = None) -> 
         return f"{v.dtype} activations (the kernel takes fp32/bf16/fp16; fp64 runs the torch reference)"
     n = kernel_fft_size(v.shape[-1])
     if n > MAX_FFT_SIZE:
-        return (f"sequence length {v.shape[-1]} needs an FFT of size {n} > {MAX_FFT_SIZE}: one program holds a "
-                "whole sequence, and a 3-level FFT streaming through global memory is not implemented")
+        return (f"sequence length {v.shape[-1]} needs an FFT of size {n} > {MAX_FFT_SIZE} (fft_monarch.MAX_FFT_SIZE: "
+                "the three-level kernels re-read R/2 input rows per row program, a cost growing with N)")
     if spec_re is not None and spec_re.shape[-1] != n:
         return f"spectrum length {spec_re.shape[-1]} is not kernel_fft_size(L) = {n}"
     if not v.is_cuda and not INTERPRET:
@@ -334,8 +351,7 @@ def gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in=None, gate_out=N
     n = spec_re.shape[-1]
     u = v * gate_in if gate_in is not None else v
     with torch.autocast(device_type=v.device.type, enabled=False):
-        n1, n2 = split_fft_size(n)
-        spec = torch.complex(spec_re, spec_im).unflatten(-1, (n1, n2)).transpose(-1, -2).flatten(-2)
+        spec = natural_spectrum(torch.complex(spec_re, spec_im), n)
         c = torch.fft.ifft(torch.fft.fft(u.to(torch.float32), n=n) * spec, n=n).real[..., :L]
     y = c.to(v.dtype) + u * skip.to(v.dtype)[:, None]
     return y * gate_out if gate_out is not None else y

@@ -1,0 +1,314 @@
+"""The fused gated long convolution for sequences too long for one program: the three-level FFT.
+
+kernels/fftconv.py holds a whole zero-padded sequence in one program, up to FFT size ONE_PROGRAM_MAX_FFT
+(L <= 2048). Beyond that the sequence is an (R, M) matrix of rows of M = ROW_FFT_SIZE points
+(kernels/fft_monarch.py, fft_layout: N = R·M, time n = M·r + m, frequency k = k_r + R·k_m) and the
+convolution y = Re IDFT(DFT(u) ⊙ K) runs as two passes:
+
+1. rows (one program per spectral row k_r of one sequence):
+       z    = ω_N^{m·k_r} · Σ_{r < R/2} ω_R^{r·k_r} · u[r, :]     the column step, straight from the inputs
+       w    = IDFT_M(DFT_M(z) ⊙ K[k_r, :]) · ω_N^{-m·k_r}          the row FFTs of kernels/fftconv.py, complex
+   and w goes to a scratch buffer (complex fp32, N per sequence). Only the first R/2 time rows can be non-zero
+   (N >= 2L), so each program reads those rows of u (shared by the R programs of a sequence through L2).
+2. columns (one program per tile of BM columns of one sequence):
+       y[r, tile] = Re Σ_k ω_R^{-r·k} · w[k, tile] / R  for the R/2 time rows that hold the output,
+   an R-point inverse DFT across rows that reads every scratch element once, then the D skip and the gates.
+
+Gates and dtypes are as in kernels/fftconv.py (u = v ⊙ x1 in, ⊙ x2 out, fp32 arithmetic, tf32 / tf32x3 DFT
+products). The backward runs the same two passes: the row pass computes U and G = DFT(dy ⊙ x2) rows, writes
+this sample's conj(U) ⊙ G (the kernel-spectrum gradient, summed over the batch in torch afterwards: no
+atomics, deterministic) and the rows of IDFT(G ⊙ conj K) (and IDFT(U ⊙ K) for dx2); the column pass turns
+those into dv, dx1, dx2 and per-tile partial sums of dD.
+
+Extra memory: the forward's scratch is 8·N bytes per (sample, channel), the backward's three buffers 24·N.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import on_device_of
+from .fft_monarch import dft_factors, fft_layout, outer_factors
+from .fftconv import NUM_STAGES, NUM_WARPS, _cmul_f2, _load_mat, _precision
+
+# Columns per program of the column pass (a divisor of the row size M; both powers of two). The pass is
+# memory-bound: each program reads R·BM complex scratch values and writes R/2·BM outputs.
+COLUMN_TILE = 256
+
+
+@triton.jit
+def _column_row(a_ptr, g_ptr, k, L, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE: tl.constexpr):
+    """Row k of the column step: ω_N^{m·k} · Σ_r ω_R^{r·k} · (a ⊙ g)[r·M + m], as (M1, M2) re, im."""
+    M = M1 * M2
+    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    zr = tl.zeros((M1, M2), dtype=tl.float32)
+    zi = tl.zeros((M1, M2), dtype=tl.float32)
+    for r in range(0, tl.cdiv(L, M)):                  # rows at or beyond L are zero padding
+        pos = r * M + t
+        msk = pos < L
+        x = tl.load(a_ptr + pos, mask=msk, other=0.0).to(tl.float32)
+        if GATE:
+            x = x * tl.load(g_ptr + pos, mask=msk, other=0.0).to(tl.float32)
+        zr += tl.load(frr_ptr + k * R + r) * x
+        zi += tl.load(fri_ptr + k * R + r) * x
+    twr = tl.load(twr_ptr + k * M + t)
+    twi = tl.load(twi_ptr + k * M + t)
+    return zr * twr - zi * twi, zr * twi + zi * twr
+
+
+@triton.jit
+def _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+             M1: tl.constexpr, M2: tl.constexpr, PREC: tl.constexpr):
+    """Complex (M1, M2) row -> its M-point spectrum in permuted order: ((F1 @ z) ⊙ T) @ F2."""
+    f1r = _load_mat(f1r_ptr, M1, M1)
+    f1i = _load_mat(f1i_ptr, M1, M1)
+    p1 = tl.dot(f1r, zr, input_precision=PREC)
+    p2 = tl.dot(f1i, zi, input_precision=PREC)
+    p3 = tl.dot(f1r + f1i, zr + zi, input_precision=PREC)
+    br = p1 - p2
+    bi = p3 - p1 - p2
+    tr = _load_mat(tr_ptr, M1, M2)
+    ti = _load_mat(ti_ptr, M1, M2)
+    return _cmul_f2(br * tr - bi * ti, br * ti + bi * tr, f2r_ptr, f2i_ptr, M2, PREC)
+
+
+@triton.jit
+def _row_ifft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+              M1: tl.constexpr, M2: tl.constexpr, PREC: tl.constexpr):
+    """Permuted M-point spectrum -> complex row: conj(F1) @ ((Z @ conj(F2)) ⊙ conj(T)) / M."""
+    wr, wi = _cmul_f2(zr, -zi, f2r_ptr, f2i_ptr, M2, PREC)      # Z @ conj(F2) = conj(conj(Z) @ F2)
+    wi = -wi
+    tr = _load_mat(tr_ptr, M1, M2)
+    ti = _load_mat(ti_ptr, M1, M2)
+    vr = wr * tr + wi * ti
+    vi = wi * tr - wr * ti
+    f1r = _load_mat(f1r_ptr, M1, M1)
+    f1i = _load_mat(f1i_ptr, M1, M1)
+    # (F1r - i·F1i)(vr + i·vi) with three real products
+    p1 = tl.dot(f1r, vr, input_precision=PREC)
+    p2 = tl.dot(f1i, vi, input_precision=PREC)
+    p3 = tl.dot(f1r - f1i, vr + vi, input_precision=PREC)
+    scale = 1.0 / (M1 * M2)
+    return (p1 + p2) * scale, (p3 - p1 + p2) * scale
+
+
+@triton.jit
+def _store_untwiddled(re_ptr, im_ptr, wr, wi, twr_ptr, twi_ptr, k, off,
+                      M1: tl.constexpr, M2: tl.constexpr):
+    """Store w ⊙ conj(ω_N^{m·k}) (the inverse column step's twiddle) at re_ptr/im_ptr + off."""
+    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    twr = tl.load(twr_ptr + k * (M1 * M2) + t)
+    twi = tl.load(twi_ptr + k * (M1 * M2) + t)
+    tl.store(re_ptr + off + t, wr * twr + wi * twi)
+    tl.store(im_ptr + off + t, wi * twr - wr * twi)
+
+
+@triton.jit
+def _rows_fwd_kernel(v_ptr, x1_ptr, sr_ptr, si_ptr, kr_ptr, ki_ptr,
+                     f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                     L, H, s_vb, s_vh, s_x1b, s_x1h,
+                     R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr,
+                     PREC: tl.constexpr):
+    # Spectral row on axis 0 (launched fastest): the R programs of one sequence run together and share
+    # its input rows through L2.
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    M = M1 * M2
+    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    zr, zi = _column_row(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
+                         frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_IN)
+    xr, xi = _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+    koff = h * (R * M) + k * M + t
+    kr = tl.load(kr_ptr + koff)
+    ki = tl.load(ki_ptr + koff)
+    wr, wi = _row_ifft(xr * kr - xi * ki, xr * ki + xi * kr,
+                       f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+    _store_untwiddled(sr_ptr, si_ptr, wr, wi, twr_ptr, twi_ptr, k, (b * H + h) * (R * M) + k * M, M1, M2)
+
+
+@triton.jit
+def _inverse_columns(sr_ptr, si_ptr, base, frr_ptr, fri_ptr, cols,
+                     R: tl.constexpr, R_HALF: tl.constexpr, M: tl.constexpr, BM: tl.constexpr):
+    """(R/2, BM) time rows of Re Σ_k ω_R^{-r·k} · s[k, cols] / R: the inverse column step of one tile."""
+    rows = tl.arange(0, R_HALF)
+    acc = tl.zeros((R_HALF, BM), dtype=tl.float32)
+    for k in range(0, R):
+        sr = tl.load(sr_ptr + base + k * M + cols)
+        si = tl.load(si_ptr + base + k * M + cols)
+        cr = tl.load(frr_ptr + rows * R + k)
+        ci = tl.load(fri_ptr + rows * R + k)
+        acc += cr[:, None] * sr[None, :] + ci[:, None] * si[None, :]
+    return acc * (1.0 / R)
+
+
+@triton.jit
+def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, d_ptr, frr_ptr, fri_ptr,
+                     L, H, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh,
+                     R: tl.constexpr, R_HALF: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+                     GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr):
+    j = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    cols = j * BM + tl.arange(0, BM)
+    y = _inverse_columns(sr_ptr, si_ptr, (b * H + h) * (R * M), frr_ptr, fri_ptr, cols, R, R_HALF, M, BM)
+    t = tl.arange(0, R_HALF)[:, None] * M + cols[None, :]
+    m = t < L
+    u = tl.load(v_ptr + b * s_vb + h * s_vh + t, mask=m, other=0.0).to(tl.float32)
+    if GATE_IN:
+        u = u * tl.load(x1_ptr + b * s_x1b + h * s_x1h + t, mask=m, other=0.0).to(tl.float32)
+    y = y + tl.load(d_ptr + h).to(tl.float32) * u
+    if GATE_OUT:
+        y = y * tl.load(x2_ptr + b * s_x2b + h * s_x2h + t, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + b * s_yb + h * s_yh + t, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr,
+                     dur_ptr, dui_ptr, cr_ptr, ci_ptr, pkr_ptr, pki_ptr,
+                     f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                     L, H, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h,
+                     R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr,
+                     GATE_OUT: tl.constexpr, PREC: tl.constexpr):
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    M = M1 * M2
+    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    zr, zi = _column_row(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
+                         frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_IN)
+    ur, ui = _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+    zr, zi = _column_row(dy_ptr + b * s_dyb + h * s_dyh, x2_ptr + b * s_x2b + h * s_x2h, k, L,
+                         frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_OUT)
+    gr, gi = _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+    row = (b * H + h) * (R * M) + k * M
+    tl.store(pkr_ptr + row + t, ur * gr + ui * gi)        # conj(U) ⊙ G, this sample's share of dK · N
+    tl.store(pki_ptr + row + t, ur * gi - ui * gr)
+    koff = h * (R * M) + k * M + t
+    kr = tl.load(kr_ptr + koff)
+    ki = tl.load(ki_ptr + koff)
+    wr, wi = _row_ifft(gr * kr + gi * ki, gi * kr - gr * ki,
+                       f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+    _store_untwiddled(dur_ptr, dui_ptr, wr, wi, twr_ptr, twi_ptr, k, row, M1, M2)
+    if GATE_OUT:                                           # the forward's conv output, for dx2
+        wr, wi = _row_ifft(ur * kr - ui * ki, ur * ki + ui * kr,
+                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+        _store_untwiddled(cr_ptr, ci_ptr, wr, wi, twr_ptr, twi_ptr, k, row, M1, M2)
+
+
+@triton.jit
+def _cols_bwd_kernel(dur_ptr, dui_ptr, cr_ptr, ci_ptr, dy_ptr, v_ptr, x1_ptr, x2_ptr, d_ptr,
+                     dv_ptr, dx1_ptr, dx2_ptr, ddp_ptr, frr_ptr, fri_ptr,
+                     L, H, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_gb, s_gh,
+                     R: tl.constexpr, R_HALF: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+                     GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr):
+    j = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    cols = j * BM + tl.arange(0, BM)
+    base = (b * H + h) * (R * M)
+    t = tl.arange(0, R_HALF)[:, None] * M + cols[None, :]
+    m = t < L
+    d = tl.load(d_ptr + h).to(tl.float32)
+    v = tl.load(v_ptr + b * s_vb + h * s_vh + t, mask=m, other=0.0).to(tl.float32)
+    u = v
+    if GATE_IN:
+        x1 = tl.load(x1_ptr + b * s_x1b + h * s_x1h + t, mask=m, other=0.0).to(tl.float32)
+        u = v * x1
+    g = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t, mask=m, other=0.0).to(tl.float32)
+    gc = g
+    if GATE_OUT:
+        gc = g * tl.load(x2_ptr + b * s_x2b + h * s_x2h + t, mask=m, other=0.0).to(tl.float32)
+        c = _inverse_columns(cr_ptr, ci_ptr, base, frr_ptr, fri_ptr, cols, R, R_HALF, M, BM)
+        tl.store(dx2_ptr + b * s_gb + h * s_gh + t, (g * (c + d * u)).to(dx2_ptr.dtype.element_ty), mask=m)
+    du = _inverse_columns(dur_ptr, dui_ptr, base, frr_ptr, fri_ptr, cols, R, R_HALF, M, BM) + d * gc
+    go = b * s_gb + h * s_gh + t
+    if GATE_IN:
+        tl.store(dv_ptr + go, (du * x1).to(dv_ptr.dtype.element_ty), mask=m)
+        tl.store(dx1_ptr + go, (du * v).to(dx1_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(dv_ptr + go, du.to(dv_ptr.dtype.element_ty), mask=m)
+    # This tile's share of dD (summed in torch: deterministic, no atomics).
+    tl.store(ddp_ptr + (b * H + h) * tl.num_programs(0) + j, tl.sum(tl.sum(gc * u, axis=1), axis=0))
+
+
+def _plan(n: int) -> tuple[int, int, int, int]:
+    """(R, M1, M2, BM) for FFT size n in the three-level layout."""
+    r, m1, m2 = fft_layout(n)
+    return r, m1, m2, min(COLUMN_TILE, m1 * m2)
+
+
+def _gate(x: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    return x if x is not None else v                   # placeholder pointer when a gate is absent
+
+
+def forward(v, x1, x2, spec_re, spec_im, skip) -> torch.Tensor:
+    """y = (conv(u, k) + skip ⊙ u) [⊙ x2], u = v [⊙ x1], all (B, H, L) with unit time stride; spectrum
+    (H, N) fp32 contiguous in the three-level permuted order. Raises triton's OutOfResources if a kernel
+    does not fit this GPU."""
+    B, H, L = v.shape
+    n = spec_re.shape[-1]
+    r, m1, m2, bm = _plan(n)
+    m = m1 * m2
+    a1, a2 = _gate(x1, v), _gate(x2, v)
+    scratch_re = torch.empty(B, H, n, dtype=torch.float32, device=v.device)
+    scratch_im = torch.empty_like(scratch_re)
+    y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
+    row_factors = dft_factors(m, v.device)
+    frr, fri, twr, twi = outer_factors(n, v.device)
+    prec = _precision(v.dtype)
+    with on_device_of(v):
+        _rows_fwd_kernel[(r, B, H)](
+            v, a1, scratch_re, scratch_im, spec_re, spec_im, *row_factors, frr, fri, twr, twi,
+            L, H, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
+            R=r, M1=m1, M2=m2, GATE_IN=x1 is not None, PREC=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        _cols_fwd_kernel[(m // bm, B, H)](
+            scratch_re, scratch_im, v, a1, a2, y, skip, frr, fri,
+            L, H, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
+            y.stride(0), y.stride(1),
+            R=r, R_HALF=r // 2, M=m, BM=bm, GATE_IN=x1 is not None, GATE_OUT=x2 is not None,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return y
+
+
+def backward(dy, v, x1, x2, spec_re, spec_im, skip):
+    """Gradients (dv, dx1, dx2, d spec_re, d spec_im, d skip) of `forward`; None for an absent gate."""
+    B, H, L = v.shape
+    n = spec_re.shape[-1]
+    r, m1, m2, bm = _plan(n)
+    m = m1 * m2
+    a1, a2 = _gate(x1, v), _gate(x2, v)
+    f32 = dict(dtype=torch.float32, device=v.device)
+    du_re, du_im = torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)
+    c_re, c_im = (torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)) if x2 is not None else (du_re, du_im)
+    pk_re, pk_im = torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)
+    dv = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
+    dx1 = torch.empty_like(dv) if x1 is not None else None
+    dx2 = torch.empty_like(dv) if x2 is not None else None
+    dd_part = torch.empty(B, H, m // bm, **f32)
+    row_factors = dft_factors(m, v.device)
+    frr, fri, twr, twi = outer_factors(n, v.device)
+    gates = dict(GATE_IN=x1 is not None, GATE_OUT=x2 is not None)
+    with on_device_of(v):
+        _rows_bwd_kernel[(r, B, H)](
+            dy, v, a1, a2, spec_re, spec_im, du_re, du_im, c_re, c_im, pk_re, pk_im,
+            *row_factors, frr, fri, twr, twi,
+            L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
+            a2.stride(0), a2.stride(1),
+            R=r, M1=m1, M2=m2, PREC=_precision(v.dtype), **gates, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        _cols_bwd_kernel[(m // bm, B, H)](
+            du_re, du_im, c_re, c_im, dy, v, a1, a2, skip,
+            dv, _gate(dx1, dv), _gate(dx2, dv), dd_part, frr, fri,
+            L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
+            a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
+            R=r, R_HALF=r // 2, M=m, BM=bm, **gates, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    dk_re = pk_re.sum(0).mul_(1.0 / n)
+    dk_im = pk_im.sum(0).mul_(1.0 / n)
+    dd = dd_part.sum((0, 2)).to(skip.dtype)
+    return dv, dx1, dx2, dk_re, dk_im, dd
+
+
+__all__ = ["COLUMN_TILE", "forward", "backward"]
