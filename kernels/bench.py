@@ -13,10 +13,11 @@ What it measures, all on the same card in the same run:
 3. The gated FFT long convolution y = (conv(v ⊙ x1, k) + D ⊙ v ⊙ x1) ⊙ x2 (kernels/fftconv.py, bf16
    activations, fp32 spectrum) vs the torch.fft reference (models/longconv.py + the gating in torch), for
    H = 768 (M2-BERT-80M) and 1280 (M2-GPT-360M) at L = 512 ... 16384, forward and forward+backward.
-   The kernel holds one whole sequence per program, up to L = 2048 (fft_monarch.MAX_FFT_SIZE); longer rows
-   time the torch path only and are marked "fallback".
-   FLOP/s counts the DFT matrix products the kernel executes; GB/s counts the activations read and written
-   once plus the spectrum.
+   Up to L = 2048 one program holds a whole sequence (fft_monarch.ONE_PROGRAM_MAX_FFT); longer sequences run
+   the three-level kernels (kernels/fftconv_long.py, rows of 2048 points), and at L = 2048 both layouts are
+   timed. Sequences beyond fft_monarch.MAX_FFT_SIZE / 2 time the torch path only ("fallback").
+   FLOP/s counts the DFT matrix products the kernels execute; GB/s counts the activations read and written
+   once, the spectrum, and the three-level kernels' scratch rows.
 4. M2-BERT-80M encoder forward (bf16 weights, inference, filters cached) with kernels and with the torch
    path vs BERT-base with SDPA attention (FlashAttention backend) at the same L: tokens/ms.
 
@@ -135,76 +136,117 @@ def bench_monarch(device, dtype, tokens: int, hidden_sizes, peaks, reps: int) ->
 
 # ------------------------------------------------------------------------------------------- FFT conv
 def conv_flops(L: int, backward: bool) -> float:
-    """DFT-matrix FLOPs the fused kernel executes per (sample, channel): a transform is 2 real products
-    with F1 (N1·N1·N2 each) and 3 with F2 (N1·N2·N2 each, Gauss's complex product); the forward does one
-    transform each way, the gated backward two each way."""
-    from m2train.kernels.fft_monarch import kernel_fft_size, split_fft_size
+    """FLOPs the fused kernels execute per (sample, channel) at the current layout (fft_monarch.fft_layout).
+    One program per sequence (R = 1, N = N1·N2): a transform is 2 real products with F1 (N1·N1·N2 each, the
+    input is real) and 3 with F2 (N1·N2·N2 each, Gauss's complex product). Three levels (N = R·M, M = M1·M2):
+    the R row transforms are complex, 3 products with F1 and 3 with F2 each, plus the column steps (R/2
+    time rows times R spectral rows, complex multiply-adds: 2·R·N each way). The forward does one transform
+    each way, the gated backward two each way."""
+    from m2train.kernels.fft_monarch import fft_layout, kernel_fft_size
 
-    n1, n2 = split_fft_size(kernel_fft_size(L))
-    one_way = 2 * (2 * n1 * n1 * n2) + 3 * (2 * n1 * n2 * n2)
+    n = kernel_fft_size(L)
+    r, m1, m2 = fft_layout(n)
+    if r == 1:
+        one_way = 2 * (2 * m1 * m1 * m2) + 3 * (2 * m1 * m2 * m2)
+    else:
+        one_way = r * 3 * 2 * m1 * m2 * (m1 + m2) + 2 * r * n
     return (4 if backward else 2) * one_way
 
 
+def conv_scratch_bytes(L: int) -> tuple[int, int]:
+    """Global-memory scratch traffic per (sample, channel) of the three-level kernels (forward, backward):
+    complex fp32 rows written by the row pass and read by the column pass (and the backward's per-sample
+    kernel-gradient rows, read again by the batch sum)."""
+    from m2train.kernels.fft_monarch import fft_layout, kernel_fft_size
+
+    n = kernel_fft_size(L)
+    if fft_layout(n)[0] == 1:
+        return 0, 0
+    return 2 * 8 * n, 3 * 2 * 8 * n
+
+
 def bench_fftconv(device, tokens: int, models: dict, lengths, peaks, reps: int, smoke: bool) -> list[dict]:
-    from m2train.kernels.fft_monarch import kernel_fft_size, monarch_kernel_spectrum
+    """Every (model, L) row; at the largest one-program size (L = 2048) the three-level layout is timed too
+    (a second row, layout "rows"), since which one is faster there can only be measured."""
+    from m2train.kernels import fft_monarch
+
+    rows = []
+    for model, H in models.items():
+        for L in lengths:
+            rows.append(_bench_conv_row(device, tokens, model, H, L, peaks, reps, smoke))
+            n = fft_monarch.kernel_fft_size(L)
+            if n == fft_monarch.ONE_PROGRAM_MAX_FFT and not smoke:
+                saved = fft_monarch.ONE_PROGRAM_MAX_FFT
+                fft_monarch.ONE_PROGRAM_MAX_FFT = n // 2
+                try:
+                    rows.append(_bench_conv_row(device, tokens, model, H, L, peaks, reps, smoke))
+                finally:
+                    fft_monarch.ONE_PROGRAM_MAX_FFT = saved
+    return rows
+
+
+def _bench_conv_row(device, tokens: int, model: str, H: int, L: int, peaks, reps: int, smoke: bool) -> dict:
+    from m2train.kernels.fft_monarch import fft_layout, kernel_fft_size, monarch_kernel_spectrum
     from m2train.kernels.fftconv import gated_fft_conv, unsupported_reason
     from m2train.models.longconv import fft_conv, fft_size, kernel_spectrum
 
     act = torch.float32 if smoke else torch.bfloat16
-    rows = []
-    for model, H in models.items():
-        for L in lengths:
-            B = max(1, tokens // L)
-            mk = lambda: torch.randn(B, H, L, device=device, dtype=act, requires_grad=True)  # noqa: E731
-            v, x1, x2 = mk(), mk(), mk()
-            k_fwd = torch.randn(H, L, device=device) * 0.01
-            k_rev = torch.randn(H, L, device=device) * 0.01
-            skip = torch.randn(H, device=device)
-            n_ref = fft_size(L)
-            spec_ref = kernel_spectrum(k_fwd, k_rev, n_ref)
-            spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, kernel_fft_size(L))
-            spec_re.requires_grad_(True)
-            spec_im.requires_grad_(True)
-            skip.requires_grad_(True)
+    B = max(1, tokens // L)
+    mk = lambda: torch.randn(B, H, L, device=device, dtype=act, requires_grad=True)  # noqa: E731
+    v, x1, x2 = mk(), mk(), mk()
+    k_fwd = torch.randn(H, L, device=device) * 0.01
+    k_rev = torch.randn(H, L, device=device) * 0.01
+    skip = torch.randn(H, device=device)
+    n_ref = fft_size(L)
+    spec_ref = kernel_spectrum(k_fwd, k_rev, n_ref)
+    n = kernel_fft_size(L)
+    spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, n)
+    spec_re.requires_grad_(True)
+    spec_im.requires_grad_(True)
+    skip.requires_grad_(True)
 
-            def reference():       # what the mixer's torch path does (spectrum precomputed, as in a layer)
-                u = v * x1
-                return (fft_conv(u, spec_ref, n_ref) + u * skip.to(u.dtype)[:, None]) * x2
+    def reference():       # what the mixer's torch path does (spectrum precomputed, as in a layer)
+        u = v * x1
+        return (fft_conv(u, spec_ref, n_ref) + u * skip.to(u.dtype)[:, None]) * x2
 
-            def fused():
-                return gated_fft_conv(v, spec_re, spec_im, skip, x1, x2)
+    def fused():
+        return gated_fft_conv(v, spec_re, spec_im, skip, x1, x2)
 
-            row = {"model": model, "H": H, "L": L, "B": B, "dtype": str(act)}
-            reason = unsupported_reason(v, spec_re)
-            if reason is not None:
-                row["kernel"] = f"fallback: {reason}"
-            for name, fn in (("torch", reference), ("triton", fused)):
-                if name == "triton" and reason is not None:
-                    continue
-                dy = torch.randn(B, H, L, device=device, dtype=act)
-                with torch.no_grad():
-                    row[f"{name}_fwd_ms"] = time_ms(fn, device, reps)
+    r = fft_layout(n)[0]
+    row = {"model": model, "H": H, "L": L, "B": B, "dtype": str(act),
+           "layout": "one program" if r == 1 else f"rows (R={r})"}
+    reason = unsupported_reason(v, spec_re)
+    if reason is not None:
+        row["kernel"] = f"fallback: {reason}"
+    for name, fn in (("torch", reference), ("triton", fused)):
+        if name == "triton" and reason is not None:
+            continue
+        dy = torch.randn(B, H, L, device=device, dtype=act)
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = time_ms(fn, device, reps)
 
-                def fwd_bwd():
-                    fn().backward(dy)
-                    for t in (v, x1, x2, skip, spec_re, spec_im):
-                        t.grad = None
-                row[f"{name}_fwdbwd_ms"] = time_ms(fwd_bwd, device, reps)
-            if reason is None:
-                row["speedup_fwd"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
-                row["speedup_fwdbwd"] = row["torch_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
-                el = v.element_size()
-                n = kernel_fft_size(L)
-                fwd_bytes = el * 4 * B * H * L + 8 * H * n
-                row.update(_rates(B * H * conv_flops(L, False), fwd_bytes, row["triton_fwd_ms"], peaks))
-                bwd_rates = _rates(B * H * (conv_flops(L, False) + conv_flops(L, True)),
-                                   fwd_bytes + el * 7 * B * H * L + 16 * H * n, row["triton_fwdbwd_ms"], peaks)
-                row.update({f"fwdbwd_{k}": val for k, val in bwd_rates.items()})
-                print(f"  fftconv {model} L={L:6d}  speed-up fwd {row['speedup_fwd']:.2f}x  fwd+bwd "
-                      f"{row['speedup_fwdbwd']:.2f}x", file=sys.stderr)
-            rows.append(row)
-            del v, x1, x2
-    return rows
+        def fwd_bwd():
+            fn().backward(dy)
+            for t in (v, x1, x2, skip, spec_re, spec_im):
+                t.grad = None
+        row[f"{name}_fwdbwd_ms"] = time_ms(fwd_bwd, device, reps)
+    if reason is None:
+        row["speedup_fwd"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
+        row["speedup_fwdbwd"] = row["torch_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
+        el = v.element_size()
+        scratch_fwd, scratch_bwd = conv_scratch_bytes(L)
+        fwd_bytes = el * 4 * B * H * L + 8 * H * n + B * H * scratch_fwd
+        row.update(_rates(B * H * conv_flops(L, False), fwd_bytes, row["triton_fwd_ms"], peaks))
+        bwd_rates = _rates(B * H * (conv_flops(L, False) + conv_flops(L, True)),
+                           fwd_bytes + el * 7 * B * H * L + 16 * H * n + B * H * scratch_bwd,
+                           row["triton_fwdbwd_ms"], peaks)
+        row.update({f"fwdbwd_{k}": val for k, val in bwd_rates.items()})
+        print(f"  fftconv {model} L={L:6d} {row['layout']:12s} speed-up fwd {row['speedup_fwd']:.2f}x  fwd+bwd "
+              f"{row['speedup_fwdbwd']:.2f}x", file=sys.stderr)
+    del v, x1, x2
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -264,15 +306,16 @@ def markdown(result: dict) -> str:
                        f"({r['pct_peak_flops']:.0f}%) | {r['gbs']:.0f} ({r['pct_peak_bw']:.0f}%) |")
         out.append("")
     if result["fftconv"]:
-        out += ["| gated FFT conv | L | B | torch fwd ms | triton fwd ms | speed-up fwd | torch fwd+bwd ms | "
+        out += ["| gated FFT conv | L | layout | B | torch fwd ms | triton fwd ms | speed-up fwd | torch fwd+bwd ms | "
                 "triton fwd+bwd ms | speed-up fwd+bwd | fwd TFLOP/s (% peak) | fwd GB/s (% peak) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["fftconv"]:
+            head = f"| {r['model']} H={r['H']} | {r['L']} | {r.get('layout', '-')} | {r['B']} |"
             if "speedup_fwd" not in r:
-                out.append(f"| {r['model']} H={r['H']} | {r['L']} | {r['B']} | {r['torch_fwd_ms']:.3f} | - | - | "
+                out.append(f"{head} {r['torch_fwd_ms']:.3f} | - | - | "
                            f"{r['torch_fwdbwd_ms']:.3f} | - | - | {r['kernel']} | |")
                 continue
-            out.append(f"| {r['model']} H={r['H']} | {r['L']} | {r['B']} | {r['torch_fwd_ms']:.3f} | "
+            out.append(f"{head} {r['torch_fwd_ms']:.3f} | "
                        f"{r['triton_fwd_ms']:.3f} | {r['speedup_fwd']:.2f}x | {r['torch_fwdbwd_ms']:.3f} | "
                        f"{r['triton_fwdbwd_ms']:.3f} | {r['speedup_fwdbwd']:.2f}x | {r['tflops']:.1f} "
                        f"({r['pct_peak_flops']:.0f}%) | {r['gbs']:.0f} ({r['pct_peak_bw']:.0f}%) |")
@@ -292,7 +335,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m m2train.kernels.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="~1 minute subset: H = 768 and 1280 only, L = 2048 and 4096, fewer repetitions")
+                   help="~2 minute subset: H = 768 and 1280 only, L = 2048, 4096 (and 16384 for the FFT "
+                        "conv), fewer repetitions")
     p.add_argument("--smoke", action="store_true",
                    help="no GPU needed: tiny shapes on the CPU through Triton's interpreter (sets "
                         "TRITON_INTERPRET=1); checks the plumbing, its timings mean nothing")
@@ -332,12 +376,12 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False     # fp32 references stay fp32 (the kernels' own choice)
 
     if args.smoke:
-        lengths = args.lengths or [64]
+        lengths = args.lengths or [64, 300]
         tokens, model_tokens, reps = args.tokens or 64, args.tokens or 64, args.reps or 1
         hidden = [(16, 32)]
         conv_models = {"tiny": 4}
     elif args.quick:
-        lengths = args.lengths or [2048, 4096]
+        lengths = args.lengths or [2048, 4096, 16384]
         tokens, model_tokens, reps = args.tokens or 65536, args.tokens or 16384, args.reps or 5
         hidden = [(768, 3072), GPT_360M]
         conv_models = CONV_MODELS
@@ -347,6 +391,19 @@ def main(argv=None) -> int:
         hidden = [(h, 4 * h) for h in BERT_HIDDEN] + [GPT_360M]
         conv_models = CONV_MODELS
 
+    from m2train.kernels import fft_monarch
+
+    saved_layout = fft_monarch.ONE_PROGRAM_MAX_FFT, fft_monarch.ROW_FFT_SIZE
+    if args.smoke:
+        # Rows of 256 points from L = 129 on, so the three-level kernels run too (at interpreter-sized shapes).
+        fft_monarch.ONE_PROGRAM_MAX_FFT = fft_monarch.ROW_FFT_SIZE = 256
+    try:
+        return _run(args, device, lengths, tokens, model_tokens, reps, hidden, conv_models)
+    finally:
+        fft_monarch.ONE_PROGRAM_MAX_FFT, fft_monarch.ROW_FFT_SIZE = saved_layout
+
+
+def _run(args, device, lengths, tokens, model_tokens, reps, hidden, conv_models) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter, smoke)"
     print(f"measuring peaks on {name} ...", file=sys.stderr)
     peaks = measure_peaks(device, args.smoke)

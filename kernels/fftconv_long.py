@@ -33,9 +33,16 @@ from ._common import on_device_of
 from .fft_monarch import dft_factors, fft_layout, outer_factors
 from .fftconv import NUM_STAGES, NUM_WARPS, _cmul_f2, _load_mat, _precision
 
-# Columns per program of the column pass (a divisor of the row size M; both powers of two). The pass is
-# memory-bound: each program reads R·BM complex scratch values and writes R/2·BM outputs.
+# Columns per program of the column pass (a divisor of the row size M; both powers of two), at most: the
+# pass is memory-bound (each program reads R·BM complex scratch values and writes R/2·BM outputs), and the
+# tile shrinks for large R so the backward's two (R/2, BM) accumulators and four input tiles stay in
+# registers (sm_90 offline compile, R = 16, BM = 256: 179 registers, no spills).
 COLUMN_TILE = 256
+TILE_ELEMENTS = 2048
+# Warps of the row pass. An offline sm_90a compile (Triton 3.8 + ptxas) of the row kernels at M = 2048
+# (32 x 64 factors), bf16 activations: 4 warps spill 156 / 812 bytes per thread (forward / backward), 8 warps
+# none. fp32 activations (tf32x3 products) spill with either (736 / 3668 bytes at 8 warps).
+ROW_WARPS = 8
 
 
 @triton.jit
@@ -238,7 +245,7 @@ def _cols_bwd_kernel(dur_ptr, dui_ptr, cr_ptr, ci_ptr, dy_ptr, v_ptr, x1_ptr, x2
 def _plan(n: int) -> tuple[int, int, int, int]:
     """(R, M1, M2, BM) for FFT size n in the three-level layout."""
     r, m1, m2 = fft_layout(n)
-    return r, m1, m2, min(COLUMN_TILE, m1 * m2)
+    return r, m1, m2, min(COLUMN_TILE, m1 * m2, max(16, TILE_ELEMENTS // (r // 2)))
 
 
 def _gate(x: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
@@ -264,7 +271,7 @@ def forward(v, x1, x2, spec_re, spec_im, skip) -> torch.Tensor:
         _rows_fwd_kernel[(r, B, H)](
             v, a1, scratch_re, scratch_im, spec_re, spec_im, *row_factors, frr, fri, twr, twi,
             L, H, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
-            R=r, M1=m1, M2=m2, GATE_IN=x1 is not None, PREC=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            R=r, M1=m1, M2=m2, GATE_IN=x1 is not None, PREC=prec, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
         _cols_fwd_kernel[(m // bm, B, H)](
             scratch_re, scratch_im, v, a1, a2, y, skip, frr, fri,
             L, H, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
@@ -298,7 +305,7 @@ def backward(dy, v, x1, x2, spec_re, spec_im, skip):
             *row_factors, frr, fri, twr, twi,
             L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             a2.stride(0), a2.stride(1),
-            R=r, M1=m1, M2=m2, PREC=_precision(v.dtype), **gates, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            R=r, M1=m1, M2=m2, PREC=_precision(v.dtype), **gates, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
         _cols_bwd_kernel[(m // bm, B, H)](
             du_re, du_im, c_re, c_im, dy, v, a1, a2, skip,
             dv, _gate(dx1, dv), _gate(dx2, dv), dd_part, frr, fri,
@@ -311,4 +318,4 @@ def backward(dy, v, x1, x2, spec_re, spec_im, skip):
     return dv, dx1, dx2, dk_re, dk_im, dd
 
 
-__all__ = ["COLUMN_TILE", "forward", "backward"]
+__all__ = ["COLUMN_TILE", "TILE_ELEMENTS", "ROW_WARPS", "forward", "backward"]

@@ -10,9 +10,10 @@ import warnings
 import pytest
 import torch
 
-from m2train.kernels import fftconv
-from m2train.kernels.fft_monarch import (MAX_FFT_SIZE, kernel_fft_size, monarch_dft, monarch_idft_real,
-                                         monarch_kernel_spectrum, permuted_spectrum, split_fft_size)
+from m2train.kernels import fft_monarch, fftconv, fftconv_long
+from m2train.kernels.fft_monarch import (MAX_FFT_SIZE, ONE_PROGRAM_MAX_FFT, fft_layout, kernel_fft_size, monarch_dft,
+                                         monarch_idft_real, monarch_kernel_spectrum, natural_spectrum,
+                                         permuted_spectrum, split_fft_size)
 from m2train.models.longconv import long_conv
 from m2train.models.mixer import M2SequenceMixer
 
@@ -44,10 +45,38 @@ def test_monarch_dft_is_the_permuted_fft(n):
 
 def test_fft_sizes():
     assert kernel_fft_size(1) == 256 and kernel_fft_size(128) == 256 and kernel_fft_size(129) == 512
-    assert kernel_fft_size(2048) == MAX_FFT_SIZE == 4096 and kernel_fft_size(8192) == 16384
+    assert kernel_fft_size(2048) == ONE_PROGRAM_MAX_FFT == 4096 and kernel_fft_size(8192) == 16384
     assert split_fft_size(256) == (16, 16) and split_fft_size(8192) == (64, 128)
     with pytest.raises(ValueError, match="power of two"):
         split_fft_size(384)
+    # one program per sequence up to 4096, then rows of 2048 = 32 x 64 points
+    assert fft_layout(4096) == (1, 64, 64) and fft_layout(8192) == (4, 32, 64)
+    assert fft_layout(32768) == (16, 32, 64) and fft_layout(MAX_FFT_SIZE) == (64, 32, 64)
+
+
+@pytest.fixture
+def small_rows(monkeypatch):
+    """The three-level layout at interpreter-sized shapes: rows of 256 = 16 x 16 points from N = 512 on, and
+    column tiles of 128 (two per row), so L = 300 runs R = 4 rows, L = 600 R = 8."""
+    monkeypatch.setattr(fft_monarch, "ONE_PROGRAM_MAX_FFT", 256)
+    monkeypatch.setattr(fft_monarch, "ROW_FFT_SIZE", 256)
+    monkeypatch.setattr(fftconv_long, "COLUMN_TILE", 128)
+
+
+@pytest.mark.parametrize("n", [512, 2048])
+def test_three_level_monarch_dft_is_the_permuted_fft(small_rows, n):
+    assert fft_layout(n) == (n // 256, 16, 16)
+    x = torch.randn(3, n // 2 - 5, dtype=torch.float64)
+    natural = torch.fft.fft(x, n=n)
+    want = permuted_spectrum(natural, n)
+    assert torch.equal(natural_spectrum(want, n), natural)
+    # frequency k_r + R·(k1 + M1·k2) sits at position k_r·M + k1·M2 + k2
+    r = n // 256
+    assert torch.equal(want[..., 1 * 256 + 2 * 16 + 3], natural[..., 1 + r * (2 + 16 * 3)])
+    spec = monarch_dft(x, n)
+    assert rel(torch.view_as_real(spec), torch.view_as_real(want)) < 1e-6
+    back = monarch_idft_real(spec, n)
+    assert rel(back[..., :x.shape[-1]], x) < 1e-6 and back[..., x.shape[-1]:].abs().max() < 1e-5
 
 
 CASES = [  # (B, H, L, bidirectional, gate_in, gate_out)
@@ -59,8 +88,26 @@ CASES = [  # (B, H, L, bidirectional, gate_in, gate_out)
 ]
 
 
+LONG_CASES = [  # three-level layout with small_rows: (B, H, L, bidirectional, gate_in, gate_out)
+    (2, 2, 300, False, True, True),      # causal, gated, R = 4, L ends inside the second row
+    (1, 2, 129, True, False, False),     # bidirectional residual form, R = 2 (one non-zero time row)
+    (2, 1, 600, False, False, True),     # output gate only, R = 8
+    (1, 1, 520, True, True, False),      # bidirectional, input gate only, L just past two rows
+]
+
+
 @pytest.mark.parametrize("B,H,L,bidirectional,gate_in,gate_out", CASES)
 def test_kernel_matches_reference_fwd_bwd(B, H, L, bidirectional, gate_in, gate_out):
+    _check_against_reference(B, H, L, bidirectional, gate_in, gate_out)
+
+
+@pytest.mark.parametrize("B,H,L,bidirectional,gate_in,gate_out", LONG_CASES)
+def test_three_level_kernel_matches_reference_fwd_bwd(small_rows, B, H, L, bidirectional, gate_in, gate_out):
+    assert fft_layout(kernel_fft_size(L))[0] > 1
+    _check_against_reference(B, H, L, bidirectional, gate_in, gate_out)
+
+
+def _check_against_reference(B, H, L, bidirectional, gate_in, gate_out):
     mk = lambda *shape: torch.randn(*shape, device=DEVICE, requires_grad=True)  # noqa: E731
     v = mk(B, H, L)
     x1 = mk(B, H, L) if gate_in else None
@@ -81,9 +128,10 @@ def test_kernel_matches_reference_fwd_bwd(B, H, L, bidirectional, gate_in, gate_
         assert rel(g, e) < 1e-5
 
 
-def test_strided_inputs_like_the_mixer_split():
+@pytest.mark.parametrize("L", [50, 300])
+def test_strided_inputs_like_the_mixer_split(small_rows_if_long, L):
     """The mixer passes x1, x2, v as channel slices of one (B, 3H, L) tensor (non-contiguous views)."""
-    B, H, L = 2, 3, 50
+    B, H = 2, 3
     z = torch.randn(B, 3 * H, L, device=DEVICE, requires_grad=True)
     k = torch.randn(H, L, device=DEVICE)
     skip = torch.randn(H, device=DEVICE)
@@ -95,8 +143,16 @@ def test_strided_inputs_like_the_mixer_split():
     assert rel(torch.autograd.grad(y, z, dy)[0], torch.autograd.grad(want, z, dy)[0]) < 1e-5
 
 
-def test_bf16_activations_fp32_spectrum():
-    B, H, L = 2, 2, 60
+@pytest.fixture
+def small_rows_if_long(request):
+    """small_rows for the parametrised L >= 256 (the three-level kernels), nothing for shorter L."""
+    if request.getfixturevalue("L") >= 256:
+        request.getfixturevalue("small_rows")
+
+
+@pytest.mark.parametrize("L", [60, 300])
+def test_bf16_activations_fp32_spectrum(small_rows_if_long, L):
+    B, H = 2, 2
     v, x1, x2 = (torch.randn(B, H, L, device=DEVICE).bfloat16() for _ in range(3))
     k_fwd, k_rev = torch.randn(H, L, device=DEVICE) * 0.1, torch.randn(H, L, device=DEVICE) * 0.1
     skip = torch.randn(H, device=DEVICE)
@@ -116,7 +172,7 @@ def test_unsupported_inputs_fall_back_with_the_reason():
     assert str(MAX_FFT_SIZE) in fftconv.unsupported_reason(long_v)
     k = torch.randn(H, L)
     skip = torch.randn(H)
-    with pytest.warns(UserWarning, match="falls back to torch.*3-level"):
+    with pytest.warns(UserWarning, match="falls back to torch.*MAX_FFT_SIZE"):
         y = fftconv.fused_long_conv(long_v, k, None, skip)
     assert rel(y, reference(long_v, k, None, skip)) < 1e-5
 
@@ -161,6 +217,30 @@ def test_mixer_with_kernels_matches_torch_path(bidirectional, dropout, pad_mask)
         if p_ref.grad is None:
             assert p_ker.grad is None, name
             continue
+        assert rel(p_ker.grad, p_ref.grad) < 1e-5, name
+
+
+def test_mixer_three_level_kernels_match_torch_path(small_rows):
+    """A whole causal mixer at L = 300 (three-level layout, R = 4) with kernels forced: output and every
+    parameter gradient equal the torch path's."""
+    torch.manual_seed(0)
+    ref = M2SequenceMixer(16, 320, bidirectional=False, filter_order=8).to(DEVICE)
+    ker = M2SequenceMixer(16, 320, bidirectional=False, filter_order=8).to(DEVICE)
+    ker.load_state_dict(ref.state_dict())
+    for m in ref.modules():
+        if hasattr(type(m), "kernels"):
+            m.kernels = "torch"
+    for m in ker.modules():
+        if hasattr(type(m), "kernels"):
+            m.kernels = "triton"
+    u = torch.randn(2, 300, 16, device=DEVICE)
+    assert ker.long_conv.use_kernel(u.transpose(1, 2))
+    y_ref, y_ker = ref(u), ker(u)
+    assert rel(y_ker, y_ref) < 1e-5
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y_ker.backward(dy)
+    for (name, p_ref), p_ker in zip(ref.named_parameters(), ker.parameters()):
         assert rel(p_ker.grad, p_ref.grad) < 1e-5, name
 
 
@@ -211,6 +291,9 @@ def test_bench_smoke_mode_runs_every_section(tmp_path, capsys):
                                                     "monarch (H->H)"}
     conv = result["fftconv"][0]
     assert conv["triton_fwdbwd_ms"] > 0 and conv["speedup_fwdbwd"] > 0 and "tflops" in conv
+    rows = [r for r in result["fftconv"] if r["layout"].startswith("rows")]     # L = 300: three-level kernels
+    assert rows and rows[0]["speedup_fwdbwd"] > 0 and rows[0]["L"] == 300
+    assert fft_monarch.ONE_PROGRAM_MAX_FFT == 4096 and fft_monarch.ROW_FFT_SIZE == 2048      # restored
     assert result["models"][0]["bert_base_sdpa_tokens_per_ms"] > 0
     assert "| gated FFT conv |" in table and "BERT-base SDPA tok/ms" in table
 
@@ -262,14 +345,20 @@ def test_short_conv_kernel_matches_reference(B, C, L, K, transposed):
 
 
 _AOT_SCRIPT = r'''
+import os
+import re
+import subprocess
 import sys
+import tempfile
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from m2train.kernels import fftconv, shortconv
-from m2train.kernels.fft_monarch import split_fft_size
+from m2train.kernels import fftconv, fftconv_long, shortconv
+from m2train.kernels.fft_monarch import fft_layout, split_fft_size
 
 ACTS = {"dy_ptr", "v_ptr", "x1_ptr", "x2_ptr", "y_ptr", "dv_ptr", "dx1_ptr", "dx2_ptr", "x_ptr", "dx_ptr"}
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 def build(fn, act, constexprs, warps):
     sig, attrs = {}, {}
@@ -283,19 +372,45 @@ def build(fn, act, constexprs, warps):
             sig[name] = "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
-    return k.metadata.shared
+    return k
+
+def spills(k):
+    # ptxas -v on the kernel's PTX: bytes of register spill stores per thread
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    log = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                         capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"(\d+) bytes spill stores", log).group(1))
 
 n = int(sys.argv[1])
-n1, n2 = split_fft_size(n)
-for act, prec in (("*bf16", "tf32"), ("*fp32", "tf32x3")):
-    for gates in ((True, True), (False, False), (False, True)):
-        for name, fn in (("fwd", fftconv._fftconv_fwd_kernel), ("bwd", fftconv._fftconv_bwd_kernel)):
-            c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec}
-            print("fftconv", name, act, gates, build(fn, act, c, fftconv.NUM_WARPS), flush=True)
-for act in ("*bf16", "*fp32"):
-    c = {"K": 3, "BLOCK_C": 32, "BLOCK_T": 64}
-    print("shortconv fwd", act, build(shortconv._shortconv_fwd_kernel, act, c, shortconv.NUM_WARPS))
-    print("shortconv bwd", act, build(shortconv._shortconv_bwd_kernel, act, {**c, "KP": 4}, shortconv.NUM_WARPS))
+if sys.argv[2] == "one":
+    n1, n2 = split_fft_size(n)
+    for act, prec in (("*bf16", "tf32"), ("*fp32", "tf32x3")):
+        for gates in ((True, True), (False, False), (False, True)):
+            for name, fn in (("fwd", fftconv._fftconv_fwd_kernel), ("bwd", fftconv._fftconv_bwd_kernel)):
+                c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec}
+                print("fftconv", name, act, gates, build(fn, act, c, fftconv.NUM_WARPS).metadata.shared, flush=True)
+    for act in ("*bf16", "*fp32"):
+        c = {"K": 3, "BLOCK_C": 32, "BLOCK_T": 64}
+        print("shortconv fwd", act, build(shortconv._shortconv_fwd_kernel, act, c, shortconv.NUM_WARPS).metadata.shared)
+        print("shortconv bwd", act,
+              build(shortconv._shortconv_bwd_kernel, act, {**c, "KP": 4}, shortconv.NUM_WARPS).metadata.shared)
+else:
+    # the three-level kernels at the default row size, bf16 activations (training) and gated (the most live
+    # values): shared memory and register spills
+    r, m1, m2, bm = fftconv_long._plan(n)
+    gates = {"GATE_IN": True, "GATE_OUT": True}
+    for name, fn, c, warps in (
+            ("rows fwd", fftconv_long._rows_fwd_kernel, {"R": r, "M1": m1, "M2": m2, "GATE_IN": True, "PREC": "tf32"},
+             fftconv_long.ROW_WARPS),
+            ("rows bwd", fftconv_long._rows_bwd_kernel, {"R": r, "M1": m1, "M2": m2, **gates, "PREC": "tf32"},
+             fftconv_long.ROW_WARPS),
+            ("cols fwd", fftconv_long._cols_fwd_kernel, {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates},
+             fftconv.NUM_WARPS),
+            ("cols bwd", fftconv_long._cols_bwd_kernel, {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates},
+             fftconv.NUM_WARPS)):
+        k = build(fn, "*bf16", c, warps)
+        print("fftconv_long", name.replace(" ", "_"), k.metadata.shared, spills(k), flush=True)
 '''
 
 
@@ -310,9 +425,29 @@ def test_fftconv_and_shortconv_compile_for_h100_without_a_gpu(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "512"], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "512", "one"], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 16, proc.stdout
     assert all(int(line.split()[-1]) <= 227 * 1024 for line in lines), proc.stdout
+
+
+@pytest.mark.slow       # 4 sm_90 compiles + ptxas, ~30 s on a 2-core machine
+def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
+    """The three-level kernels at the default row size (N = 32768: R = 16 rows of 32 x 64 points), bf16:
+    they compile for sm_90 within an SM's shared memory and, at the chosen warps and column tile, ptxas
+    spills no registers (the reason for ROW_WARPS = 8 and TILE_ELEMENTS)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "32768", "long"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert [line[1] for line in lines] == ["rows_fwd", "rows_bwd", "cols_fwd", "cols_bwd"], proc.stdout
+    for _, name, shared, spilled in lines:
+        assert int(shared) <= 227 * 1024 and int(spilled) == 0, proc.stdout
