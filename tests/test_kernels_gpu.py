@@ -46,7 +46,8 @@ def _conv_reference(v, k_fwd, k_rev, skip, x1, x2):
 
 
 # Few sizes on purpose: each (FFT size, dtype, direction) is a separate 15-40 s compile of a large kernel.
-@pytest.mark.parametrize("L,bidirectional", [(1000, True), (2048, False)])
+# 1000 and 2048 run one program per sequence; 4096 and 16384 the three-level kernels (R = 4 and 16 rows).
+@pytest.mark.parametrize("L,bidirectional", [(1000, True), (2048, False), (4096, True), (16384, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fftconv_real_sizes(L, bidirectional, dtype):
     from m2train.kernels.fftconv import fused_long_conv
@@ -78,27 +79,30 @@ def test_fftconv_real_sizes(L, bidirectional, dtype):
 
 
 def test_fftconv_longest_falls_back_cleanly():
-    """L = 4096 needs an 8192-point FFT, beyond the one-program-per-sequence kernel: torch path, same result."""
+    """L = 65,537 needs a 262,144-point FFT, beyond fft_monarch.MAX_FFT_SIZE: torch path, same result."""
     from m2train.kernels.fftconv import fused_long_conv, unsupported_reason
 
-    v = torch.randn(1, 8, 4096, device=DEV)
-    assert "3-level" in unsupported_reason(v)
-    k = torch.randn(8, 4096, device=DEV) * 0.01
-    skip = torch.randn(8, device=DEV)
+    L = 65537
+    v = torch.randn(1, 2, L, device=DEV)
+    assert "MAX_FFT_SIZE" in unsupported_reason(v)
+    k = torch.randn(2, L, device=DEV) * 0.01
+    skip = torch.randn(2, device=DEV)
     with pytest.warns(UserWarning, match="falls back"):
         y = fused_long_conv(v, k, None, skip)
     from m2train.models.longconv import long_conv
     assert rel(y, long_conv(v, k, None) + v * skip[:, None]) < 1e-5
 
 
-def test_fftconv_largest_size_fits_this_gpu():
-    """The largest in-kernel size (N = 4096, L = 2048) must launch on this card without falling back,
-    forward and backward, fp32 and bf16 (offline sm_90a compiles say 96-160 KiB of shared memory)."""
+@pytest.mark.parametrize("L", [2048, 65536])
+def test_fftconv_largest_size_fits_this_gpu(L):
+    """The largest one-program size (N = 4096, L = 2048; offline sm_90a compiles say 96-160 KiB of shared
+    memory) and the largest three-level size (N = 131072, R = 64 rows) must launch on this card without
+    falling back, forward and backward, fp32 and bf16."""
     from m2train.kernels import fftconv
 
     for dtype in (torch.float32, torch.bfloat16):
-        v = torch.randn(2, 4, 2048, device=DEV, dtype=dtype, requires_grad=True)
-        k = torch.randn(4, 2048, device=DEV) * 0.01
+        v = torch.randn(2, 4, L, device=DEV, dtype=dtype, requires_grad=True)
+        k = torch.randn(4, L, device=DEV) * 0.01
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*fused FFT conv.*")
             y = fftconv.fused_long_conv(v, k, k, torch.randn(4, device=DEV), v, v)
