@@ -41,6 +41,7 @@ def _equivalence(rank, world, arch, overrides, grad_reduction, L, checkpointing=
     from m2train.models import build_model
     from m2train.parallel.context_parallel import apply_context_parallel, gather_sequence, shard_batch
 
+    kernel_calls = _count_fused_conv_calls() if overrides.get("kernels") == "triton" else None
     torch.manual_seed(0)                                   # same weights and batch on both ranks
     cfg = tiny_model_cfg(arch, max_seq_len=L, **overrides)
     ref = build_model(cfg).train()
@@ -54,8 +55,12 @@ def _equivalence(rank, world, arch, overrides, grad_reduction, L, checkpointing=
         from m2train.parallel.activation_checkpointing import apply_activation_checkpointing
         cp = apply_activation_checkpointing(cp, checkpointing)
     cp.zero_grad(set_to_none=True)
+    if kernel_calls is not None:
+        kernel_calls.clear()
     out = cp(**shard_batch(batch, group))
     out.loss.backward()
+    if kernel_calls is not None:                           # the CP long convs ran the fused kernel
+        assert len(kernel_calls) == 2 * cfg.num_layers and all(s[-1] == L for s in kernel_calls), kernel_calls
     logits = gather_sequence(out.logits.detach(), group)
     errs = {"logits": rel_err(logits, ref_out.logits.detach()), "loss": rel_err(out.loss.detach(), ref_out.loss)}
     grads = {}
@@ -73,6 +78,20 @@ def _equivalence(rank, world, arch, overrides, grad_reduction, L, checkpointing=
     return {"errs": errs, "grads": grads, "same_loss": len({x.item() for x in losses}) == 1,
             "n_params": sum(1 for _ in cp.parameters()),
             "zero_grads": [n for n, p in ref.named_parameters() if p.grad is None or not p.grad.any()]}
+
+
+def _count_fused_conv_calls() -> list:
+    """Record the input shape of every m2train.kernels.fftconv.gated_fft_conv call from now on (in this
+    process; context_parallel imports it at call time)."""
+    from m2train.kernels import fftconv
+
+    calls, original = [], fftconv.gated_fft_conv
+
+    def counted(v, *args, **kwargs):
+        calls.append(tuple(v.shape))
+        return original(v, *args, **kwargs)
+    fftconv.gated_fft_conv = counted
+    return calls
 
 
 def _assert_equivalent(results):
@@ -190,6 +209,8 @@ def _equivalence_cases(rank, world):
         _equivalence(rank, world, "m2_bert", {"residual_long_conv": False, "mixer_input_norm": True}, "mean", 24),
         _equivalence(rank, world, "m2_gpt", {}, "sum", 32, checkpointing="every_block"),
         _equivalence(rank, world, "m2_bert", {}, "sum", 32, checkpointing="mixer"),
+        # Kernels forced (interpreted here): the CP long convs run kernels.fftconv on whole sequences.
+        _equivalence(rank, world, "m2_gpt", {"kernels": "triton"}, "sum", 32),
     ]
 
 

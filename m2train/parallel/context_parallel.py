@@ -243,8 +243,18 @@ def context_parallel_long_conv(conv: LongConv, x: torch.Tensor, group) -> torch.
     L = xc.shape[-1]
     c = slice(rank * H // size, (rank + 1) * H // size)
     k_fwd, k_rev = _channel_kernels(conv, L, c)
-    n = fft_size(L)
-    y = fft_conv(xc, kernel_spectrum(k_fwd, k_rev, n), n) + xc * conv.skip[c].to(xc.dtype)[:, None]
+    if conv.use_kernel(xc):
+        # The fused Triton FFT conv (kernels.fftconv, model.kernels): after the all-to-all this rank holds
+        # whole sequences of its channels, exactly what the kernel takes. The gates stay outside: x1, x2
+        # are sequence-sharded.
+        from ..kernels.fft_monarch import kernel_fft_size, monarch_kernel_spectrum
+        from ..kernels.fftconv import gated_fft_conv
+
+        spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, kernel_fft_size(L))
+        y = gated_fft_conv(xc, spec_re, spec_im, conv.skip[c])
+    else:
+        n = fft_size(L)
+        y = fft_conv(xc, kernel_spectrum(k_fwd, k_rev, n), n) + xc * conv.skip[c].to(xc.dtype)[:, None]
     return _AllToAll.apply(y, group, 2, 1)                           # (B, H, L/P)
 
 
