@@ -4,7 +4,7 @@ Used by `m2train eval` and `m2train export`. ZeRO-1/2/3 (any checkpoint with per
 partitions) keep the exact fp32 master weights in those partitions: DeepSpeed's
 get_fp32_state_dict_from_zero_checkpoint stitches them together. ZeRO-0 keeps the full module in
 mp_rank_00_model_states.pt. Tensor-parallel checkpoints hold one module file per TP rank, merged with the
-model's TP plan (m2train.parallel.tensor_parallel.merge_state_dicts).
+model's TP plan (m2train.parallel.tp_plan.merge_state_dicts).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _merge_tensor_parallel(ckpt_dir: Path, tp: int) -> dict[str, torch.Tensor]:
     partitions back into the module, so these are the exact master weights; merge the shards with the
     model's TP plan."""
     from ..models import build_model
-    from ..parallel.tensor_parallel import merge_state_dicts, shard_rules
+    from ..parallel.tp_plan import merge_state_dicts, shard_rules
 
     manifest = read_manifest(ckpt_dir)
     model = build_model(model_config_of(manifest, ckpt_dir))
