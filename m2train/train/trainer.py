@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, to_plain
+from ..parallel.context_parallel import shard_batch
 from . import signals
 from .engine import (SkippableStep, autocast_context, build_engine, clip_stage0, global_grad_norm_stage0)
 from .metrics import MetricsLogger, format_progress, peak_flops_per_device
@@ -175,6 +176,8 @@ class Trainer:
         # TP and CP ranks of one replica read the same samples.
         self.dp_rank = groups.dp_rank() if groups.is_initialized() else env.rank
         self.model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel
+        # Context parallelism: each rank of a CP group runs one sequence chunk of every micro-batch.
+        self.cp_group = groups.cp_group() if cfg.parallel.context_parallel > 1 else None
         self.device = torch.device(env.device)
         t = cfg.train
         self.run_dir = Path(t.run_dir or f"runs/{cfg.name}")
@@ -281,6 +284,15 @@ class Trainer:
         self.budget.record_save(time.time() - t0)
 
     # ---------------------------------------------------------------------------------------------
+    def _next_micro_batch(self) -> tuple[dict, int]:
+        """The next training micro-batch on this rank's device (only this rank's sequence chunk under context
+        parallelism) and its whole token count."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.train_loader).items()}
+        tokens = batch["input_ids"].numel()
+        if self.cp_group is not None:
+            batch = shard_batch(batch, self.cp_group)
+        return batch, tokens
+
     def train_step(self) -> dict:
         """One optimizer step over grad_accum_steps micro-batches; returns its (all-reduced) statistics."""
         cfg, engine = self.cfg, self.engine
@@ -291,12 +303,8 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = 0
         for micro in range(accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.train_loader).items()}
-            tokens += batch["input_ids"].numel()
-            if cfg.parallel.context_parallel > 1:
-                from ..parallel import groups
-                from ..parallel.context_parallel import shard_batch
-                batch = shard_batch(batch, groups.cp_group())      # this rank's sequence chunk
+            batch, micro_tokens = self._next_micro_batch()
+            tokens += micro_tokens
             with autocast_context(cfg, self.device):
                 loss = engine(**batch).loss
             if step_no in self.inject and self.rank == 0 and micro == 0:
