@@ -11,6 +11,8 @@
 #   gpu_tests     pytest -m gpu over tests/test_kernels_*.py (real model sizes, compiled kernels)
 #   kernel_tests  the other tests of tests/test_kernels_*.py (on CUDA they run compiled, not interpreted);
 #                 the offline sm_90 compile tests are left out there (CPU CI runs them)
+#   bench_warm    (background, from the start) the bench's kernels compiled in parallel processes while
+#                 the tests run; their autotune results are dropped before the timed runs
 #   bench_*       python -m m2train.kernels.bench --quick, one process per section (monarch, fftconv,
 #                 models) so a section that runs out of time keeps the others; merged into
 #                 kernels_bench.json
@@ -25,6 +27,11 @@
 #   DEVICE_CHECK_WORKERS  pytest-xdist workers for the test steps when xdist is installed (default 4; 0 = off)
 #   DEVICE_CHECK_BENCH    bench mode flag: --quick (default) or --full
 #   DEVICE_CHECK_DRY_TESTS  the dry run's kernel test selection (pytest node ids, space separated)
+#   DEVICE_CHECK_STEPS    which of gpu_tests kernel_tests bench to run (default all three; env and install
+#                         always run), e.g. "bench" to rerun the bench alone on a still-warm machine
+#   DEVICE_CHECK_PYTEST_ARGS  extra arguments for both pytest steps (e.g. "-k fftconv -x")
+#   DEVICE_CHECK_BENCH_SECTIONS  bench sections (default "monarch fftconv models")
+#   DEVICE_CHECK_WARM_LENGTHS  FFT-conv lengths compiled ahead by bench_warm (default: bench --quick's)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -39,9 +46,11 @@ WORKERS=${DEVICE_CHECK_WORKERS:-4}
 BENCH_MODE=${DEVICE_CHECK_BENCH:---quick}
 DRY_TESTS=${DEVICE_CHECK_DRY_TESTS:-tests/test_kernels_glu.py::test_no_grad_forward_skips_the_saved_preactivation_and_agrees}
 SUMMARY=$OUT/summary.md
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 BENCH_TMP=$(mktemp -d)
 trap 'rm -rf "$BENCH_TMP"' EXIT
 
+SELECTED=" ${DEVICE_CHECK_STEPS:-gpu_tests kernel_tests bench} "
 STEPS=()
 declare -A RESULT SECS
 FAILED=0
@@ -55,6 +64,10 @@ run_step() {
     local name=$1 cap=$2 reserve=$3 log=$OUT/$4
     shift 4
     local t rc start
+    case $name in
+        env|install) ;;
+        *) [[ $SELECTED == *" ${name%%_[a-z]*} "* || $SELECTED == *" $name "* ]] || return 0 ;;
+    esac
     t=$(( $(left) - reserve ))
     (( t > cap )) && t=$cap
     STEPS+=("$name")
@@ -86,7 +99,7 @@ run_step() {
 
 # ------------------------------------------------------------------------------------------------ env
 env_info() {
-    echo "date: $(date -u +%FT%TZ)  host: $(hostname)  budget: ${BUDGET}s  dry: $DRY"
+    echo "date: $(date -u +%FT%TZ)  host: $(uname -n)  budget: ${BUDGET}s  dry: $DRY"
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi
     else
@@ -157,7 +170,8 @@ run_step env 60 0 env.txt env_info
 run_step install 120 0 env.txt install_m2train
 
 # -P: the working directory is not put on sys.path, so `m2train` is always the installed/shimmed package.
-PYTEST=("$PY" -P -m pytest -p no:cacheprovider -rA --durations=20)
+# shellcheck disable=SC2206
+PYTEST=("$PY" -P -m pytest -p no:cacheprovider -rA --durations=20 ${DEVICE_CHECK_PYTEST_ARGS:-})
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     PYTEST+=(--timeout=240)
 fi
@@ -166,35 +180,86 @@ if (( WORKERS > 0 )) && (( DRY == 0 )) && "$PY" -c "import xdist" 2>/dev/null; t
 fi
 KERNEL_FILES=(tests/test_kernels_*.py)
 
+# bench_warm: without a GPU nothing to compile. On one, the bench's Triton kernels (the FFT conv's are 15-40 s
+# compiles each, one at a time in a process) are compiled while the tests run, in parallel processes - one
+# per bench section, the FFT conv's one per sequence length - into the shared on-disk Triton cache; the timed
+# bench then only loads them. Their autotuning (timed while other processes share the GPU) is thrown away
+# before the timed runs: Triton caches autotune results on disk (*.autotune.json) and would reuse them.
+WARM_PIDS=()
+warm_bench() {
+    local t=$1 len s
+    echo "=== bench_warm: ${#WARM_LENGTHS[@]} FFT-conv lengths + other sections in parallel, timeout ${t}s"
+    for s in "${BENCH_SECTIONS[@]}"; do
+        if [[ $s == fftconv ]]; then
+            for len in "${WARM_LENGTHS[@]}"; do
+                timeout -s INT -k 15 "$t" "$PY" -P -m m2train.kernels.bench "${BENCH_ARGS[@]}" --reps 1 \
+                    --sections fftconv --lengths "$len" --json /dev/null > "$BENCH_TMP/warm_fftconv_$len.log" 2>&1 &
+                WARM_PIDS+=($!)
+            done
+        else
+            timeout -s INT -k 15 "$t" "$PY" -P -m m2train.kernels.bench "${BENCH_ARGS[@]}" --reps 1 \
+                --sections "$s" --json /dev/null > "$BENCH_TMP/warm_$s.log" 2>&1 &
+            WARM_PIDS+=($!)
+        fi
+    done
+}
+
+finish_warm() {
+    local pid rc=0 start=$SECONDS
+    for pid in "${WARM_PIDS[@]}"; do
+        wait "$pid" || rc=1
+    done
+    {
+        echo "=== bench_warm: done (exit ${rc}; waited $(( SECONDS - start ))s after the tests); last lines of each:"
+        for f in "$BENCH_TMP"/warm_*.log; do
+            [[ -f $f ]] && { echo "--- ${f##*/}"; tail -n 4 "$f"; }
+        done
+        local n
+        n=$(find "$TRITON_CACHE_DIR" -name '*.autotune.json' 2>/dev/null | wc -l)
+        echo "removing $n cached autotune result(s) so the timed bench autotunes alone on the GPU"
+        find "$TRITON_CACHE_DIR" -name '*.autotune.json' -delete 2>/dev/null
+    } 2>&1 | tee -a "$OUT/bench.log"
+}
+
+# shellcheck disable=SC2206
+BENCH_SECTIONS=(${DEVICE_CHECK_BENCH_SECTIONS:-monarch fftconv models})
+# The FFT-conv lengths of `bench --quick` (kernels/bench.py); a mismatch only makes the warm-up less useful.
+# shellcheck disable=SC2206
+WARM_LENGTHS=(${DEVICE_CHECK_WARM_LENGTHS:-2048 4096 16384})
 if (( DRY )); then
     # shellcheck disable=SC2206
     DRY_SELECTION=($DRY_TESTS)
-    run_step gpu_tests 120 60 gpu_tests.log "${PYTEST[@]}" -m gpu tests/test_kernels_gpu.py
-    run_step kernel_tests 120 40 kernel_tests.log "${PYTEST[@]}" "${DRY_SELECTION[@]}"
     BENCH_SECTIONS=(monarch)
     BENCH_ARGS=(--smoke)
+    run_step gpu_tests 120 60 gpu_tests.log "${PYTEST[@]}" -m gpu tests/test_kernels_gpu.py
+    run_step kernel_tests 120 40 kernel_tests.log "${PYTEST[@]}" "${DRY_SELECTION[@]}"
 else
-    # Budget 480 s: gpu_tests <= 200 s, kernel_tests <= 90 s, then the bench sections share what is left.
-    run_step gpu_tests 200 190 gpu_tests.log "${PYTEST[@]}" -m gpu "${KERNEL_FILES[@]}"
-    run_step kernel_tests 90 100 kernel_tests.log "${PYTEST[@]}" -m "not gpu" -k "not compile_for_h100" \
-        "${KERNEL_FILES[@]}"
-    BENCH_SECTIONS=(monarch fftconv models)
     BENCH_ARGS=()
     [[ $BENCH_MODE == --quick ]] && BENCH_ARGS=(--quick)
+    # Budget 480 s: the warm-up during the tests (until ~200 s before the end), gpu_tests <= 200 s,
+    # kernel_tests <= 90 s, then the timed bench sections share what is left (>= 150 s).
+    warm_t=$(( $(left) - 200 ))
+    if [[ $SELECTED == *" bench "* ]] && (( warm_t >= 30 )); then
+        warm_bench "$warm_t" > >(tee -a "$OUT/bench.log") 2>&1      # in this shell: WARM_PIDS must stay
+    fi
+    run_step gpu_tests 200 240 gpu_tests.log "${PYTEST[@]}" -m gpu "${KERNEL_FILES[@]}"
+    run_step kernel_tests 90 150 kernel_tests.log "${PYTEST[@]}" -m "not gpu" -k "not compile_for_h100" \
+        "${KERNEL_FILES[@]}"
+    (( ${#WARM_PIDS[@]} )) && finish_warm
 fi
 
 # Bench: one process per section; each keeps 30 s of the budget per later section (and 10 s for the end).
 n=${#BENCH_SECTIONS[@]}
 for i in "${!BENCH_SECTIONS[@]}"; do
     s=${BENCH_SECTIONS[$i]}
-    case $s in monarch) cap=60 ;; fftconv) cap=150 ;; *) cap=90 ;; esac
+    case $s in monarch) cap=60 ;; fftconv) cap=100 ;; *) cap=60 ;; esac
     (( DRY )) && cap=240
     run_step "bench_$s" "$cap" $(( 30 * (n - i - 1) + 10 )) bench.log \
         "$PY" -P -m m2train.kernels.bench "${BENCH_ARGS[@]}" --sections "$s" --json "$BENCH_TMP/$s.json"
 done
 
 # Merge the sections' JSON (the first one's device/peaks; each section's rows) into kernels_bench.json.
-"$PY" - "$BENCH_TMP" "$OUT/kernels_bench.json" "${BENCH_SECTIONS[@]}" <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
+[[ $SELECTED == *" bench "* ]] && "$PY" - "$BENCH_TMP" "$OUT/kernels_bench.json" "${BENCH_SECTIONS[@]}" <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
 import json, os, sys
 tmp, dest, sections = sys.argv[1], sys.argv[2], sys.argv[3:]
 merged = None

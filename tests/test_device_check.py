@@ -65,3 +65,29 @@ def test_budget_exhausted_skips_every_step_and_fails(tmp_path):
         assert f"| {step} | skipped | 0 |" in summary, summary
     assert "no JSON" in (tmp_path / "bench.log").read_text()
     assert not (tmp_path / "kernels_bench.json").exists()
+
+
+def test_step_selection_for_a_rerun(tmp_path):
+    """DEVICE_CHECK_STEPS=bench (a rerun on a warm machine) lists env, install and the bench sections only."""
+    proc = _run(tmp_path, 0, DEVICE_CHECK_DRY="0", DEVICE_CHECK_STEPS="bench",
+                DEVICE_CHECK_BENCH_SECTIONS="fftconv")
+    assert proc.returncode == 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| env |" in summary and "| install |" in summary and "| bench_fftconv |" in summary
+    assert "gpu_tests" not in summary and "kernel_tests" not in summary and "bench_monarch" not in summary
+
+
+@pytest.mark.slow       # ~20 s: three interpreter start-ups in parallel, then one more
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals without a GPU")
+def test_full_mode_without_a_gpu_fails_cleanly_and_keeps_going(tmp_path):
+    """The GPU branch run on this CPU machine (DEVICE_CHECK_DRY=0): the bench warm-up processes and the timed
+    bench both refuse without CUDA, each failure is recorded, every later step still runs, exit 1."""
+    proc = _run(tmp_path, 300, DEVICE_CHECK_DRY="0", DEVICE_CHECK_STEPS="bench",
+                DEVICE_CHECK_BENCH_SECTIONS="fftconv", DEVICE_CHECK_WARM_LENGTHS="2048 4096")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| install | pass |" in summary
+    assert "| bench_fftconv | FAIL (exit 2) |" in summary
+    log = (tmp_path / "bench.log").read_text()
+    assert "--- warm_fftconv_2048.log" in log and "--- warm_fftconv_4096.log" in log and "needs a CUDA GPU" in log
+    assert "removing 0 cached autotune result(s)" in log
