@@ -83,6 +83,15 @@ def _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
 
 
 @triton.jit
+def _row_spectrum(a_ptr, g_ptr, k, L, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                  frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                  R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):
+    """Spectral row k of the zero-padded N-point DFT of a [⊙ g] (the row's M points in permuted order)."""
+    zr, zi = _column_row(a_ptr, g_ptr, k, L, frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE)
+    return _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+
+
+@triton.jit
 def _row_ifft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
               M1: tl.constexpr, M2: tl.constexpr, PREC: tl.constexpr):
     """Permuted M-point spectrum -> complex row: conj(F1) @ ((Z @ conj(F2)) ⊙ conj(T)) / M."""
@@ -126,9 +135,9 @@ def _rows_fwd_kernel(v_ptr, x1_ptr, sr_ptr, si_ptr, kr_ptr, ki_ptr,
     h = tl.program_id(2).to(tl.int64)
     M = M1 * M2
     t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
-    zr, zi = _column_row(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
-                         frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_IN)
-    xr, xi = _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+    xr, xi = _row_spectrum(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
+                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                           R, M1, M2, GATE_IN, PREC)
     koff = h * (R * M) + k * M + t
     kr = tl.load(kr_ptr + koff)
     ki = tl.load(ki_ptr + koff)
@@ -185,12 +194,12 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr,
     h = tl.program_id(2).to(tl.int64)
     M = M1 * M2
     t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
-    zr, zi = _column_row(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
-                         frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_IN)
-    ur, ui = _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
-    zr, zi = _column_row(dy_ptr + b * s_dyb + h * s_dyh, x2_ptr + b * s_x2b + h * s_x2h, k, L,
-                         frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_OUT)
-    gr, gi = _row_fft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+    ur, ui = _row_spectrum(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
+                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                           R, M1, M2, GATE_IN, PREC)
+    gr, gi = _row_spectrum(dy_ptr + b * s_dyb + h * s_dyh, x2_ptr + b * s_x2b + h * s_x2h, k, L,
+                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                           R, M1, M2, GATE_OUT, PREC)
     row = (b * H + h) * (R * M) + k * M
     tl.store(pkr_ptr + row + t, ur * gr + ui * gi)        # conj(U) ⊙ G, this sample's share of dK · N
     tl.store(pki_ptr + row + t, ur * gi - ui * gr)
