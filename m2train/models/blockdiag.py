@@ -31,10 +31,18 @@ def blockdiag_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torc
     """The layer's PyTorch path (and the kernels' reference): zero-pad the input to nblocks * in_blk,
     multiply block by block, truncate to out_features, add the bias."""
     nblocks, _, in_blk = weight.shape
-    pad = nblocks * in_blk - in_features
-    if pad:
-        x = F.pad(x, (0, pad))
-    y = blockdiag_matmul(x, weight)
+    return padded_structured_linear(x, lambda z: blockdiag_matmul(z, weight), nblocks * in_blk, in_features,
+                                    out_features, bias)
+
+
+def padded_structured_linear(x: torch.Tensor, matmul, in_ext: int, in_features: int, out_features: int,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+    """matmul(x zero-padded from in_features to in_ext features), truncated to out_features, plus the bias:
+    the shape handling that the block-diagonal and Monarch layers' PyTorch paths share (their factors
+    work on a whole number of blocks)."""
+    if in_ext != in_features:
+        x = F.pad(x, (0, in_ext - in_features))
+    y = matmul(x)
     if y.shape[-1] != out_features:
         y = y[..., :out_features]
     if bias is not None:

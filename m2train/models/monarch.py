@@ -11,10 +11,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..kernels import ops
 from .base import kernel_mode
+from .blockdiag import padded_structured_linear
 
 
 def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -36,16 +36,8 @@ def monarch_linear_reference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
                              in_features: int, out_features: int) -> torch.Tensor:
     """The layer's PyTorch path (and the kernels' reference): zero-pad the input to k * p, P·L·Pᵀ·R,
     truncate to out_features, add the bias."""
-    in_ext = w1.shape[0] * w1.shape[2]
-    out_ext = w2.shape[0] * w2.shape[1]
-    if in_ext != in_features:
-        x = F.pad(x, (0, in_ext - in_features))
-    y = monarch_matmul(x, w1, w2)
-    if out_ext != out_features:
-        y = y[..., :out_features]
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y
+    return padded_structured_linear(x, lambda z: monarch_matmul(z, w1, w2), w1.shape[0] * w1.shape[2],
+                                    in_features, out_features, bias)
 
 
 class MonarchLinear(nn.Module):
