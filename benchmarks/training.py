@@ -262,34 +262,49 @@ def _prepare_data(args) -> str:
                                seq_len=args.seq_len, vocab_size=vocab))
 
 
+class BareLoop:
+    """The reference: a plain PyTorch training loop, as short as it can be (model, optimizer and loader
+    built as the trainer builds them, then forward, backward, clip, step)."""
+
+    def __init__(self, cfg) -> None:
+        import torch
+
+        from m2train.data import build_dataloader
+        from m2train.models import build_model
+        from m2train.optim import build_optimizer
+
+        self.cfg = cfg
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model).train()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.loader = iter(build_dataloader(cfg.data, "train", cfg.train.micro_batch_size, seed=cfg.train.seed,
+                                            cache_dir=tempfile.mkdtemp(prefix="m2_bare_cache_")))
+
+    def step(self) -> int:
+        """One training step; returns its token count."""
+        import torch
+
+        batch = next(self.loader)
+        loss = self.model(**batch).loss
+        loss.backward()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        return batch["input_ids"].numel()
+
+
 def bare_loop_worker(args) -> None:
-    """The reference: a plain PyTorch training loop, as short as it can be."""
-    import torch
-
+    """The bare loop alone, step by step timed."""
     from m2train.config import load_config
-    from m2train.data import build_dataloader
-    from m2train.models import build_model
-    from m2train.optim import build_optimizer
 
-    cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).train()
-    optimizer = build_optimizer(model, cfg.optim)
-    loader = iter(build_dataloader(cfg.data, "train", cfg.train.micro_batch_size, seed=cfg.train.seed,
-                                   cache_dir=tempfile.mkdtemp(prefix="m2_bare_cache_")))
+    bare = BareLoop(load_config(args.config, [*args.overrides, f"data.path={args.data}"]))
     times, tokens = [], []
     for _ in range(args.steps):
         t0 = time.time()
-        batch = next(loader)
-        loss = model(**batch).loss
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        tokens.append(bare.step())
         times.append(time.time() - t0)
-        tokens.append(batch["input_ids"].numel())
     skip = args.warmup
     print("RESULT " + json.dumps({"tokens_per_s": sum(tokens[skip:]) / sum(times[skip:])}), flush=True)
 
@@ -299,13 +314,8 @@ def interleaved_worker(args) -> None:
     step statistics, grad norm + clipping, LR schedule, its data loader) and a bare step (same model init,
     optimizer, loader) alternate, so a change in background load hits both alike. Complements the
     whole-CLI comparison on a shared machine; excludes only the CLI's logging between steps."""
-    import torch
-
     from m2train.config import load_config
-    from m2train.data import build_dataloader
     from m2train.launch import init_distributed
-    from m2train.models import build_model
-    from m2train.optim import build_optimizer
     from m2train.train.trainer import Trainer, prepare
     from m2train.train.validate import resolve_batch
 
@@ -313,30 +323,21 @@ def interleaved_worker(args) -> None:
     cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}", f"train.run_dir={run_dir}",
                                     "train.eval_every=0", "train.save_every=0", "train.wandb=disabled",
                                     "train.tensorboard=false", "parallel.zero_stage=0", "train.warmup_steps=0",
-                                    f"train.max_steps={args.steps}"])
+                                    # train_step() is called directly, so nothing logs; 1 is valid at any
+                                    # --steps (the default 10 is refused when --steps < 10)
+                                    "train.log_every=1", f"train.max_steps={args.steps}"])
     info = prepare(cfg)
     dp = resolve_batch(cfg, 1)
     trainer = Trainer(cfg, init_distributed(cfg.parallel.backend), dp, info)
     trainer.build()
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).train()
-    optimizer = build_optimizer(model, cfg.optim)
-    loader = iter(build_dataloader(cfg.data, "train", cfg.train.micro_batch_size, seed=cfg.train.seed,
-                                   cache_dir=tempfile.mkdtemp(prefix="m2_bare_cache_")))
+    bare = BareLoop(cfg)
     t_tr, t_bare, tokens = 0.0, 0.0, 0
     for step in range(args.steps):
         t0 = time.time()
         stats = trainer.train_step()
         trainer.progress.step += 1
         t1 = time.time()
-        batch = next(loader)
-        loss = model(**batch).loss
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        bare.step()
         t2 = time.time()
         if step >= args.warmup:
             t_tr += t1 - t0
