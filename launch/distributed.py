@@ -93,6 +93,26 @@ def current_env() -> DistEnv | None:
     return _current
 
 
+def exit_worker(code: int, rank: int, world_size: int) -> None:
+    """End a finished worker process with `code` when that code is not 0 in a multi-process run; return
+    otherwise (a normal finish runs the interpreter's usual teardown).
+
+    torchrun SIGTERMs the remaining workers as soon as one exits non-zero. Interpreter teardown (atexit
+    hooks, thread joins) takes seconds, during which Python no longer runs signal handlers, so it is skipped
+    and every rank reports the run's own code: rank 0 exits at once; the others wait briefly, and the
+    agent's SIGTERM, if it comes first, is answered by the caller's handler with the same code."""
+    if code == 0 or world_size <= 1:
+        return
+    import sys
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rank != 0:
+        time.sleep(2.0)
+    os._exit(code)
+
+
 def shutdown_distributed() -> None:
     """Destroy the default process group (if any) so `init_distributed` can run again."""
     global _current

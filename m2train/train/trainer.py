@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +132,7 @@ def prepare(cfg: Config):
 
 def train(cfg: Config) -> int:
     """Run (or resume) the configured training; returns the process exit code (see signals)."""
-    from ..launch import detect_env, init_distributed, shutdown_distributed
+    from ..launch import detect_env, exit_worker, init_distributed, shutdown_distributed
 
     info = prepare(cfg)
     dp = resolve_batch(cfg, detect_env().world_size)   # reads the launcher's env only: still cheap
@@ -153,16 +152,7 @@ def train(cfg: Config) -> int:
     if model_parallel:
         groups.destroy_model_parallel()
     shutdown_distributed()
-    if code != signals.EXIT_FINISHED and env.world_size > 1:
-        # torchrun SIGTERMs the remaining workers as soon as one exits non-zero. Skip interpreter teardown
-        # (atexit hooks, thread joins: seconds, during which Python no longer runs signal handlers) so every
-        # rank reports the run's own code: rank 0 exits at once; the others wait briefly, and the agent's
-        # SIGTERM, if it comes first, is answered by the handler above with the same code.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if env.rank != 0:
-            time.sleep(2.0)
-        os._exit(code)
+    exit_worker(code, env.rank, env.world_size)    # a non-zero code of a multi-process run ends here
     return code
 
 
