@@ -46,7 +46,7 @@ WORKERS=${DEVICE_CHECK_WORKERS:-4}
 BENCH_MODE=${DEVICE_CHECK_BENCH:---quick}
 DRY_TESTS=${DEVICE_CHECK_DRY_TESTS:-tests/test_kernels_glu.py::test_no_grad_forward_skips_the_saved_preactivation_and_agrees}
 SUMMARY=$OUT/summary.md
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${HOME:-/root}/.triton/cache}
 BENCH_TMP=$(mktemp -d)
 trap 'rm -rf "$BENCH_TMP"' EXIT
 
@@ -176,12 +176,12 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     PYTEST+=(--timeout=240)
 fi
 if (( WORKERS > 0 )) && (( DRY == 0 )) && "$PY" -c "import xdist" 2>/dev/null; then
-    PYTEST+=(-n "$WORKERS")
+    PYTEST+=(-n "$WORKERS" --dist loadgroup)      # loadgroup: the whole-model GPU tests on one worker
 fi
 KERNEL_FILES=(tests/test_kernels_*.py)
 
-# bench_warm: without a GPU nothing to compile. On one, the bench's Triton kernels (the FFT conv's are 15-40 s
-# compiles each, one at a time in a process) are compiled while the tests run, in parallel processes - one
+# bench_warm: without a GPU nothing to compile. On one, the bench's Triton kernels (the FFT conv's take up to
+# ~20 s to compile each, one at a time in a process) are compiled while the tests run, in parallel processes - one
 # per bench section, the FFT conv's one per sequence length - into the shared on-disk Triton cache; the timed
 # bench then only loads them. Their autotuning (timed while other processes share the GPU) is thrown away
 # before the timed runs: Triton caches autotune results on disk (*.autotune.json) and would reuse them.

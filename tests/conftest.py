@@ -32,6 +32,12 @@ def tiny_model_cfg(arch: str = "m2_bert", **overrides):
     return ModelConfig(arch=arch, **base)
 
 
+def pytest_configure(config):
+    # pytest-xdist's marker (registered here too, so runs without xdist do not warn about it)
+    config.addinivalue_line("markers", "xdist_group(name): with --dist loadgroup, tests of one group run on "
+                            "one worker, one after another")
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.gpu` tests need a CUDA device: without one they are skipped (not failed), so the same
     suite runs on a laptop and `pytest -m gpu` on a GPU node."""

@@ -184,6 +184,9 @@ def _loss(model, ids):
     return logits.float().square().mean(), logits
 
 
+# The whole-model tests hold two models and their activations (up to ~20 GB each for M2-GPT-360M): under
+# pytest-xdist (benchmarks/device_check.sh, --dist loadgroup) they run one at a time, on one worker.
+@pytest.mark.xdist_group("whole_model")
 @pytest.mark.parametrize("config,L,B", [("m2_bert_80m", 2048, 2), ("m2_gpt_360m", 2048, 1)])
 def test_whole_model_fp32_kernels_match_torch(config, L, B):
     ref, ker = _model_pair(config, [f"model.max_seq_len={L}", "model.hidden_dropout=0.0"])
@@ -202,6 +205,7 @@ def test_whole_model_fp32_kernels_match_torch(config, L, B):
     assert worst < 1e-3
 
 
+@pytest.mark.xdist_group("whole_model")
 @pytest.mark.parametrize("config,L,B", [("m2_bert_80m", 2048, 2), ("m2_gpt_360m", 2048, 2)])
 def test_whole_model_bf16_autocast_kernels_match_torch(config, L, B):
     ref, ker = _model_pair(config, [f"model.max_seq_len={L}", "model.hidden_dropout=0.0"])
