@@ -83,6 +83,11 @@ class ModelConfig:
 
     # --- heads -------------------------------------------------------------------------------
     tie_word_embeddings: bool = True
+    # Causal LMs in training: compute the LM head + cross-entropy this many tokens at a time and recompute
+    # the logits in backward instead of keeping them (m2train.models.chunked_loss), so the (tokens x vocab)
+    # logits never exist whole - they dominate memory at long sequence lengths. The training forward then
+    # returns no logits. 0: off (logits computed and kept, as usual).
+    loss_chunk_tokens: int = 0
     # MLM: with labels, evaluate the head only where labels are set (the reference behaviour).
     mlm_logits_at_masked_only: bool = True
     num_labels: int = 2
@@ -127,6 +132,11 @@ class ModelConfig:
             raise err("sequence_mixer", f"the Transformer baseline {self.arch!r} has no M2 sequence mixer")
         if self.arch in ("bert", "gpt") and self.hidden_size % self.num_heads:
             raise err("num_heads", f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.loss_chunk_tokens < 0:
+            raise err("loss_chunk_tokens", f"must be >= 0 (0 = off), got {self.loss_chunk_tokens}")
+        if self.loss_chunk_tokens and not self.is_causal:
+            raise err("loss_chunk_tokens", f"applies to causal LMs (m2_gpt, gpt); arch {self.arch!r} computes "
+                      "MLM logits at the masked positions only")
         if self.mlp_type == "monarch" and self.intermediate_size % self.mlp_nblocks:
             raise err("intermediate_size", f"{self.intermediate_size} must be divisible by mlp_nblocks "
                       f"{self.mlp_nblocks} for a Monarch GLU")

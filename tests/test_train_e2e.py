@@ -156,6 +156,19 @@ def test_single_process_run_writes_everything(single_fp32):
     assert lrs[0] < lrs[1] and lrs[2] > lrs[-1]
 
 
+def test_chunked_lm_loss_trains_like_the_plain_loss(data, single_fp32, tmp_path):
+    """model.loss_chunk_tokens (LM head + cross-entropy in chunks of 50 tokens, logits recomputed in
+    backward) through the whole trainer: the same loss at every step and the same validation loss."""
+    run(tmp_path, data, "parallel.zero_stage=0", "model.loss_chunk_tokens=50")
+    ref, got = read_metrics(single_fp32 / "metrics.jsonl"), read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for r, g in zip(ref, got):
+        assert abs(g["loss"] - r["loss"]) < 1e-5 * r["loss"], (r, g)
+        assert ("val_loss" in g) == ("val_loss" in r)
+        if "val_loss" in r:
+            assert abs(g["val_loss"] - r["val_loss"]) < 1e-5 * r["val_loss"], (r, g)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_on_two_ranks_match_one_process(stage, data, single_fp32, zero2_2ranks, tmp_path):
     if stage == 2:

@@ -2,7 +2,8 @@
 final LayerNorm and an LM head tied to the embedding.
 
 Labels are aligned with positions: labels[:, t] is the token that should follow input_ids[:, t] (the data
-loader shifts them); -100 marks positions without a target.
+loader shifts them); -100 marks positions without a target. With model.loss_chunk_tokens > 0 a training
+forward with labels returns the loss only (logits=None): see m2train.models.chunked_loss.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .base import M2TrainModel
+from .chunked_loss import linear_cross_entropy
 from .outputs import ModelOutput, upcast
 
 
@@ -29,11 +31,25 @@ class CausalLM(M2TrainModel):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> ModelOutput:
-        logits = F.linear(self.hidden_states(input_ids), self.lm_head_weight)
+        hidden = self.hidden_states(input_ids)
+        if labels is not None and self.chunked_loss:
+            return ModelOutput(logits=None, loss=self.lm_loss(hidden, labels, "mean"))
+        logits = F.linear(hidden, self.lm_head_weight)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)
+
+    @property
+    def chunked_loss(self) -> bool:
+        """Training with model.loss_chunk_tokens > 0: the loss comes from `lm_loss`, without logits."""
+        return self.training and self.config.loss_chunk_tokens > 0
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Cross-entropy of the LM head on hidden (B, L, H) against labels (B, L), model.loss_chunk_tokens
+        tokens at a time with the logits recomputed in backward (m2train.models.chunked_loss)."""
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head_weight, labels.flatten(),
+                                    self.config.loss_chunk_tokens, reduction)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding -> blocks -> final LayerNorm: the (B, L, H) input of the LM head."""

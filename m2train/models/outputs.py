@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]     # None only from a chunked-loss training forward (gpt.CausalLM)
     loss: Optional[torch.Tensor] = None
     hidden_states: Optional[torch.Tensor] = None
 

@@ -309,10 +309,15 @@ class _ContextParallelCausalLM:
     _cp_grad_scale = 1.0
 
     def forward(self, input_ids, labels=None, attention_mask=None) -> ModelOutput:
-        out = super().forward(input_ids, None, attention_mask)
+        if labels is not None and self.chunked_loss:          # model.loss_chunk_tokens: no logits kept
+            out = ModelOutput(logits=None)
+            local_sum = self.lm_loss(self.hidden_states(input_ids), labels, "sum")
+        else:
+            out = super().forward(input_ids, None, attention_mask)
+            if labels is not None:
+                local_sum = F.cross_entropy(upcast(out.logits.flatten(0, 1)), labels.flatten(),
+                                            ignore_index=-100, reduction="sum")
         if labels is not None:
-            local_sum = F.cross_entropy(upcast(out.logits.flatten(0, 1)), labels.flatten(), ignore_index=-100,
-                                        reduction="sum")
             out.loss = global_token_mean(local_sum, (labels != -100).sum(), self._cp_group,
                                          self._cp_grad_scale)
         return out
