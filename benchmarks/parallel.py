@@ -407,10 +407,16 @@ def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> dict:
 
 
 def head_bytes(cfg, B: int, L: int, P: int, e: int) -> int:
-    """Final norm input and output (+ fp32 stats), the fp32 log-softmax of the (B, L/P, V) logits that the
-    loss keeps, and the int64 token ids and labels."""
+    """Final norm input and output (+ fp32 stats), the int64 token ids and labels, and what the loss keeps:
+    the fp32 log-softmax of the (B, L/P, V) logits, or with model.loss_chunk_tokens (m2train.models.
+    chunked_loss) only a bool mask and a count (its masked int64 label copy replaces the labels themselves;
+    the logits are recomputed in backward: one (chunk, V) fp32 block exists at a time, transiently, and is
+    not counted here)."""
     tok = B * (L // P)
-    return tok * cfg.hidden_size * e * 2 + 2 * tok * 4 + tok * cfg.vocab_size * 4 + 2 * tok * 8
+    common = tok * cfg.hidden_size * e * 2 + 2 * tok * 4 + 2 * tok * 8
+    if getattr(cfg, "loss_chunk_tokens", 0):
+        return common + tok + 8
+    return common + tok * cfg.vocab_size * 4
 
 
 def memory_per_rank(cfg, n_params: int, B: int, L: int, P: int, zero_stage: int, checkpointing: bool,
@@ -439,17 +445,19 @@ def memory_report(cfg, B: int, zero_stage: int) -> str:
              f"ZeRO-{zero_stage} over the CP ranks (dp = 1)", "",
              "params / grads / optimizer: sharded by ZeRO over dp x cp; act/layer: one block's saved tensors; "
              "'no ckpt' / 'ckpt': all activations (blocks + embedding/head) without / with every-block "
-             "activation checkpointing; totals include params, grads and optimizer.", "",
+             "activation checkpointing; totals include params, grads and optimizer; 'chunked loss': "
+             "model.loss_chunk_tokens=4096 (the logits' log-softmax is not kept).", "",
              "| L | CP | params | grads | optim | act/layer | act (no ckpt) | act (ckpt) | total no ckpt | "
-             "total ckpt |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "total ckpt | total ckpt + chunked loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for L in (2048, 8192, 32768, 131072):
         c = replace(cfg, max_seq_len=max(cfg.max_seq_len, L))
         for P in (1, 2, 4, 8):
             a = memory_per_rank(c, n, B, L, P, zero_stage, False)
             b = memory_per_rank(c, n, B, L, P, zero_stage, True)
+            ch = memory_per_rank(replace(c, loss_chunk_tokens=4096), n, B, L, P, zero_stage, True)
             lines.append(f"| {L} | {P} | {_gb(a['params'])} | {_gb(a['grads'])} | {_gb(a['optim'])} | "
                          f"{_gb(a['per_layer'])} | {_gb(a['activations'])} | {_gb(b['activations'])} | "
-                         f"{_gb(a['total'])} | {_gb(b['total'])} |")
+                         f"{_gb(a['total'])} | {_gb(b['total'])} | {_gb(ch['total'])} |")
     return "\n".join(lines)
 
 

@@ -59,3 +59,24 @@ def test_formulas_scale_as_designed():
     assert m[1]["activations"] < m[0]["activations"] / 4
     ck = bench.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, 1, 1, True)
     assert ck["activations"] < m[0]["activations"] / 5
+
+
+def test_chunked_loss_memory_formula_equals_saved_bytes():
+    """One process: what model.loss_chunk_tokens saves in autograd-held bytes (the fp32 (B·L, V) log-softmax,
+    less its own labels and mask) is what head_bytes says, measured on the whole tiny model."""
+    import torch
+
+    from m2train.models import build_model
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+    B, L = 2, 64
+    saved, formula = {}, {}
+    for chunk in (0, 16):
+        cfg = replace(bench.load_model_config(TINY), loss_chunk_tokens=chunk)
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        batch = bench._step_batch(cfg, B, L)
+        saved[chunk] = saved_activation_bytes(model, lambda: model(**batch).loss)
+        formula[chunk] = bench.head_bytes(cfg, B, L, 1, 4)
+    assert abs((saved[0] - saved[16]) - (formula[0] - formula[16])) <= 8, (saved, formula)
+    assert formula[0] - formula[16] > B * L * cfg.vocab_size * 4 * 0.99
