@@ -223,9 +223,10 @@ finish_warm() {
 
 # shellcheck disable=SC2206
 BENCH_SECTIONS=(${DEVICE_CHECK_BENCH_SECTIONS:-monarch fftconv models})
-# The FFT-conv lengths of `bench --quick` (kernels/bench.py); a mismatch only makes the warm-up less useful.
+# The FFT-conv lengths of `bench --quick` (kernels/bench.py QUICK_LENGTHS; a literal copy if that import fails).
 # shellcheck disable=SC2206
-WARM_LENGTHS=(${DEVICE_CHECK_WARM_LENGTHS:-2048 4096 16384})
+WARM_LENGTHS=(${DEVICE_CHECK_WARM_LENGTHS:-$("$PY" -c 'from m2train.kernels.bench import QUICK_LENGTHS
+print(*QUICK_LENGTHS)' 2>/dev/null || echo 2048 4096 16384)})
 if (( DRY )); then
     # shellcheck disable=SC2206
     DRY_SELECTION=($DRY_TESTS)

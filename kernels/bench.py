@@ -39,6 +39,7 @@ import torch
 # Untimed calls before each measurement (Triton autotuning, cuFFT plans, caches); 1 in --smoke.
 WARMUP = 3
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_LENGTHS = (2048, 4096, 16384)           # --quick (benchmarks/device_check.sh compiles these ahead)
 BERT_HIDDEN = (768, 960, 1536, 1792)          # M2-BERT 80M / 110M / 260M / 341M
 GPT_360M = (1280, 5632)                       # (H, I) of M2-GPT-360M
 CONV_MODELS = {"M2-BERT-80M": 768, "M2-GPT-360M": 1280}
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
         hidden = [(16, 32)]
         conv_models = {"tiny": 4}
     elif args.quick:
-        lengths = args.lengths or [2048, 4096, 16384]
+        lengths = args.lengths or list(QUICK_LENGTHS)
         tokens, model_tokens, reps = args.tokens or 65536, args.tokens or 16384, args.reps or 5
         hidden = [(768, 3072), GPT_360M]
         conv_models = CONV_MODELS

@@ -60,7 +60,7 @@ _RESOURCE_ERRORS = (OutOfResources, PTXASError)
 # Launch config, fixed rather than autotuned. One program holds whole (N1, N2) fp32 matrices, and an
 # offline sm_90a compile (Triton 3.8 + ptxas, no GPU needed) showed 4 warps spilling no more than 8 or 16
 # at N = 4096 (16 warps caps registers at 128 and spills most), while each compile of these large unrolled
-# kernels takes 15-40 s: autotuning three configs for every (FFT size, gates, precision) would spend
+# kernels takes up to ~20 s on a 2-core CPU (Triton 3.6 and 3.8): autotuning three configs for every (FFT size, gates, precision) would spend
 # minutes compiling on first use. num_stages=1: the backward's batch loop must not be software-pipelined
 # (that would multi-buffer whole sequences in shared memory).
 NUM_WARPS, NUM_STAGES = 4, 1

@@ -45,7 +45,8 @@ def _conv_reference(v, k_fwd, k_rev, skip, x1, x2):
     return (long_conv(u, k_fwd, k_rev) + u * skip[:, None]) * x2
 
 
-# Few sizes on purpose: each (FFT size, dtype, direction) is a separate 15-40 s compile of a large kernel.
+# Few sizes on purpose: each (FFT size, dtype, direction) is a separate compile of a large kernel (up to
+# ~20 s on a 2-core CPU, benchmarks/DEVICE.md).
 # 1000 and 2048 run one program per sequence; 4096 and 16384 the three-level kernels (R = 4 and 16 rows).
 @pytest.mark.parametrize("L,bidirectional", [(1000, True), (2048, False), (4096, True), (16384, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
