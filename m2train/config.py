@@ -86,7 +86,8 @@ class ModelConfig:
     # Causal LMs in training: compute the LM head + cross-entropy this many tokens at a time and recompute
     # the logits in backward instead of keeping them (m2train.models.chunked_loss), so the (tokens x vocab)
     # logits never exist whole - they dominate memory at long sequence lengths. The training forward then
-    # returns no logits. 0: off (logits computed and kept, as usual).
+    # returns no logits. Works under context and tensor parallelism (there: the vocab-parallel loss, each
+    # chunk recomputed in backward). 0: off (logits computed and kept, as usual).
     loss_chunk_tokens: int = 0
     # MLM: with labels, evaluate the head only where labels are set (the reference behaviour).
     mlm_logits_at_masked_only: bool = True

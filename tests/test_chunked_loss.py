@@ -133,8 +133,3 @@ def test_config_errors_name_the_key():
         tiny_model_cfg("m2_bert", loss_chunk_tokens=64).validate()
     with pytest.raises(ConfigError, match="model.loss_chunk_tokens.*>= 0"):
         tiny_model_cfg("m2_gpt", loss_chunk_tokens=-1).validate()
-    from m2train.parallel.tp_plan import shard_rules
-
-    model = build_model(tiny_model_cfg("m2_gpt", loss_chunk_tokens=64))
-    with pytest.raises(ConfigError, match="loss_chunk_tokens.*tensor_parallel=2"):
-        shard_rules(model, 2)

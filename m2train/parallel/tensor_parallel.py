@@ -250,9 +250,39 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return (per_token * valid).sum() / valid.sum()
 
 
+def _vocab_parallel_loss_sum(hidden, weight, labels, group, ignore_index: int = -100) -> torch.Tensor:
+    """Summed vocab-parallel cross-entropy of one token chunk, the head included (hidden (n, H) -> logits
+    shard (n, V/T) -> loss); the logits are a temporary here, so megatron may overwrite them in place."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = F.linear(_copy_to_tp(hidden, group), weight)
+    valid = labels != ignore_index
+    return (vocab_parallel_cross_entropy(upcast(logits), labels.masked_fill(~valid, 0)) * valid).sum()
+
+
+def chunked_vocab_parallel_loss(hidden, weight, labels, chunk_tokens: int, group) -> torch.Tensor:
+    """model.loss_chunk_tokens under TP: the mean vocab-parallel cross-entropy over labelled tokens,
+    `chunk_tokens` at a time, each chunk's head + loss recomputed in backward (activation checkpointing,
+    collectives included), so no (tokens x V/T) logits shard is kept. hidden (N, H), labels (N,)."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = None
+    for s in range(0, hidden.shape[0], chunk_tokens):
+        part = checkpoint(_vocab_parallel_loss_sum, hidden[s:s + chunk_tokens], weight,
+                          labels[s:s + chunk_tokens], group, use_reentrant=False)
+        total = part if total is None else total + part
+    return total / (labels != -100).sum()
+
+
 def _causal_lm_forward(self, input_ids, labels=None, attention_mask=None) -> ModelOutput:
-    """CausalLM.forward with a vocab-sharded tied (or untied) head; logits are this rank's vocab shard."""
-    logits = F.linear(_copy_to_tp(self.hidden_states(input_ids), self._tp_group), self.lm_head_weight)
+    """CausalLM.forward with a vocab-sharded tied (or untied) head; logits are this rank's vocab shard
+    (none with model.loss_chunk_tokens in training: chunked_vocab_parallel_loss)."""
+    hidden = self.hidden_states(input_ids)
+    if labels is not None and self.chunked_loss:
+        loss = chunked_vocab_parallel_loss(hidden.flatten(0, 1), self.lm_head_weight, labels.flatten(),
+                                           self.config.loss_chunk_tokens, self._tp_group)
+        return ModelOutput(logits=None, loss=loss)
+    logits = F.linear(_copy_to_tp(hidden, self._tp_group), self.lm_head_weight)
     loss = vocab_parallel_loss(logits.flatten(0, 1), labels.flatten()) if labels is not None else None
     return ModelOutput(logits=logits, loss=loss)
 

@@ -139,9 +139,6 @@ def shard_rules(model: nn.Module, size: int) -> dict[str, object]:
         raise ConfigError(f"parallel.tensor_parallel>1 supports model.arch m2_gpt and m2_bert, not {cfg.arch!r}")
     if size < 1:
         raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {size}")
-    if size > 1 and cfg.loss_chunk_tokens:
-        raise ConfigError(f"model.loss_chunk_tokens={cfg.loss_chunk_tokens} with parallel.tensor_parallel={size}: "
-                          "the vocab-parallel loss already splits the logits over the TP ranks; set it to 0")
     if cfg.vocab_size % size:
         raise ConfigError(f"model.vocab_size={cfg.vocab_size} is not divisible by parallel.tensor_parallel="
                           f"{size} (pad the vocabulary)")
