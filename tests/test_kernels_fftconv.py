@@ -177,10 +177,10 @@ def test_unsupported_inputs_fall_back_with_the_reason():
     assert rel(y, reference(long_v, k, None, skip)) < 1e-5
 
 
-def _mixer_pair(bidirectional: bool, **kw):
+def _mixer_pair(bidirectional: bool, max_len: int = 48, **kw):
     torch.manual_seed(0)
-    ref = M2SequenceMixer(16, 48, bidirectional=bidirectional, filter_order=8, **kw).to(DEVICE)
-    ker = M2SequenceMixer(16, 48, bidirectional=bidirectional, filter_order=8, **kw).to(DEVICE)
+    ref = M2SequenceMixer(16, max_len, bidirectional=bidirectional, filter_order=8, **kw).to(DEVICE)
+    ker = M2SequenceMixer(16, max_len, bidirectional=bidirectional, filter_order=8, **kw).to(DEVICE)
     ker.load_state_dict(ref.state_dict())
     for m in ref.modules():
         if hasattr(type(m), "kernels"):
@@ -223,16 +223,7 @@ def test_mixer_with_kernels_matches_torch_path(bidirectional, dropout, pad_mask)
 def test_mixer_three_level_kernels_match_torch_path(small_rows):
     """A whole causal mixer at L = 300 (three-level layout, R = 4) with kernels forced: output and every
     parameter gradient equal the torch path's."""
-    torch.manual_seed(0)
-    ref = M2SequenceMixer(16, 320, bidirectional=False, filter_order=8).to(DEVICE)
-    ker = M2SequenceMixer(16, 320, bidirectional=False, filter_order=8).to(DEVICE)
-    ker.load_state_dict(ref.state_dict())
-    for m in ref.modules():
-        if hasattr(type(m), "kernels"):
-            m.kernels = "torch"
-    for m in ker.modules():
-        if hasattr(type(m), "kernels"):
-            m.kernels = "triton"
+    ref, ker = _mixer_pair(False, max_len=320)
     u = torch.randn(2, 300, 16, device=DEVICE)
     assert ker.long_conv.use_kernel(u.transpose(1, 2))
     y_ref, y_ker = ref(u), ker(u)
