@@ -60,9 +60,9 @@ _RESOURCE_ERRORS = (OutOfResources, PTXASError)
 # Launch config, fixed rather than autotuned. One program holds whole (N1, N2) fp32 matrices, and an
 # offline sm_90a compile (Triton 3.8 + ptxas, no GPU needed) showed 4 warps spilling no more than 8 or 16
 # at N = 4096 (16 warps caps registers at 128 and spills most), while each compile of these large unrolled
-# kernels takes up to ~20 s on a 2-core CPU (Triton 3.6 and 3.8): autotuning three configs for every (FFT size, gates, precision) would spend
-# minutes compiling on first use. num_stages=1: the backward's batch loop must not be software-pipelined
-# (that would multi-buffer whole sequences in shared memory).
+# kernels takes up to ~20 s on a 2-core CPU (Triton 3.6 and 3.8): autotuning three configs for every
+# (FFT size, gates, precision) would spend minutes compiling on first use. num_stages=1: the backward's
+# batch loop must not be software-pipelined (that would multi-buffer whole sequences in shared memory).
 NUM_WARPS, NUM_STAGES = 4, 1
 
 
@@ -218,7 +218,9 @@ class _GatedFFTConv(torch.autograd.Function):
         spec_re, spec_im = spec_re.contiguous(), spec_im.contiguous()
         skip = skip.contiguous()
         ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip)
-        if _one_program(spec_re.shape[-1]):
+        # The layout is read once, here: the backward must use the one the spectrum was permuted for.
+        ctx.one_program = _one_program(spec_re.shape[-1])
+        if ctx.one_program:
             return _launch_fwd(v, x1, x2, spec_re, spec_im, skip)
         from . import fftconv_long
         return fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip)
@@ -230,7 +232,7 @@ class _GatedFFTConv(torch.autograd.Function):
         dy = _seq_view(dy)
         if (n, _device_name(v)) not in _TOO_LARGE:
             try:
-                if _one_program(n):
+                if ctx.one_program:
                     return _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip)
                 from . import fftconv_long
                 return fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip)

@@ -429,6 +429,6 @@ def gather_logits(logits: torch.Tensor, group) -> torch.Tensor:
 
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "shard_rules", "shard_state_dict",
-           "merge_state_dicts", "gather_state_dict", "gather_tensors", "sharded_dropout", "gather_logits", "vocab_parallel_loss",
-           "ColumnParallelLinear", "VocabParallelEmbedding", "TensorParallelMixer", "TensorParallelGLU",
-           "Shard", "GLUOutShard"]
+           "merge_state_dicts", "gather_state_dict", "gather_tensors", "sharded_dropout", "gather_logits",
+           "vocab_parallel_loss", "chunked_vocab_parallel_loss", "ColumnParallelLinear", "VocabParallelEmbedding",
+           "TensorParallelMixer", "TensorParallelGLU", "Shard", "GLUOutShard"]
