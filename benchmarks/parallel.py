@@ -414,7 +414,7 @@ def head_bytes(cfg, B: int, L: int, P: int, e: int) -> int:
     not counted here)."""
     tok = B * (L // P)
     common = tok * cfg.hidden_size * e * 2 + 2 * tok * 4 + 2 * tok * 8
-    if getattr(cfg, "loss_chunk_tokens", 0):
+    if cfg.loss_chunk_tokens:
         return common + tok + 8
     return common + tok * cfg.vocab_size * 4
 

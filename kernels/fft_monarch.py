@@ -158,11 +158,16 @@ def monarch_kernel_spectrum(k_fwd: torch.Tensor, k_rev: torch.Tensor | None, n: 
         return spec.real, spec.imag
 
 
+def _complex_factors(m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F1, F2 and T of `dft_factors` as complex tensors (the torch models below)."""
+    f1r, f1i, f2r, f2i, tr, ti = dft_factors(m, device)
+    return torch.complex(f1r, f1i), torch.complex(f2r, f2i), torch.complex(tr, ti)
+
+
 def _row_dft(z: torch.Tensor, m: int) -> torch.Tensor:
     """Complex (..., m) rows, natural order -> their m-point DFTs in permuted order ((F1 @ z) ⊙ T) @ F2."""
     m1, m2 = split_fft_size(m)
-    f1r, f1i, f2r, f2i, tr, ti = dft_factors(m, z.device)
-    f1, f2, tw = torch.complex(f1r, f1i), torch.complex(f2r, f2i), torch.complex(tr, ti)
+    f1, f2, tw = _complex_factors(m, z.device)
     a = z.unflatten(-1, (m1, m2)).to(f1.dtype)
     return ((f1 @ a) * tw @ f2).flatten(-2)
 
@@ -170,8 +175,7 @@ def _row_dft(z: torch.Tensor, m: int) -> torch.Tensor:
 def _row_idft(z: torch.Tensor, m: int) -> torch.Tensor:
     """Permuted m-point spectra (..., m) -> complex rows: conj(F1) @ ((Z @ conj(F2)) ⊙ conj(T)) / m."""
     m1, m2 = split_fft_size(m)
-    f1r, f1i, f2r, f2i, tr, ti = dft_factors(m, z.device)
-    f1, f2, tw = torch.complex(f1r, f1i), torch.complex(f2r, f2i), torch.complex(tr, ti)
+    f1, f2, tw = _complex_factors(m, z.device)
     w = (z.unflatten(-1, (m1, m2)) @ f2.conj()) * tw.conj()
     return (f1.conj() @ w).flatten(-2) / m
 

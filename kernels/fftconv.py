@@ -72,6 +72,11 @@ def _load_mat(ptr, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _store_mat(ptr, x, R: tl.constexpr, C: tl.constexpr):
+    tl.store(ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], x)
+
+
+@triton.jit
 def _fft(a, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
          N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
     """Real (N1, N2) signal matrix -> its spectrum (re, im) in permuted order: ((F1 @ a) ⊙ T) @ F2."""
@@ -204,6 +209,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def placeholder(x: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """x, or `stand_in` for an absent gate: the kernel still takes a pointer (and strides) but never
+    dereferences it (GATE_IN / GATE_OUT false)."""
+    return x if x is not None else stand_in
+
+
 def _seq_view(x: torch.Tensor) -> torch.Tensor:
     """The kernels index (B, H, L) tensors with batch/channel strides and a unit time stride."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -252,8 +263,7 @@ def _launch_fwd(v, x1, x2, spec_re, spec_im, skip):
     n1, n2 = split_fft_size(n)
     factors = dft_factors(n, v.device)
     y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
-    a1 = x1 if x1 is not None else v                 # placeholder pointer when a gate is absent
-    a2 = x2 if x2 is not None else v
+    a1, a2 = placeholder(x1, v), placeholder(x2, v)
     with on_device_of(v):
         _fftconv_fwd_kernel[(B, H)](
             v, a1, a2, y, spec_re, spec_im, skip, *factors,
@@ -274,12 +284,11 @@ def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip):
     dkr = torch.empty_like(spec_re)
     dki = torch.empty_like(spec_im)
     dd = torch.empty(H, dtype=torch.float32, device=v.device)
-    a1 = x1 if x1 is not None else v                     # placeholder pointers when a gate is absent
-    a2 = x2 if x2 is not None else v
+    a1, a2 = placeholder(x1, v), placeholder(x2, v)
     with on_device_of(v):
         _fftconv_bwd_kernel[(H,)](
             dy, v, a1, a2, spec_re, spec_im, skip,
-            dv, dx1 if dx1 is not None else dv, dx2 if dx2 is not None else dv, dkr, dki, dd,
+            dv, placeholder(dx1, dv), placeholder(dx2, dv), dkr, dki, dd,
             *dft_factors(n, v.device),
             B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import on_device_of
 from .fft_monarch import dft_factors, fft_layout, outer_factors
-from .fftconv import NUM_STAGES, NUM_WARPS, _cmul_f2, _load_mat, _precision
+from .fftconv import NUM_STAGES, NUM_WARPS, _cmul_f2, _load_mat, _precision, _store_mat, placeholder
 
 # Columns per program of the column pass (a divisor of the row size M; both powers of two), at most: the
 # pass is memory-bound (each program reads R·BM complex scratch values and writes R/2·BM outputs), and the
@@ -61,8 +61,8 @@ def _column_row(a_ptr, g_ptr, k, L, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
             x = x * tl.load(g_ptr + pos, mask=msk, other=0.0).to(tl.float32)
         zr += tl.load(frr_ptr + k * R + r) * x
         zi += tl.load(fri_ptr + k * R + r) * x
-    twr = tl.load(twr_ptr + k * M + t)
-    twi = tl.load(twi_ptr + k * M + t)
+    twr = _load_mat(twr_ptr + k * M, M1, M2)
+    twi = _load_mat(twi_ptr + k * M, M1, M2)
     return zr * twr - zi * twi, zr * twi + zi * twr
 
 
@@ -112,14 +112,15 @@ def _row_ifft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
 
 
 @triton.jit
-def _store_untwiddled(re_ptr, im_ptr, wr, wi, twr_ptr, twi_ptr, k, off,
-                      M1: tl.constexpr, M2: tl.constexpr):
-    """Store w ⊙ conj(ω_N^{m·k}) (the inverse column step's twiddle) at re_ptr/im_ptr + off."""
-    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
-    twr = tl.load(twr_ptr + k * (M1 * M2) + t)
-    twi = tl.load(twi_ptr + k * (M1 * M2) + t)
-    tl.store(re_ptr + off + t, wr * twr + wi * twi)
-    tl.store(im_ptr + off + t, wi * twr - wr * twi)
+def _inverse_row_to_scratch(zr, zi, re_ptr, im_ptr, k, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                            twr_ptr, twi_ptr, M1: tl.constexpr, M2: tl.constexpr, PREC: tl.constexpr):
+    """Row k's inverse M-point FFT times conj(ω_N^{m·k}) (the inverse column step's twiddle), stored as
+    (M1, M2) fp32 re / im at re_ptr / im_ptr (this row of a scratch buffer)."""
+    wr, wi = _row_ifft(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
+    twr = _load_mat(twr_ptr + k * (M1 * M2), M1, M2)
+    twi = _load_mat(twi_ptr + k * (M1 * M2), M1, M2)
+    _store_mat(re_ptr, wr * twr + wi * twi, M1, M2)
+    _store_mat(im_ptr, wi * twr - wr * twi, M1, M2)
 
 
 @triton.jit
@@ -134,16 +135,14 @@ def _rows_fwd_kernel(v_ptr, x1_ptr, sr_ptr, si_ptr, kr_ptr, ki_ptr,
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     M = M1 * M2
-    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
     xr, xi = _row_spectrum(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
                            R, M1, M2, GATE_IN, PREC)
-    koff = h * (R * M) + k * M + t
-    kr = tl.load(kr_ptr + koff)
-    ki = tl.load(ki_ptr + koff)
-    wr, wi = _row_ifft(xr * kr - xi * ki, xr * ki + xi * kr,
-                       f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
-    _store_untwiddled(sr_ptr, si_ptr, wr, wi, twr_ptr, twi_ptr, k, (b * H + h) * (R * M) + k * M, M1, M2)
+    kr = _load_mat(kr_ptr + h * (R * M) + k * M, M1, M2)
+    ki = _load_mat(ki_ptr + h * (R * M) + k * M, M1, M2)
+    row = (b * H + h) * (R * M) + k * M
+    _inverse_row_to_scratch(xr * kr - xi * ki, xr * ki + xi * kr, sr_ptr + row, si_ptr + row, k,
+                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr, M1, M2, PREC)
 
 
 @triton.jit
@@ -193,7 +192,6 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr,
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     M = M1 * M2
-    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
     ur, ui = _row_spectrum(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
                            R, M1, M2, GATE_IN, PREC)
@@ -201,18 +199,15 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr,
                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
                            R, M1, M2, GATE_OUT, PREC)
     row = (b * H + h) * (R * M) + k * M
-    tl.store(pkr_ptr + row + t, ur * gr + ui * gi)        # conj(U) ⊙ G, this sample's share of dK · N
-    tl.store(pki_ptr + row + t, ur * gi - ui * gr)
-    koff = h * (R * M) + k * M + t
-    kr = tl.load(kr_ptr + koff)
-    ki = tl.load(ki_ptr + koff)
-    wr, wi = _row_ifft(gr * kr + gi * ki, gi * kr - gr * ki,
-                       f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
-    _store_untwiddled(dur_ptr, dui_ptr, wr, wi, twr_ptr, twi_ptr, k, row, M1, M2)
+    _store_mat(pkr_ptr + row, ur * gr + ui * gi, M1, M2)     # conj(U) ⊙ G, this sample's share of dK · N
+    _store_mat(pki_ptr + row, ur * gi - ui * gr, M1, M2)
+    kr = _load_mat(kr_ptr + h * (R * M) + k * M, M1, M2)
+    ki = _load_mat(ki_ptr + h * (R * M) + k * M, M1, M2)
+    _inverse_row_to_scratch(gr * kr + gi * ki, gi * kr - gr * ki, dur_ptr + row, dui_ptr + row, k,
+                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr, M1, M2, PREC)
     if GATE_OUT:                                           # the forward's conv output, for dx2
-        wr, wi = _row_ifft(ur * kr - ui * ki, ur * ki + ui * kr,
-                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, M1, M2, PREC)
-        _store_untwiddled(cr_ptr, ci_ptr, wr, wi, twr_ptr, twi_ptr, k, row, M1, M2)
+        _inverse_row_to_scratch(ur * kr - ui * ki, ur * ki + ui * kr, cr_ptr + row, ci_ptr + row, k,
+                                f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr, M1, M2, PREC)
 
 
 @triton.jit
@@ -257,10 +252,6 @@ def _plan(n: int) -> tuple[int, int, int, int]:
     return r, m1, m2, min(COLUMN_TILE, m1 * m2, max(16, TILE_ELEMENTS // (r // 2)))
 
 
-def _gate(x: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
-    return x if x is not None else v                   # placeholder pointer when a gate is absent
-
-
 def forward(v, x1, x2, spec_re, spec_im, skip) -> torch.Tensor:
     """y = (conv(u, k) + skip ⊙ u) [⊙ x2], u = v [⊙ x1], all (B, H, L) with unit time stride; spectrum
     (H, N) fp32 contiguous in the three-level permuted order. Raises triton's OutOfResources if a kernel
@@ -269,7 +260,7 @@ def forward(v, x1, x2, spec_re, spec_im, skip) -> torch.Tensor:
     n = spec_re.shape[-1]
     r, m1, m2, bm = _plan(n)
     m = m1 * m2
-    a1, a2 = _gate(x1, v), _gate(x2, v)
+    a1, a2 = placeholder(x1, v), placeholder(x2, v)
     scratch_re = torch.empty(B, H, n, dtype=torch.float32, device=v.device)
     scratch_im = torch.empty_like(scratch_re)
     y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
@@ -296,7 +287,7 @@ def backward(dy, v, x1, x2, spec_re, spec_im, skip):
     n = spec_re.shape[-1]
     r, m1, m2, bm = _plan(n)
     m = m1 * m2
-    a1, a2 = _gate(x1, v), _gate(x2, v)
+    a1, a2 = placeholder(x1, v), placeholder(x2, v)
     f32 = dict(dtype=torch.float32, device=v.device)
     du_re, du_im = torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)
     c_re, c_im = (torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)) if x2 is not None else (du_re, du_im)
@@ -317,7 +308,7 @@ def backward(dy, v, x1, x2, spec_re, spec_im, skip):
             R=r, M1=m1, M2=m2, PREC=_precision(v.dtype), **gates, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
         _cols_bwd_kernel[(m // bm, B, H)](
             du_re, du_im, c_re, c_im, dy, v, a1, a2, skip,
-            dv, _gate(dx1, dv), _gate(dx2, dv), dd_part, frr, fri,
+            dv, placeholder(dx1, dv), placeholder(dx2, dv), dd_part, frr, fri,
             L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
             R=r, R_HALF=r // 2, M=m, BM=bm, **gates, num_warps=NUM_WARPS, num_stages=NUM_STAGES)

@@ -60,11 +60,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = torch.softmax(upcast(raw), -1)
                 g.scatter_add_(1, safe[s:s + ctx.chunk, None], g.new_full((g.shape[0], 1), -1.0))
                 g.mul_(valid[s:s + ctx.chunk, None] * (grad_out / divisor).to(g.dtype))
+                # In the logits' dtype; under autocast the products cast weight (cached) and h themselves.
                 g = g.to(raw.dtype)
                 if grad_hidden is not None:
-                    grad_hidden[s:s + ctx.chunk] = (g @ weight.to(raw.dtype)).to(hidden.dtype)
+                    grad_hidden[s:s + ctx.chunk] = (g @ weight).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += (g.transpose(0, 1) @ h.to(raw.dtype)).to(grad_weight.dtype)
+                    grad_weight += (g.transpose(0, 1) @ h).to(grad_weight.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None

@@ -247,11 +247,9 @@ def context_parallel_long_conv(conv: LongConv, x: torch.Tensor, group) -> torch.
         # The fused Triton FFT conv (kernels.fftconv, model.kernels): after the all-to-all this rank holds
         # whole sequences of its channels, exactly what the kernel takes. The gates stay outside: x1, x2
         # are sequence-sharded.
-        from ..kernels.fft_monarch import kernel_fft_size, monarch_kernel_spectrum
-        from ..kernels.fftconv import gated_fft_conv
+        from ..kernels.fftconv import fused_long_conv
 
-        spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, kernel_fft_size(L))
-        y = gated_fft_conv(xc, spec_re, spec_im, conv.skip[c])
+        y = fused_long_conv(xc, k_fwd, k_rev, conv.skip[c])
     else:
         n = fft_size(L)
         y = fft_conv(xc, kernel_spectrum(k_fwd, k_rev, n), n) + xc * conv.skip[c].to(xc.dtype)[:, None]

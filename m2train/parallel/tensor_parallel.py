@@ -241,23 +241,24 @@ class TensorParallelGLU(MonarchGLU):
 # --------------------------------------------------------------------------------------------------
 def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy over positions whose label != ignore_index, from vocab-sharded logits (= the
-    single-process F.cross_entropy(..., ignore_index) mean). Uses megatron-core's vocab-parallel CE, which
-    overwrites its input in place: it gets a copy, so returned logits stay intact."""
+    single-process F.cross_entropy(..., ignore_index) mean). Megatron's vocab-parallel CE overwrites its
+    input in place: it gets a copy, so returned logits stay intact."""
+    return _vocab_parallel_ce_sum(upcast(logits).clone(), labels, ignore_index) / (labels != ignore_index).sum()
+
+
+def _vocab_parallel_ce_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Summed megatron-core vocab-parallel cross-entropy of (n, V/T) logits over labels != ignore_index;
+    overwrites `logits`."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     valid = labels != ignore_index
-    per_token = vocab_parallel_cross_entropy(upcast(logits).clone(), labels.masked_fill(~valid, 0))
-    return (per_token * valid).sum() / valid.sum()
+    return (vocab_parallel_cross_entropy(logits, labels.masked_fill(~valid, 0)) * valid).sum()
 
 
 def _vocab_parallel_loss_sum(hidden, weight, labels, group, ignore_index: int = -100) -> torch.Tensor:
     """Summed vocab-parallel cross-entropy of one token chunk, the head included (hidden (n, H) -> logits
     shard (n, V/T) -> loss); the logits are a temporary here, so megatron may overwrite them in place."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    logits = F.linear(_copy_to_tp(hidden, group), weight)
-    valid = labels != ignore_index
-    return (vocab_parallel_cross_entropy(upcast(logits), labels.masked_fill(~valid, 0)) * valid).sum()
+    return _vocab_parallel_ce_sum(upcast(F.linear(_copy_to_tp(hidden, group), weight)), labels, ignore_index)
 
 
 def chunked_vocab_parallel_loss(hidden, weight, labels, chunk_tokens: int, group) -> torch.Tensor:
