@@ -39,11 +39,14 @@ import torch
 
 # Smallest DFT factor: a tl.dot tile on a real GPU needs every dimension >= 16.
 MIN_FACTOR = 16
-# The largest FFT size the one-program-per-sequence kernel (kernels/fftconv.py) holds. Measured by compiling
-# the kernels for sm_90a offline (Triton 3.8 + ptxas): shared memory per program is 96-160 KiB at N = 4096
-# (forward/backward, bf16/fp32) but 256 KiB at N = 8192 (64 x 128 factors), beyond the 227 KiB an H100/H200
-# SM offers. Longer sequences use the three-level layout (kernels/fftconv_long.py).
-ONE_PROGRAM_MAX_FFT = 4096
+# The largest FFT size the one-program-per-sequence kernel (kernels/fftconv.py) takes (L <= 1024). Measured
+# by compiling the kernels for sm_90a offline (Triton 3.8 + ptxas, bf16, gated): up to N = 2048 neither
+# direction spills a register at 8 warps; at N = 4096 the backward spills ~3 KB / 5 KB per thread (stores /
+# loads, 4 or 8 warps: four 64 x 64 complex spectra are live) while the three-level kernels at N = 4096
+# (R = 2 rows of 2048) spill nothing, and N = 8192 needs 256 KiB of shared memory (> 227 KiB per H100/H200
+# SM). So from N = 4096 on the three-level layout runs (kernels/fftconv_long.py); kernels/bench.py still
+# times both layouts at N = 4096 (L = 2048), where the one-program kernel can run.
+ONE_PROGRAM_MAX_FFT = 2048
 # The row length M of the three-level layout: one program transforms one complex row of M points.
 ROW_FFT_SIZE = 2048
 # The longest FFT the fused kernels take (L <= 65,536). Each row program of the three-level kernels re-reads

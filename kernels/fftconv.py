@@ -6,8 +6,8 @@ The M2 sequence mixer's two long convolutions (DESIGN.md §4.2) in one Triton ke
 Either gate can be left out on its own (the mixer applies dropout or pad masks to v ⊙ x1 in torch and
 passes only the output gate).
 
-One program owns one whole zero-padded sequence of length N = N1·N2 (kernel_fft_size(L) <= 4096, i.e.
-L <= 2048: the whole sequence lives in registers and shared memory; see fft_monarch.ONE_PROGRAM_MAX_FFT;
+One program owns one whole zero-padded sequence of length N = N1·N2 (kernel_fft_size(L) <= 2048, i.e.
+L <= 1024: the whole sequence lives in registers and shared memory; see fft_monarch.ONE_PROGRAM_MAX_FFT;
 longer sequences run the three-level kernels of kernels/fftconv_long.py through this same entry point) as an
 (N1, N2) fp32 matrix and does the FFT, the pointwise product with the kernel spectrum and the inverse FFT
 as the four-step (Monarch) factorisation of kernels/fft_monarch.py: dense DFT-matrix products on the
@@ -57,13 +57,20 @@ _TOO_LARGE: set[tuple[int, str]] = set()
 _RESOURCE_ERRORS = (OutOfResources, PTXASError)
 
 
-# Launch config, fixed rather than autotuned. One program holds whole (N1, N2) fp32 matrices, and an
-# offline sm_90a compile (Triton 3.8 + ptxas, no GPU needed) showed 4 warps spilling no more than 8 or 16
-# at N = 4096 (16 warps caps registers at 128 and spills most), while each compile of these large unrolled
-# kernels takes up to ~20 s on a 2-core CPU (Triton 3.6 and 3.8): autotuning three configs for every
-# (FFT size, gates, precision) would spend minutes compiling on first use. num_stages=1: the backward's
-# batch loop must not be software-pipelined (that would multi-buffer whole sequences in shared memory).
-NUM_WARPS, NUM_STAGES = 4, 1
+# Launch config, fixed rather than autotuned: each compile of these large unrolled kernels takes up to ~20 s
+# on a 2-core CPU (Triton 3.6 and 3.8), so autotuning several configs for every (FFT size, gates,
+# precision) would spend minutes compiling on first use. Warps from an offline sm_90a compile (Triton 3.8 +
+# ptxas, no GPU needed; bf16, gated): up to N = 2048 (the default one-program range) 8 warps spill nothing
+# either way, where 4 spilled 68 B (forward) and 100-500 B (backward) per thread; at N = 4096 (one program
+# only when fft_monarch.ONE_PROGRAM_MAX_FFT is raised) 4 warps spill a little less than 8 (16 warps cap
+# registers at 128 and spill most). num_stages=1: the backward's batch loop must not be software-pipelined
+# (that would multi-buffer whole sequences in shared memory).
+NUM_STAGES = 1
+
+
+def one_program_warps(n: int) -> int:
+    """Warps of the one-program kernels at FFT size n (see the launch-config note above)."""
+    return 8 if n <= 2048 else 4
 
 
 @triton.jit
@@ -151,57 +158,70 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
                         N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
                         PREC: tl.constexpr):
     # One program per channel; dv/dx1/dx2 share the contiguous (B, H, L) strides s_gb, s_gh.
+    # Registers are the limit (an (N1, N2) fp32 matrix is N/128 registers per thread at 4 warps), so the
+    # loop keeps as little alive across its transforms as it can: the spectrum gradient accumulates in this
+    # channel's own rows of dkr/dki (global memory, L2-resident: only this program touches them, in program
+    # order, so the sum stays deterministic), and the inputs are re-read where they are needed again rather
+    # than held. An offline sm_90a compile (bf16, gated, 8 warps) of the version that held dK and the inputs
+    # in registers spilled 1.2 KB per thread at N = 2048 and 4.4 KB / 7 KB (stores / loads) at N = 4096;
+    # this one spills nothing at N <= 2048.
     h = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     m = t < L
     d = tl.load(d_ptr + h).to(tl.float32)
-    dkr = tl.zeros((N1, N2), dtype=tl.float32)
-    dki = tl.zeros((N1, N2), dtype=tl.float32)
+    kr_ptr += h * (N1 * N2)
+    ki_ptr += h * (N1 * N2)
+    dkr_ptr += h * (N1 * N2)
+    dki_ptr += h * (N1 * N2)
+    tl.store(dkr_ptr + t, tl.zeros((N1, N2), dtype=tl.float32))
+    tl.store(dki_ptr + t, tl.zeros((N1, N2), dtype=tl.float32))
     dd = tl.zeros((1,), dtype=tl.float32)
     # Per-sample pointers advance by the batch strides (64-bit pointer arithmetic: b * stride can pass 2^31).
-    vp = v_ptr + h * s_vh
-    x1p = x1_ptr + h * s_x1h
-    x2p = x2_ptr + h * s_x2h
-    dyp = dy_ptr + h * s_dyh
-    go = h * s_gh + t
+    v_ptr += h * s_vh
+    x1_ptr += h * s_x1h
+    x2_ptr += h * s_x2h
+    dy_ptr += h * s_dyh
+    dv_ptr += h * s_gh
+    dx1_ptr += h * s_gh
+    dx2_ptr += h * s_gh
     for _ in range(B):
-        v = tl.load(vp + t, mask=m, other=0.0).to(tl.float32)
-        u = v
+        u = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
         if GATE_IN:
-            x1 = tl.load(x1p + t, mask=m, other=0.0).to(tl.float32)
-            u = v * x1
-        g = tl.load(dyp + t, mask=m, other=0.0).to(tl.float32)
-        gc = g
+            u = u * tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
+        gc = tl.load(dy_ptr + t, mask=m, other=0.0).to(tl.float32)
         if GATE_OUT:
-            gc = g * tl.load(x2p + t, mask=m, other=0.0).to(tl.float32)
+            gc = gc * tl.load(x2_ptr + t, mask=m, other=0.0).to(tl.float32)
+        dd += tl.sum(tl.sum(gc * u, axis=1), axis=0)
         ur, ui = _fft(u, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
         gr, gi = _fft(gc, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
-        dkr += ur * gr + ui * gi
-        dki += ur * gi - ui * gr
-        dd += tl.sum(tl.sum(gc * u, axis=1), axis=0)
-        kr = tl.load(kr_ptr + h * (N1 * N2) + t)
-        ki = tl.load(ki_ptr + h * (N1 * N2) + t)
-        du = _ifft_real(gr * kr + gi * ki, gi * kr - gr * ki,
-                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC) + d * gc
+        tl.store(dkr_ptr + t, tl.load(dkr_ptr + t) + (ur * gr + ui * gi))
+        tl.store(dki_ptr + t, tl.load(dki_ptr + t) + (ur * gi - ui * gr))
+        kr = tl.load(kr_ptr + t)
+        ki = tl.load(ki_ptr + t)
         if GATE_OUT:
             c = _ifft_real(ur * kr - ui * ki, ur * ki + ui * kr,
-                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
-            tl.store(dx2_ptr + go, (g * (c + d * u)).to(dx2_ptr.dtype.element_ty), mask=m)
+                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC) + d * u
+            dy = tl.load(dy_ptr + t, mask=m, other=0.0).to(tl.float32)
+            tl.store(dx2_ptr + t, (dy * c).to(dx2_ptr.dtype.element_ty), mask=m)
+        du = _ifft_real(gr * kr + gi * ki, gi * kr - gr * ki,
+                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC) + d * gc
         if GATE_IN:
-            tl.store(dv_ptr + go, (du * x1).to(dv_ptr.dtype.element_ty), mask=m)
-            tl.store(dx1_ptr + go, (du * v).to(dx1_ptr.dtype.element_ty), mask=m)
+            x1 = tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
+            tl.store(dv_ptr + t, (du * x1).to(dv_ptr.dtype.element_ty), mask=m)
+            v = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
+            tl.store(dx1_ptr + t, (du * v).to(dx1_ptr.dtype.element_ty), mask=m)
         else:
-            tl.store(dv_ptr + go, du.to(dv_ptr.dtype.element_ty), mask=m)
-        vp += s_vb
-        x1p += s_x1b
-        x2p += s_x2b
-        dyp += s_dyb
+            tl.store(dv_ptr + t, du.to(dv_ptr.dtype.element_ty), mask=m)
+        v_ptr += s_vb
+        x1_ptr += s_x1b
+        x2_ptr += s_x2b
+        dy_ptr += s_dyb
         dv_ptr += s_gb
         dx1_ptr += s_gb
         dx2_ptr += s_gb
     scale = 1.0 / (N1 * N2)
-    tl.store(dkr_ptr + h * (N1 * N2) + t, dkr * scale)
-    tl.store(dki_ptr + h * (N1 * N2) + t, dki * scale)
+    tl.store(dkr_ptr + t, tl.load(dkr_ptr + t) * scale)
+    tl.store(dki_ptr + t, tl.load(dki_ptr + t) * scale)
     tl.store(dd_ptr + h + tl.arange(0, 1), dd)
 
 
@@ -270,7 +290,7 @@ def _launch_fwd(v, x1, x2, spec_re, spec_im, skip):
             L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
             y.stride(0), y.stride(1),
             N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            num_warps=one_program_warps(n), num_stages=NUM_STAGES)
     return y
 
 
@@ -293,7 +313,7 @@ def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip):
             B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
             N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            num_warps=one_program_warps(n), num_stages=NUM_STAGES)
     return dv, dx1, dx2, dkr, dki, dd.to(skip.dtype)
 
 

@@ -1,7 +1,7 @@
 """The fused gated long convolution for sequences too long for one program: the three-level FFT.
 
 kernels/fftconv.py holds a whole zero-padded sequence in one program, up to FFT size ONE_PROGRAM_MAX_FFT
-(L <= 2048). Beyond that the sequence is an (R, M) matrix of rows of M = ROW_FFT_SIZE points
+(L <= 1024). Beyond that the sequence is an (R, M) matrix of rows of M = ROW_FFT_SIZE points
 (kernels/fft_monarch.py, fft_layout: N = R·M, time n = M·r + m, frequency k = k_r + R·k_m) and the
 convolution y = Re IDFT(DFT(u) ⊙ K) runs as two passes:
 
@@ -15,12 +15,13 @@ convolution y = Re IDFT(DFT(u) ⊙ K) runs as two passes:
    an R-point inverse DFT across rows that reads every scratch element once, then the D skip and the gates.
 
 Gates and dtypes are as in kernels/fftconv.py (u = v ⊙ x1 in, ⊙ x2 out, fp32 arithmetic, tf32 / tf32x3 DFT
-products). The backward runs the same two passes: the row pass computes U and G = DFT(dy ⊙ x2) rows, writes
-this sample's conj(U) ⊙ G (the kernel-spectrum gradient, summed over the batch in torch afterwards: no
-atomics, deterministic) and the rows of IDFT(G ⊙ conj K) (and IDFT(U ⊙ K) for dx2); the column pass turns
-those into dv, dx1, dx2 and per-tile partial sums of dD.
+products). The backward runs the same two passes: the row pass (one program per spectral row of one
+channel, looping over the batch) computes U and G = DFT(dy ⊙ x2) rows, accumulates Σ_b conj(U) ⊙ G (the
+kernel-spectrum gradient) in that row of dK (no atomics, deterministic) and writes the rows of
+IDFT(G ⊙ conj K) (and IDFT(U ⊙ K) for dx2) to scratch; the column pass turns those into dv, dx1, dx2 and
+per-tile partial sums of dD.
 
-Extra memory: the forward's scratch is 8·N bytes per (sample, channel), the backward's three buffers 24·N.
+Extra memory: the forward's scratch is 8·N bytes per (sample, channel), the backward's two buffers 16·N.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import triton.language as tl
 
 from ._common import on_device_of
 from .fft_monarch import dft_factors, fft_layout, outer_factors
-from .fftconv import NUM_STAGES, NUM_WARPS, _cmul_f2, _load_mat, _precision, _store_mat, placeholder
+from .fftconv import NUM_STAGES, _cmul_f2, _load_mat, _precision, _store_mat, placeholder
 
 # Columns per program of the column pass (a divisor of the row size M; both powers of two), at most: the
 # pass is memory-bound (each program reads R·BM complex scratch values and writes R/2·BM outputs), and the
@@ -43,6 +44,8 @@ TILE_ELEMENTS = 2048
 # (32 x 64 factors), bf16 activations: 4 warps spill 156 / 812 bytes per thread (forward / backward), 8 warps
 # none. fp32 activations (tf32x3 products) spill with either (736 / 3668 bytes at 8 warps).
 ROW_WARPS = 8
+# Warps of the column pass (small (R/2, BM) tiles; 4 warps spill nothing up to R = 64, see COLUMN_TILE).
+COLUMN_WARPS = 4
 
 
 @triton.jit
@@ -182,32 +185,50 @@ def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, d_ptr, frr_pt
 
 
 @triton.jit
-def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr,
-                     dur_ptr, dui_ptr, cr_ptr, ci_ptr, pkr_ptr, pki_ptr,
+def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, dkr_ptr, dki_ptr,
+                     dur_ptr, dui_ptr, cr_ptr, ci_ptr,
                      f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
-                     L, H, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h,
+                     B, L, H, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h,
                      R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr,
                      GATE_OUT: tl.constexpr, PREC: tl.constexpr):
+    # One program per (spectral row, channel), looping over the batch: row k of the channel's spectrum
+    # gradient, Σ_b conj(U) ⊙ G, accumulates in its own rows of dkr/dki (only this program touches them, in
+    # program order: deterministic, no atomics, and no per-sample (B, H, N) buffer to sum afterwards).
     k = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     M = M1 * M2
-    ur, ui = _row_spectrum(v_ptr + b * s_vb + h * s_vh, x1_ptr + b * s_x1b + h * s_x1h, k, L,
-                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
-                           R, M1, M2, GATE_IN, PREC)
-    gr, gi = _row_spectrum(dy_ptr + b * s_dyb + h * s_dyh, x2_ptr + b * s_x2b + h * s_x2h, k, L,
-                           f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
-                           R, M1, M2, GATE_OUT, PREC)
-    row = (b * H + h) * (R * M) + k * M
-    _store_mat(pkr_ptr + row, ur * gr + ui * gi, M1, M2)     # conj(U) ⊙ G, this sample's share of dK · N
-    _store_mat(pki_ptr + row, ur * gi - ui * gr, M1, M2)
-    kr = _load_mat(kr_ptr + h * (R * M) + k * M, M1, M2)
-    ki = _load_mat(ki_ptr + h * (R * M) + k * M, M1, M2)
-    _inverse_row_to_scratch(gr * kr + gi * ki, gi * kr - gr * ki, dur_ptr + row, dui_ptr + row, k,
-                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr, M1, M2, PREC)
-    if GATE_OUT:                                           # the forward's conv output, for dx2
-        _inverse_row_to_scratch(ur * kr - ui * ki, ur * ki + ui * kr, cr_ptr + row, ci_ptr + row, k,
+    spec = h * (R * M) + k * M
+    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    tl.store(dkr_ptr + spec + t, tl.zeros((M1, M2), dtype=tl.float32))
+    tl.store(dki_ptr + spec + t, tl.zeros((M1, M2), dtype=tl.float32))
+    v_ptr += h * s_vh
+    x1_ptr += h * s_x1h
+    dy_ptr += h * s_dyh
+    x2_ptr += h * s_x2h
+    row = h * (R * M) + k * M                             # this row of sample 0's scratch rows
+    for _ in range(B):
+        ur, ui = _row_spectrum(v_ptr, x1_ptr, k, L, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                               frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_IN, PREC)
+        gr, gi = _row_spectrum(dy_ptr, x2_ptr, k, L, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                               frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_OUT, PREC)
+        tl.store(dkr_ptr + spec + t, tl.load(dkr_ptr + spec + t) + (ur * gr + ui * gi))
+        tl.store(dki_ptr + spec + t, tl.load(dki_ptr + spec + t) + (ur * gi - ui * gr))
+        kr = tl.load(kr_ptr + spec + t)
+        ki = tl.load(ki_ptr + spec + t)
+        _inverse_row_to_scratch(gr * kr + gi * ki, gi * kr - gr * ki, dur_ptr + row, dui_ptr + row, k,
                                 f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr, M1, M2, PREC)
+        if GATE_OUT:                                       # the forward's conv output, for dx2
+            _inverse_row_to_scratch(ur * kr - ui * ki, ur * ki + ui * kr, cr_ptr + row, ci_ptr + row, k,
+                                    f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr,
+                                    M1, M2, PREC)
+        v_ptr += s_vb
+        x1_ptr += s_x1b
+        dy_ptr += s_dyb
+        x2_ptr += s_x2b
+        row += H * (R * M)
+    scale = 1.0 / (R * M)
+    tl.store(dkr_ptr + spec + t, tl.load(dkr_ptr + spec + t) * scale)
+    tl.store(dki_ptr + spec + t, tl.load(dki_ptr + spec + t) * scale)
 
 
 @triton.jit
@@ -277,7 +298,7 @@ def forward(v, x1, x2, spec_re, spec_im, skip) -> torch.Tensor:
             L, H, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
             y.stride(0), y.stride(1),
             R=r, R_HALF=r // 2, M=m, BM=bm, GATE_IN=x1 is not None, GATE_OUT=x2 is not None,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            num_warps=COLUMN_WARPS, num_stages=NUM_STAGES)
     return y
 
 
@@ -291,7 +312,7 @@ def backward(dy, v, x1, x2, spec_re, spec_im, skip):
     f32 = dict(dtype=torch.float32, device=v.device)
     du_re, du_im = torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)
     c_re, c_im = (torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)) if x2 is not None else (du_re, du_im)
-    pk_re, pk_im = torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)
+    dk_re, dk_im = torch.empty_like(spec_re), torch.empty_like(spec_im)
     dv = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
     dx1 = torch.empty_like(dv) if x1 is not None else None
     dx2 = torch.empty_like(dv) if x2 is not None else None
@@ -300,10 +321,10 @@ def backward(dy, v, x1, x2, spec_re, spec_im, skip):
     frr, fri, twr, twi = outer_factors(n, v.device)
     gates = dict(GATE_IN=x1 is not None, GATE_OUT=x2 is not None)
     with on_device_of(v):
-        _rows_bwd_kernel[(r, B, H)](
-            dy, v, a1, a2, spec_re, spec_im, du_re, du_im, c_re, c_im, pk_re, pk_im,
+        _rows_bwd_kernel[(r, H)](
+            dy, v, a1, a2, spec_re, spec_im, dk_re, dk_im, du_re, du_im, c_re, c_im,
             *row_factors, frr, fri, twr, twi,
-            L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
+            B, L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             a2.stride(0), a2.stride(1),
             R=r, M1=m1, M2=m2, PREC=_precision(v.dtype), **gates, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
         _cols_bwd_kernel[(m // bm, B, H)](
@@ -311,9 +332,7 @@ def backward(dy, v, x1, x2, spec_re, spec_im, skip):
             dv, placeholder(dx1, dv), placeholder(dx2, dv), dd_part, frr, fri,
             L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
-            R=r, R_HALF=r // 2, M=m, BM=bm, **gates, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    dk_re = pk_re.sum(0).mul_(1.0 / n)
-    dk_im = pk_im.sum(0).mul_(1.0 / n)
+            R=r, R_HALF=r // 2, M=m, BM=bm, **gates, num_warps=COLUMN_WARPS, num_stages=NUM_STAGES)
     dd = dd_part.sum((0, 2)).to(skip.dtype)
     return dv, dx1, dx2, dk_re, dk_im, dd
 

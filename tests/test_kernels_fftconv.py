@@ -45,12 +45,12 @@ def test_monarch_dft_is_the_permuted_fft(n):
 
 def test_fft_sizes():
     assert kernel_fft_size(1) == 256 and kernel_fft_size(128) == 256 and kernel_fft_size(129) == 512
-    assert kernel_fft_size(2048) == ONE_PROGRAM_MAX_FFT == 4096 and kernel_fft_size(8192) == 16384
+    assert kernel_fft_size(1024) == ONE_PROGRAM_MAX_FFT == 2048 and kernel_fft_size(8192) == 16384
     assert split_fft_size(256) == (16, 16) and split_fft_size(8192) == (64, 128)
     with pytest.raises(ValueError, match="power of two"):
         split_fft_size(384)
-    # one program per sequence up to 4096, then rows of 2048 = 32 x 64 points
-    assert fft_layout(4096) == (1, 64, 64) and fft_layout(8192) == (4, 32, 64)
+    # one program per sequence up to 2048, then rows of 2048 = 32 x 64 points
+    assert fft_layout(2048) == (1, 32, 64) and fft_layout(4096) == (2, 32, 64) and fft_layout(8192) == (4, 32, 64)
     assert fft_layout(32768) == (16, 32, 64) and fft_layout(MAX_FFT_SIZE) == (64, 32, 64)
 
 
@@ -284,7 +284,7 @@ def test_bench_smoke_mode_runs_every_section(tmp_path, capsys):
     assert conv["triton_fwdbwd_ms"] > 0 and conv["speedup_fwdbwd"] > 0 and "tflops" in conv
     rows = [r for r in result["fftconv"] if r["layout"].startswith("rows")]     # L = 300: three-level kernels
     assert rows and rows[0]["speedup_fwdbwd"] > 0 and rows[0]["L"] == 300
-    assert fft_monarch.ONE_PROGRAM_MAX_FFT == 4096 and fft_monarch.ROW_FFT_SIZE == 2048      # restored
+    assert fft_monarch.ONE_PROGRAM_MAX_FFT == 2048 and fft_monarch.ROW_FFT_SIZE == 2048      # restored
     assert result["models"][0]["bert_base_sdpa_tokens_per_ms"] > 0
     assert "| gated FFT conv |" in table and "BERT-base SDPA tok/ms" in table
 
@@ -335,6 +335,13 @@ def test_short_conv_kernel_matches_reference(B, C, L, K, transposed):
         assert g.shape == e.shape and rel(g, e) < 1e-5
 
 
+# Triton 3.8's ptxas spills nothing in the kernels the spill tests compile; 3.6 (the GPU image's) spills
+# 8 bytes per thread in the three-level backward rows kernel and in the one-program backward at N = 2048.
+ALLOWED_SPILLS_TRITON_3_6 = 16
+# Spill stores per thread allowed in the three-level backward rows kernel (bf16, gated): 48 measured on
+# Triton 3.8, 56 on 3.6 (the batch loop's price, see test_three_level_kernels_compile_for_h100_without_spilling).
+ROWS_BWD_SPILL_BUDGET = 64
+
 _AOT_SCRIPT = r'''
 import os
 import re
@@ -374,13 +381,18 @@ def spills(k):
     return int(re.search(r"(\d+) bytes spill stores", log).group(1))
 
 n = int(sys.argv[1])
-if sys.argv[2] == "one":
+if sys.argv[2] in ("one", "one-bf16"):
+    # the one-program kernels, every gate variant: shared memory and register spills
     n1, n2 = split_fft_size(n)
-    for act, prec in (("*bf16", "tf32"), ("*fp32", "tf32x3")):
+    acts = (("*bf16", "tf32"),) if sys.argv[2] == "one-bf16" else (("*bf16", "tf32"), ("*fp32", "tf32x3"))
+    for act, prec in acts:
         for gates in ((True, True), (False, False), (False, True)):
             for name, fn in (("fwd", fftconv._fftconv_fwd_kernel), ("bwd", fftconv._fftconv_bwd_kernel)):
                 c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec}
-                print("fftconv", name, act, gates, build(fn, act, c, fftconv.NUM_WARPS).metadata.shared, flush=True)
+                k = build(fn, act, c, fftconv.one_program_warps(n))
+                print("fftconv", name, act, *gates, k.metadata.shared, spills(k), flush=True)
+    if sys.argv[2] == "one-bf16":
+        sys.exit(0)
     for act in ("*bf16", "*fp32"):
         c = {"K": 3, "BLOCK_C": 32, "BLOCK_T": 64}
         print("shortconv fwd", act, build(shortconv._shortconv_fwd_kernel, act, c, shortconv.NUM_WARPS).metadata.shared)
@@ -397,9 +409,9 @@ else:
             ("rows bwd", fftconv_long._rows_bwd_kernel, {"R": r, "M1": m1, "M2": m2, **gates, "PREC": "tf32"},
              fftconv_long.ROW_WARPS),
             ("cols fwd", fftconv_long._cols_fwd_kernel, {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates},
-             fftconv.NUM_WARPS),
+             fftconv_long.COLUMN_WARPS),
             ("cols bwd", fftconv_long._cols_bwd_kernel, {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates},
-             fftconv.NUM_WARPS)):
+             fftconv_long.COLUMN_WARPS)):
         k = build(fn, "*bf16", c, warps)
         print("fftconv_long", name.replace(" ", "_"), k.metadata.shared, spills(k), flush=True)
 '''
@@ -419,16 +431,46 @@ def test_fftconv_and_shortconv_compile_for_h100_without_a_gpu(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "512", "one"], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+    lines = [line.split() for line in proc.stdout.splitlines()]
     assert len(lines) == 16, proc.stdout
-    assert all(int(line.split()[-1]) <= 227 * 1024 for line in lines), proc.stdout
+    # "fftconv <dir> <act> <gate in> <gate out> <shared> <spills>", "shortconv <dir> <act> <shared>"
+    assert all(int(line[-2] if line[0] == "fftconv" else line[-1]) <= 227 * 1024 for line in lines), proc.stdout
+
+
+@pytest.mark.slow       # 6 sm_90 compiles + ptxas, ~30 s on a 2-core machine
+def test_one_program_kernels_compile_for_h100_without_spilling(tmp_path):
+    """The one-program kernels at their largest default size (N = fft_monarch.ONE_PROGRAM_MAX_FFT = 2048,
+    L = 1024), bf16, every gate variant, forward and backward: at one_program_warps(N) = 8 ptxas spills no
+    registers (the backward holding its spectrum gradient and inputs in registers spilled 1.2 KB per thread
+    here; at N = 4096 it still spills ~3 KB, the reason the three-level kernels take over there)."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    n = fft_monarch.ONE_PROGRAM_MAX_FFT
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(n), "one-bf16"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert len(lines) == 6 and {line[1] for line in lines} == {"fwd", "bwd"}, proc.stdout
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    allowed = 0 if version >= (3, 8) else ALLOWED_SPILLS_TRITON_3_6
+    for line in lines:
+        assert int(line[-2]) <= 227 * 1024 and int(line[-1]) <= allowed, proc.stdout
 
 
 @pytest.mark.slow       # 4 sm_90 compiles + ptxas, ~30 s on a 2-core machine
 def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
     """The three-level kernels at the default row size (N = 32768: R = 16 rows of 32 x 64 points), bf16:
     they compile for sm_90 within an SM's shared memory and, at the chosen warps and column tile, ptxas
-    spills no registers (the reason for ROW_WARPS = 8 and TILE_ELEMENTS)."""
+    spills no registers (the reason for ROW_WARPS = 8 and TILE_ELEMENTS) - except a small, measured budget in
+    the backward rows kernel: its batch loop (which accumulates dK in place of a per-sample (B, H, N) buffer)
+    costs 48 / 64 bytes per thread (stores / loads) on Triton 3.8, 56 / 80 on 3.6, where the version without
+    the loop spilled none."""
     import os
     import subprocess
     import sys
@@ -442,8 +484,8 @@ def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line.split() for line in proc.stdout.splitlines()]
     assert [line[1] for line in lines] == ["rows_fwd", "rows_bwd", "cols_fwd", "cols_bwd"], proc.stdout
-    # Triton 3.8's ptxas spills nothing; 3.6 (the GPU image's) spills 8 bytes in the backward rows kernel.
     version = tuple(int(x) for x in triton.__version__.split(".")[:2])
-    allowed = 0 if version >= (3, 8) else 16
+    allowed = 0 if version >= (3, 8) else ALLOWED_SPILLS_TRITON_3_6
     for _, name, shared, spilled in lines:
-        assert int(shared) <= 227 * 1024 and int(spilled) <= allowed, proc.stdout
+        budget = ROWS_BWD_SPILL_BUDGET if name == "rows_bwd" else allowed
+        assert int(shared) <= 227 * 1024 and int(spilled) <= budget, proc.stdout

@@ -47,7 +47,7 @@ def _conv_reference(v, k_fwd, k_rev, skip, x1, x2):
 
 # Few sizes on purpose: each (FFT size, dtype, direction) is a separate compile of a large kernel (up to
 # ~20 s on a 2-core CPU, benchmarks/DEVICE.md).
-# 1000 and 2048 run one program per sequence; 4096 and 16384 the three-level kernels (R = 4 and 16 rows).
+# 1000 runs one program per sequence; 2048, 4096 and 16384 the three-level kernels (R = 2, 4 and 16 rows).
 @pytest.mark.parametrize("L,bidirectional", [(1000, True), (2048, False), (4096, True), (16384, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fftconv_real_sizes(L, bidirectional, dtype):
@@ -94,13 +94,17 @@ def test_fftconv_longest_falls_back_cleanly():
     assert rel(y, long_conv(v, k, None) + v * skip[:, None]) < 1e-5
 
 
-@pytest.mark.parametrize("L", [2048, 65536])
-def test_fftconv_largest_size_fits_this_gpu(L):
-    """The largest one-program size (N = 4096, L = 2048; offline sm_90a compiles say 96-160 KiB of shared
-    memory) and the largest three-level size (N = 131072, R = 64 rows) must launch on this card without
-    falling back, forward and backward, fp32 and bf16."""
-    from m2train.kernels import fftconv
+@pytest.mark.parametrize("L,one_program_max", [(1024, None), (2048, 4096), (65536, None)])
+def test_fftconv_largest_size_fits_this_gpu(L, one_program_max, monkeypatch):
+    """The largest default one-program size (N = 2048, L = 1024), the largest one program can hold at all
+    (N = 4096, which kernels/bench.py times against the rows layout; offline sm_90a compiles say 96-128 KiB of
+    shared memory) and the largest three-level size (N = 131072, R = 64 rows) must launch on this card
+    without falling back, forward and backward, fp32 and bf16."""
+    from m2train.kernels import fft_monarch, fftconv
 
+    if one_program_max:
+        monkeypatch.setattr(fft_monarch, "ONE_PROGRAM_MAX_FFT", one_program_max)
+    assert fft_monarch.fft_layout(fft_monarch.kernel_fft_size(L))[0] == (64 if L == 65536 else 1)
     for dtype in (torch.float32, torch.bfloat16):
         v = torch.randn(2, 4, L, device=DEV, dtype=dtype, requires_grad=True)
         k = torch.randn(4, L, device=DEV) * 0.01
