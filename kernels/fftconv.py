@@ -60,17 +60,18 @@ _RESOURCE_ERRORS = (OutOfResources, PTXASError)
 # Launch config, fixed rather than autotuned: each compile of these large unrolled kernels takes up to ~20 s
 # on a 2-core CPU (Triton 3.6 and 3.8), so autotuning several configs for every (FFT size, gates,
 # precision) would spend minutes compiling on first use. Warps from an offline sm_90a compile (Triton 3.8 +
-# ptxas, no GPU needed; bf16, gated): up to N = 2048 (the default one-program range) 8 warps spill nothing
-# either way, where 4 spilled 68 B (forward) and 100-500 B (backward) per thread; at N = 4096 (one program
-# only when fft_monarch.ONE_PROGRAM_MAX_FFT is raised) 4 warps spill a little less than 8 (16 warps cap
-# registers at 128 and spill most). num_stages=1: the backward's batch loop must not be software-pipelined
-# (that would multi-buffer whole sequences in shared memory).
+# ptxas, no GPU needed; bf16, every gate variant): at N = 1024 and 2048 8 warps spill nothing either way,
+# where 4 spilled 68 B (forward) and 100-500 B (backward) per thread; up to N = 512 4 warps spill nothing
+# either (<= 148 registers), and keep three programs per SM resident where 8 warps (~170 registers) keep
+# one; at N = 4096 (one program only when fft_monarch.ONE_PROGRAM_MAX_FFT is raised) 4 warps spill a little
+# less than 8 (16 warps cap registers at 128 and spill most). num_stages=1: the backward's batch loop must
+# not be software-pipelined (that would multi-buffer whole sequences in shared memory).
 NUM_STAGES = 1
 
 
 def one_program_warps(n: int) -> int:
     """Warps of the one-program kernels at FFT size n (see the launch-config note above)."""
-    return 8 if n <= 2048 else 4
+    return 8 if 1024 <= n <= 2048 else 4
 
 
 @triton.jit
