@@ -87,8 +87,8 @@ class ModelConfig:
     # the logits in backward instead of keeping them (m2train.models.chunked_loss), so the (tokens x vocab)
     # logits never exist whole - they dominate memory at long sequence lengths. The training forward then
     # returns no logits. Works under context and tensor parallelism (there: the vocab-parallel loss, each
-    # chunk recomputed in backward) and ZeRO 0-2; refused with ZeRO-3 (the recompute runs outside the
-    # module owning the partitioned head weight). 0: off (logits computed and kept, as usual).
+    # chunk recomputed in backward) and every ZeRO stage (under ZeRO-3 the partitioned head weight is
+    # gathered around the recompute: m2train.parallel.zero3). 0: off (logits computed and kept, as usual).
     loss_chunk_tokens: int = 0
     # MLM: with labels, evaluate the head only where labels are set (the reference behaviour).
     mlm_logits_at_masked_only: bool = True

@@ -22,6 +22,40 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 LABELS = torch.tensor([1, -100, 3, 10, 0, -100, 4])
 
 
+def test_gather_weight_wraps_every_use_of_the_weight():
+    """The ZeRO-3 hook (m2train.parallel.zero3 sets the model's head_weight_gather): the weight is made whole
+    around the forward's products and again around the backward's recompute, and is whole nowhere else
+    here - simulated by a weight whose values exist only inside the context."""
+    import contextlib
+
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    full = torch.randn(11, 5, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.full_like(full, float("nan")))       # "partitioned": unusable outside
+    entered = []
+
+    @contextlib.contextmanager
+    def gather(weight):
+        assert weight is w
+        entered.append(torch.is_grad_enabled())
+        with torch.no_grad():
+            weight.copy_(full)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                weight.fill_(float("nan"))
+
+    loss = linear_cross_entropy(h, w, LABELS, 3, "mean", gather)
+    loss.backward()
+    assert entered == [False, False]          # once in forward, once in backward (autograd.Function bodies)
+    ref_w = full.clone().requires_grad_()
+    ref_h = h.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_h @ ref_w.T, LABELS, ignore_index=-100)
+    ref.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 1e-12
+    assert rel(h.grad, ref_h.grad) < 1e-12 and rel(w.grad, ref_w.grad) < 1e-12
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradcheck_fp64(reduction):
     h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)

@@ -27,6 +27,9 @@ class CausalLM(M2TrainModel):
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # How `lm_loss` makes the head weight whole around its products (chunked_loss.linear_cross_entropy's
+        # gather_weight): None when it always is; m2train.parallel sets it under ZeRO-3.
+        self.head_weight_gather = None
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -49,7 +52,7 @@ class CausalLM(M2TrainModel):
         """Cross-entropy of the LM head on hidden (B, L, H) against labels (B, L), model.loss_chunk_tokens
         tokens at a time with the logits recomputed in backward (m2train.models.chunked_loss)."""
         return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head_weight, labels.flatten(),
-                                    self.config.loss_chunk_tokens, reduction)
+                                    self.config.loss_chunk_tokens, reduction, self.head_weight_gather)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding -> blocks -> final LayerNorm: the (B, L, H) input of the LM head."""

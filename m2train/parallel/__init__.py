@@ -28,11 +28,6 @@ def check_parallel_config(cfg: Config, world_size: int) -> int:
     if p.tensor_parallel > 1 and p.context_parallel > 1:
         raise ConfigError(f"parallel.tensor_parallel={p.tensor_parallel} with parallel.context_parallel="
                           f"{p.context_parallel}: combining them is not supported yet; use one of them")
-    if cfg.model.loss_chunk_tokens and p.zero_stage == 3:
-        raise ConfigError(f"model.loss_chunk_tokens={cfg.model.loss_chunk_tokens} with parallel.zero_stage=3 is not "
-                          "supported: the chunked loss recomputes the LM head in backward, outside the module that "
-                          "owns the (partitioned) head weight, where ZeRO-3 has not gathered it; use zero_stage "
-                          "0, 1 or 2, or model.loss_chunk_tokens=0")
     if p.tensor_parallel > 1 and p.zero_stage == 3:
         raise ConfigError("parallel.zero_stage=3 with parallel.tensor_parallel>1 is not supported (ZeRO-3 "
                           "would partition the TP shards again); use zero_stage 0, 1 or 2")

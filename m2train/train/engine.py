@@ -87,6 +87,10 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, ds_ranks), dist_init_required=False,
         mpu=mpu)
+    if cfg.parallel.zero_stage == 3:
+        from ..parallel.zero3 import enable_chunked_loss
+
+        enable_chunked_loss(engine.module)
     return engine, ds_optimizer
 
 
