@@ -19,8 +19,8 @@ The kernel spectrum (fp32, full length N, permuted; fft_monarch.monarch_kernel_s
 torch from the implicit filter, so causal (k_fwd zero padded) and bidirectional (the 2L layout) kernels are
 the same code here, and the spectrum's gradient flows back into the filter through torch.fft.
 
-Backward (per channel, looping over the batch so the spectrum and D gradients are reduced in registers,
-deterministically, without atomics). With gc = dy ⊙ x2 (or dy), U = FFT(u), G = FFT(gc):
+Backward (per channel, looping over the batch so the spectrum and D gradients are reduced in program order,
+deterministically, without atomics: dK in the channel's own output rows, dD in a register). With gc = dy ⊙ x2 (or dy), U = FFT(u), G = FFT(gc):
     du = Re IFFT(G ⊙ conj(K)) + D ⊙ gc,   dv = du ⊙ x1,   dx1 = du ⊙ v
     dx2 = dy ⊙ (Re IFFT(U ⊙ K) + D ⊙ u)   (recomputed, not stored)
     dK = Σ_b conj(U) ⊙ G / N,             dD = Σ_{b,t} gc ⊙ u
@@ -163,9 +163,9 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
     # loop keeps as little alive across its transforms as it can: the spectrum gradient accumulates in this
     # channel's own rows of dkr/dki (global memory, L2-resident: only this program touches them, in program
     # order, so the sum stays deterministic), and the inputs are re-read where they are needed again rather
-    # than held. An offline sm_90a compile (bf16, gated, 8 warps) of the version that held dK and the inputs
+    # than held. An offline sm_90a compile (bf16, gated, 4 warps) of the version that held dK and the inputs
     # in registers spilled 1.2 KB per thread at N = 2048 and 4.4 KB / 7 KB (stores / loads) at N = 4096;
-    # this one spills nothing at N <= 2048.
+    # this one, at one_program_warps(N), spills nothing at N <= 2048.
     h = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     m = t < L
