@@ -15,7 +15,8 @@ What it measures, all on the same card in the same run:
    H = 768 (M2-BERT-80M) and 1280 (M2-GPT-360M) at L = 512 ... 16384, forward and forward+backward.
    Up to L = 1024 one program holds a whole sequence (fft_monarch.ONE_PROGRAM_MAX_FFT); longer sequences run
    the three-level kernels (kernels/fftconv_long.py, rows of 2048 points), and at L = 2048 (N = 4096, the
-   largest size one program can hold) both layouts are timed. Sequences beyond fft_monarch.MAX_FFT_SIZE / 2 time the torch path only ("fallback").
+   largest size one program can hold) both layouts are timed. Sequences beyond fft_monarch.MAX_FFT_SIZE / 2
+   time the torch path only ("fallback").
    FLOP/s counts the DFT matrix products the kernels execute; GB/s counts the activations read and written
    once, the spectrum, and the three-level kernels' scratch rows.
 4. M2-BERT-80M encoder forward (bf16 weights, inference, filters cached) with kernels and with the torch

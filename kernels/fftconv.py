@@ -20,7 +20,8 @@ torch from the implicit filter, so causal (k_fwd zero padded) and bidirectional 
 the same code here, and the spectrum's gradient flows back into the filter through torch.fft.
 
 Backward (per channel, looping over the batch so the spectrum and D gradients are reduced in program order,
-deterministically, without atomics: dK in the channel's own output rows, dD in a register). With gc = dy ⊙ x2 (or dy), U = FFT(u), G = FFT(gc):
+deterministically, without atomics: dK in the channel's own output rows, dD in a register). With
+gc = dy ⊙ x2 (or dy), U = FFT(u), G = FFT(gc):
     du = Re IFFT(G ⊙ conj(K)) + D ⊙ gc,   dv = du ⊙ x1,   dx1 = du ⊙ v
     dx2 = dy ⊙ (Re IFFT(U ⊙ K) + D ⊙ u)   (recomputed, not stored)
     dK = Σ_b conj(U) ⊙ G / N,             dD = Σ_{b,t} gc ⊙ u

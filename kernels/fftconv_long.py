@@ -197,10 +197,14 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, dkr_ptr, dki
     k = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     M = M1 * M2
-    spec = h * (R * M) + k * M
+    spec = h * (R * M) + k * M                            # this row of the channel's spectrum (and of dK)
+    kr_ptr += spec
+    ki_ptr += spec
+    dkr_ptr += spec
+    dki_ptr += spec
     t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
-    tl.store(dkr_ptr + spec + t, tl.zeros((M1, M2), dtype=tl.float32))
-    tl.store(dki_ptr + spec + t, tl.zeros((M1, M2), dtype=tl.float32))
+    tl.store(dkr_ptr + t, tl.zeros((M1, M2), dtype=tl.float32))
+    tl.store(dki_ptr + t, tl.zeros((M1, M2), dtype=tl.float32))
     v_ptr += h * s_vh
     x1_ptr += h * s_x1h
     dy_ptr += h * s_dyh
@@ -211,10 +215,10 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, dkr_ptr, dki
                                frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_IN, PREC)
         gr, gi = _row_spectrum(dy_ptr, x2_ptr, k, L, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
                                frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_OUT, PREC)
-        tl.store(dkr_ptr + spec + t, tl.load(dkr_ptr + spec + t) + (ur * gr + ui * gi))
-        tl.store(dki_ptr + spec + t, tl.load(dki_ptr + spec + t) + (ur * gi - ui * gr))
-        kr = tl.load(kr_ptr + spec + t)
-        ki = tl.load(ki_ptr + spec + t)
+        tl.store(dkr_ptr + t, tl.load(dkr_ptr + t) + (ur * gr + ui * gi))
+        tl.store(dki_ptr + t, tl.load(dki_ptr + t) + (ur * gi - ui * gr))
+        kr = tl.load(kr_ptr + t)
+        ki = tl.load(ki_ptr + t)
         _inverse_row_to_scratch(gr * kr + gi * ki, gi * kr - gr * ki, dur_ptr + row, dui_ptr + row, k,
                                 f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr, M1, M2, PREC)
         if GATE_OUT:                                       # the forward's conv output, for dx2
@@ -227,8 +231,8 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, dkr_ptr, dki
         x2_ptr += s_x2b
         row += H * (R * M)
     scale = 1.0 / (R * M)
-    tl.store(dkr_ptr + spec + t, tl.load(dkr_ptr + spec + t) * scale)
-    tl.store(dki_ptr + spec + t, tl.load(dki_ptr + spec + t) * scale)
+    tl.store(dkr_ptr + t, tl.load(dkr_ptr + t) * scale)
+    tl.store(dki_ptr + t, tl.load(dki_ptr + t) * scale)
 
 
 @triton.jit
