@@ -158,7 +158,9 @@ def monarch_kernel_spectrum(k_fwd: torch.Tensor, k_rev: torch.Tensor | None, n: 
             pad = torch.zeros(H, n - 2 * L, dtype=torch.float32, device=k_fwd.device)
             kernel = torch.cat([kernel, pad, k_rev.to(torch.float32).flip(-1)], dim=-1)
         spec = permuted_spectrum(torch.fft.fft(kernel, n=n), n)
-        return spec.real, spec.imag
+        # Contiguous once here: the kernels need it, and a cached spectrum would otherwise be copied again
+        # (two (H, n) fp32 copies) by every forward that uses it.
+        return spec.real.contiguous(), spec.imag.contiguous()
 
 
 def _complex_factors(m: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

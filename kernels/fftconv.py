@@ -127,11 +127,11 @@ def _ifft_real(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
 
 
 @triton.jit
-def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr,
+def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d_ptr,
                         f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                        L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh,
+                        L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
                         N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
-                        PREC: tl.constexpr):
+                        ADD: tl.constexpr, PREC: tl.constexpr):
     # Batch on axis 0 (launched fastest), so the programs sharing one channel's spectrum run together and
     # read it from L2.
     b = tl.program_id(0).to(tl.int64)
@@ -149,6 +149,8 @@ def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, kr_ptr, ki_ptr, d_ptr,
     y = y + tl.load(d_ptr + h).to(tl.float32) * u
     if GATE_OUT:
         y = y * tl.load(x2_ptr + b * s_x2b + h * s_x2h + t, mask=m, other=0.0).to(tl.float32)
+    if ADD:
+        y = y + tl.load(add_ptr + b * s_ab + h * s_ah + t, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * s_yb + h * s_yh + t, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -232,8 +234,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def placeholder(x: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
-    """x, or `stand_in` for an absent gate: the kernel still takes a pointer (and strides) but never
-    dereferences it (GATE_IN / GATE_OUT false)."""
+    """x, or `stand_in` for an absent gate or addend: the kernel still takes a pointer (and strides) but
+    never dereferences it (GATE_IN / GATE_OUT / ADD false)."""
     return x if x is not None else stand_in
 
 
@@ -244,34 +246,38 @@ def _seq_view(x: torch.Tensor) -> torch.Tensor:
 
 class _GatedFFTConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, x1, x2, spec_re, spec_im, skip):
+    def forward(ctx, v, x1, x2, spec_re, spec_im, skip, addend):
         v = _seq_view(v)
         x1 = _seq_view(x1) if x1 is not None else None
         x2 = _seq_view(x2) if x2 is not None else None
+        addend = _seq_view(addend) if addend is not None else None
         spec_re, spec_im = spec_re.contiguous(), spec_im.contiguous()
         skip = skip.contiguous()
         ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip)
+        ctx.addend_dtype = addend.dtype if addend is not None else None
         # The layout is read once, here: the backward must use the one the spectrum was permuted for.
         ctx.one_program = _one_program(spec_re.shape[-1])
         if ctx.one_program:
-            return _launch_fwd(v, x1, x2, spec_re, spec_im, skip)
+            return _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend)
         from . import fftconv_long
-        return fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip)
+        return fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend)
 
     @staticmethod
     def backward(ctx, dy):
         v, x1, x2, spec_re, spec_im, skip = ctx.saved_tensors
         n = spec_re.shape[-1]
+        # The addend passes straight through: its gradient is dy itself (no copy).
+        d_addend = dy.to(ctx.addend_dtype) if ctx.addend_dtype is not None else None
         dy = _seq_view(dy)
         if (n, _device_name(v)) not in _TOO_LARGE:
             try:
                 if ctx.one_program:
-                    return _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip)
+                    return (*_launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip), d_addend)
                 from . import fftconv_long
-                return fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip)
+                return (*fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend)
             except _RESOURCE_ERRORS as err:
                 _give_up_on(n, v, err)
-        return _reference_backward(dy, v, x1, x2, spec_re, spec_im, skip)
+        return (*_reference_backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend)
 
 
 def _one_program(n: int) -> bool:
@@ -279,19 +285,20 @@ def _one_program(n: int) -> bool:
     return fft_layout(n)[0] == 1
 
 
-def _launch_fwd(v, x1, x2, spec_re, spec_im, skip):
+def _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend=None):
     B, H, L = v.shape
     n = spec_re.shape[-1]
     n1, n2 = split_fft_size(n)
     factors = dft_factors(n, v.device)
     y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
-    a1, a2 = placeholder(x1, v), placeholder(x2, v)
+    a1, a2, ad = placeholder(x1, v), placeholder(x2, v), placeholder(addend, v)
     with on_device_of(v):
         _fftconv_fwd_kernel[(B, H)](
-            v, a1, a2, y, spec_re, spec_im, skip, *factors,
+            v, a1, a2, y, ad, spec_re, spec_im, skip, *factors,
             L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
-            y.stride(0), y.stride(1),
-            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
+            y.stride(0), y.stride(1), ad.stride(0), ad.stride(1),
+            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, ADD=addend is not None,
+            PREC=_precision(v.dtype),
             num_warps=one_program_warps(n), num_stages=NUM_STAGES)
     return y
 
@@ -362,23 +369,32 @@ def unsupported_reason(v: torch.Tensor, spec_re: torch.Tensor | None = None) -> 
 
 
 def gated_fft_conv(v: torch.Tensor, spec_re: torch.Tensor, spec_im: torch.Tensor, skip: torch.Tensor,
-                   gate_in: torch.Tensor | None = None, gate_out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = (conv(u, k) + skip ⊙ u) [⊙ gate_out] with u = v [⊙ gate_in], all (B, H, L); the kernel given by
-    its permuted fp32 spectrum (spec_re, spec_im), each (H, kernel_fft_size(L)) from
-    fft_monarch.monarch_kernel_spectrum. Differentiable in every tensor argument. Falls back to the torch
-    reference (`gated_fft_conv_reference`) for inputs the kernel does not take, with a warning naming why."""
+                   gate_in: torch.Tensor | None = None, gate_out: torch.Tensor | None = None,
+                   addend: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (conv(u, k) + skip ⊙ u) [⊙ gate_out] [+ addend] with u = v [⊙ gate_in], all (B, H, L); the
+    kernel given by its permuted fp32 spectrum (spec_re, spec_im), each (H, kernel_fft_size(L)) from
+    fft_monarch.monarch_kernel_spectrum. `addend` (a second branch's output, e.g. the mixer's other long
+    conv) is added as the result is stored, saving a separate read-read-write pass; the result has v's
+    dtype. Differentiable in every tensor argument. Falls back to the torch reference
+    (`gated_fft_conv_reference`) for inputs the kernel does not take, with a warning naming why."""
+    if addend is not None and addend.shape != v.shape:
+        raise ValueError(f"addend shape {tuple(addend.shape)} differs from the input's {tuple(v.shape)}")
+    if addend is not None and torch.promote_types(addend.dtype, v.dtype) != v.dtype:
+        # The sum must take the wider dtype, which the kernel (storing in v's dtype) would not.
+        return gated_fft_conv(v, spec_re, spec_im, skip, gate_in, gate_out) + addend
     reason = unsupported_reason(v, spec_re)
     if reason is not None:
         warnings.warn(f"fused FFT conv falls back to torch: {reason}", stacklevel=2)
-        return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out)
+        return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out, addend)
     try:
-        return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip)
+        return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip, addend)
     except _RESOURCE_ERRORS as err:
         _give_up_on(spec_re.shape[-1], v, err)
-        return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out)
+        return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out, addend)
 
 
-def gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in=None, gate_out=None) -> torch.Tensor:
+def gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in=None, gate_out=None, addend=None
+                             ) -> torch.Tensor:
     """The same function with torch.fft on the permuted spectrum (full complex FFTs, fp32): the fallback."""
     L = v.shape[-1]
     n = spec_re.shape[-1]
@@ -387,7 +403,8 @@ def gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in=None, gate_out=N
         spec = natural_spectrum(torch.complex(spec_re, spec_im), n)
         c = torch.fft.ifft(torch.fft.fft(u.to(torch.float32), n=n) * spec, n=n).real[..., :L]
     y = c.to(v.dtype) + u * skip.to(v.dtype)[:, None]
-    return y * gate_out if gate_out is not None else y
+    y = y * gate_out if gate_out is not None else y
+    return y + addend if addend is not None else y
 
 
 def fused_long_conv(v: torch.Tensor, k_fwd: torch.Tensor, k_rev: torch.Tensor | None, skip: torch.Tensor,

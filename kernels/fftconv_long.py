@@ -164,10 +164,10 @@ def _inverse_columns(sr_ptr, si_ptr, base, frr_ptr, fri_ptr, cols,
 
 
 @triton.jit
-def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, d_ptr, frr_ptr, fri_ptr,
-                     L, H, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh,
+def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d_ptr, frr_ptr, fri_ptr,
+                     L, H, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
                      R: tl.constexpr, R_HALF: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
-                     GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr):
+                     GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr, ADD: tl.constexpr):
     j = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
@@ -181,6 +181,8 @@ def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, d_ptr, frr_pt
     y = y + tl.load(d_ptr + h).to(tl.float32) * u
     if GATE_OUT:
         y = y * tl.load(x2_ptr + b * s_x2b + h * s_x2h + t, mask=m, other=0.0).to(tl.float32)
+    if ADD:
+        y = y + tl.load(add_ptr + b * s_ab + h * s_ah + t, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * s_yb + h * s_yh + t, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -277,15 +279,15 @@ def _plan(n: int) -> tuple[int, int, int, int]:
     return r, m1, m2, min(COLUMN_TILE, m1 * m2, max(16, TILE_ELEMENTS // (r // 2)))
 
 
-def forward(v, x1, x2, spec_re, spec_im, skip) -> torch.Tensor:
-    """y = (conv(u, k) + skip ⊙ u) [⊙ x2], u = v [⊙ x1], all (B, H, L) with unit time stride; spectrum
+def forward(v, x1, x2, spec_re, spec_im, skip, addend=None) -> torch.Tensor:
+    """y = (conv(u, k) + skip ⊙ u) [⊙ x2] [+ addend], u = v [⊙ x1], all (B, H, L) with unit time stride; spectrum
     (H, N) fp32 contiguous in the three-level permuted order. Raises triton's OutOfResources if a kernel
     does not fit this GPU."""
     B, H, L = v.shape
     n = spec_re.shape[-1]
     r, m1, m2, bm = _plan(n)
     m = m1 * m2
-    a1, a2 = placeholder(x1, v), placeholder(x2, v)
+    a1, a2, ad = placeholder(x1, v), placeholder(x2, v), placeholder(addend, v)
     scratch_re = torch.empty(B, H, n, dtype=torch.float32, device=v.device)
     scratch_im = torch.empty_like(scratch_re)
     y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
@@ -298,11 +300,11 @@ def forward(v, x1, x2, spec_re, spec_im, skip) -> torch.Tensor:
             L, H, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             R=r, M1=m1, M2=m2, GATE_IN=x1 is not None, PREC=prec, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
         _cols_fwd_kernel[(m // bm, B, H)](
-            scratch_re, scratch_im, v, a1, a2, y, skip, frr, fri,
+            scratch_re, scratch_im, v, a1, a2, y, ad, skip, frr, fri,
             L, H, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
-            y.stride(0), y.stride(1),
+            y.stride(0), y.stride(1), ad.stride(0), ad.stride(1),
             R=r, R_HALF=r // 2, M=m, BM=bm, GATE_IN=x1 is not None, GATE_OUT=x2 is not None,
-            num_warps=COLUMN_WARPS, num_stages=NUM_STAGES)
+            ADD=addend is not None, num_warps=COLUMN_WARPS, num_stages=NUM_STAGES)
     return y
 
 

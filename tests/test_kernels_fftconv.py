@@ -128,6 +128,45 @@ def _check_against_reference(B, H, L, bidirectional, gate_in, gate_out):
         assert rel(g, e) < 1e-5
 
 
+@pytest.mark.parametrize("L,gate_out", [(100, False), (60, True), (300, False), (300, True)])
+def test_addend_is_added_as_the_result_is_stored(small_rows_if_long, L, gate_out):
+    """The mixer's residual long conv adds the main branch's output inside the kernel; its gradient is dy,
+    and the other gradients are those of the conv alone. A strided (transposed) addend is read as is."""
+    B, H = 2, 3
+    mk = lambda *shape: torch.randn(*shape, device=DEVICE, requires_grad=True)  # noqa: E731
+    v, k, skip = mk(B, H, L), mk(H, L), mk(H)
+    x2 = mk(B, H, L) if gate_out else None
+    addend = mk(B, L, H).transpose(1, 2)
+    spec_re, spec_im = monarch_kernel_spectrum(k, None, kernel_fft_size(L))
+    y = fftconv.gated_fft_conv(v, spec_re, spec_im, skip, gate_out=x2, addend=addend)
+    want = reference(v, k, None, skip, x2=x2) + addend
+    assert rel(y, want) < 1e-5
+    inputs = [t for t in (v, k, skip, x2, addend) if t is not None]
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, dy)
+    exp = torch.autograd.grad(want, inputs, dy)
+    for g, e in zip(got, exp):
+        assert g.shape == e.shape and rel(g, e) < 1e-5
+
+
+def test_addend_dtype_and_shape_rules():
+    B, H, L = 1, 2, 40
+    v = torch.randn(B, H, L, device=DEVICE)
+    spec_re, spec_im = monarch_kernel_spectrum(torch.randn(H, L, device=DEVICE), None, kernel_fft_size(L))
+    skip = torch.randn(H, device=DEVICE)
+    base = fftconv.gated_fft_conv(v, spec_re, spec_im, skip)
+    # a narrower addend is read and widened by the kernel; the result keeps v's dtype, as torch's sum would
+    low = torch.randn(B, H, L, device=DEVICE).bfloat16()
+    y = fftconv.gated_fft_conv(v, spec_re, spec_im, skip, addend=low)
+    assert y.dtype == torch.float32 and rel(y, base + low.float()) < 1e-6
+    # a wider addend makes the sum wider: the kernel's result is widened, then added
+    wide = torch.randn(B, H, L, device=DEVICE, dtype=torch.float64)
+    y = fftconv.gated_fft_conv(v, spec_re, spec_im, skip, addend=wide)
+    assert y.dtype == torch.float64 and rel(y, base.double() + wide) < 1e-6
+    with pytest.raises(ValueError, match="addend shape"):
+        fftconv.gated_fft_conv(v, spec_re, spec_im, skip, addend=torch.randn(B, H, L - 1, device=DEVICE))
+
+
 @pytest.mark.parametrize("L", [50, 300])
 def test_strided_inputs_like_the_mixer_split(small_rows_if_long, L):
     """The mixer passes x1, x2, v as channel slices of one (B, 3H, L) tensor (non-contiguous views)."""
@@ -246,6 +285,51 @@ def test_mixer_no_grad_uses_kernel_and_matches():
         again = ker(u)                    # spectrum from the no-grad cache
         want = ref(u)
     assert rel(first, want) < 1e-5 and torch.equal(first, again)
+
+
+class _ActivationTraffic:
+    """Counts, under a TorchDispatchMode, the torch ops of a forward that copy or combine whole (B, ·, L)
+    activations, and the ones that wait for the device (a Python bool or scalar from a tensor). The Triton
+    kernels are not torch ops and are not seen; in the interpreter their internal copies are flat (1-D)."""
+
+    COPIES = {"aten.clone.default", "aten.copy_.default", "aten._to_copy.default"}
+    SYNCS = {"aten.equal.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default"}
+
+    def __init__(self, numel: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {"copies": 0, "adds": 0, "syncs": 0}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                big = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 3 and a.numel() >= numel]
+                name = str(func)
+                if name in _ActivationTraffic.COPIES and big:
+                    counts["copies"] += 1
+                if name.startswith("aten.add") and len(big) == 2:
+                    counts["adds"] += 1
+                if name in _ActivationTraffic.SYNCS:
+                    counts["syncs"] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+def test_mixer_kernel_path_moves_no_needless_activation_copies():
+    """What a GPU forward pays for besides the kernels and GEMMs: the mixer with kernels on makes exactly
+    one copy of an activation - u channels-first for the residual long conv - no transposed copy for
+    out_linear, no separate sum of the two long-conv branches (the residual conv's kernel adds it), and
+    validates each cached spectrum with one device wait rather than one per filter tensor."""
+    _, ker = _mixer_pair(True)
+    ker.eval()
+    B, L, H = 2, 40, 16
+    u = torch.randn(B, L, H, device=DEVICE)
+    with torch.no_grad():
+        ker(u)                                            # fills the spectrum caches
+        traffic = _ActivationTraffic(B * L * H)
+        with traffic.mode:
+            ker(u)
+    assert traffic.counts == {"copies": 1, "adds": 0, "syncs": 2}
 
 
 def test_env_override_forces_torch(monkeypatch):
@@ -389,6 +473,8 @@ if sys.argv[2] in ("one", "one-bf16"):
         for gates in ((True, True), (False, False), (False, True)):
             for name, fn in (("fwd", fftconv._fftconv_fwd_kernel), ("bwd", fftconv._fftconv_bwd_kernel)):
                 c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec}
+                if name == "fwd":             # the ungated form is the mixer's residual conv: it adds
+                    c["ADD"] = gates == (False, False)
                 k = build(fn, act, c, fftconv.one_program_warps(n))
                 print("fftconv", name, act, *gates, k.metadata.shared, spills(k), flush=True)
     if sys.argv[2] == "one-bf16":
@@ -408,8 +494,8 @@ else:
              fftconv_long.ROW_WARPS),
             ("rows bwd", fftconv_long._rows_bwd_kernel, {"R": r, "M1": m1, "M2": m2, **gates, "PREC": "tf32"},
              fftconv_long.ROW_WARPS),
-            ("cols fwd", fftconv_long._cols_fwd_kernel, {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates},
-             fftconv_long.COLUMN_WARPS),
+            ("cols fwd", fftconv_long._cols_fwd_kernel,
+             {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates, "ADD": True}, fftconv_long.COLUMN_WARPS),
             ("cols bwd", fftconv_long._cols_bwd_kernel, {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates},
              fftconv_long.COLUMN_WARPS)):
         k = build(fn, "*bf16", c, warps)

@@ -87,7 +87,7 @@ class LongConv(nn.Module):
         if cache is not None and cache[0] == key and _same_values(cache[1], tensors):
             return cache[2]
         spec = compute()
-        self._spectrum_cache = (key, [t.detach().clone() for t in tensors], spec)
+        self._spectrum_cache = (key, _snapshot(tensors), spec)
         return spec
 
     def _compute_spectrum(self, L: int, n: int) -> torch.Tensor:
@@ -117,20 +117,33 @@ class LongConv(nn.Module):
         return reason is None
 
     def gated(self, v: torch.Tensor, gate_in: torch.Tensor | None = None,
-              gate_out: torch.Tensor | None = None) -> torch.Tensor:
-        """(longconv(u, k) + D ⊙ u) [⊙ gate_out] with u = v [⊙ gate_in], in one fused kernel (forward and
-        backward). Call only when `use_kernel(v)` is True."""
+              gate_out: torch.Tensor | None = None, addend: torch.Tensor | None = None) -> torch.Tensor:
+        """(longconv(u, k) + D ⊙ u) [⊙ gate_out] [+ addend] with u = v [⊙ gate_in], in one fused kernel
+        (forward and backward). Call only when `use_kernel(v)` is True."""
         from ..kernels.fftconv import gated_fft_conv
 
         spec_re, spec_im = self.kernel_spectrum(v.shape[-1])
-        return gated_fft_conv(v, spec_re, spec_im, self.skip, gate_in, gate_out)
+        return gated_fft_conv(v, spec_re, spec_im, self.skip, gate_in, gate_out, addend)
 
 
-def _same_values(snapshot: list[torch.Tensor], tensors: list[torch.Tensor]) -> bool:
-    """Exact equality (same dtype, shape, device and bits) of every tensor with its snapshot."""
-    return len(snapshot) == len(tensors) and all(
-        s.dtype == t.dtype and s.shape == t.shape and s.device == t.device and torch.equal(s, t)
-        for s, t in zip(snapshot, tensors))
+def _snapshot(tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
+    """The tensors' (dtype, shape, device) and their values, flattened into one copy per (dtype, device).
+    One flat tensor per group is what keeps `_same_values` cheap on a GPU: each torch.equal waits for the
+    device, and comparing the ~18 filter tensors one by one stalled the launch queue 18 times per conv."""
+    meta = tuple((t.dtype, t.shape, t.device) for t in tensors)
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t.detach().reshape(-1))
+    return meta, {key: torch.cat(parts) for key, parts in groups.items()}
+
+
+def _same_values(snapshot: tuple[tuple, dict], tensors: list[torch.Tensor]) -> bool:
+    """Exact equality (same dtype, shape, device and values) of every tensor with its snapshot."""
+    meta, flat = snapshot
+    if meta != tuple((t.dtype, t.shape, t.device) for t in tensors):
+        return False
+    now = _snapshot(tensors)[1]
+    return all(torch.equal(flat[key], now[key]) for key in flat)
 
 
 def long_conv_class(kind: str) -> type[nn.Module]:
@@ -205,9 +218,25 @@ class M2SequenceMixer(nn.Module):
             u_t = u.transpose(1, 2)
             if keep is not None:
                 u_t = u_t * keep
-            y = y + self.residual_conv(u_t)
-        y = self.dropout(y.transpose(1, 2))
-        return self.out_linear(y)
+            if self._fused_residual(u_t):
+                y = self.residual_conv.gated(u_t, addend=y)       # the sum is formed as the kernel stores
+            else:
+                y = y + self.residual_conv(u_t)
+        return self._out_projection(self.dropout(y))
+
+    def _fused_residual(self, u_t: torch.Tensor) -> bool:
+        """The residual long conv runs the Triton kernel, which then adds the main branch's output."""
+        return isinstance(self.residual_conv, LongConv) and self.residual_conv.use_kernel(u_t)
+
+    def _out_projection(self, y: torch.Tensor) -> torch.Tensor:
+        """out_linear of the channels-first y (B, H, L) -> (B, L, H). The GEMM reads y transposed
+        (yᵀ[b] @ Wᵀ, one batched call) instead of out_linear copying y.transpose(1, 2) into a contiguous
+        (B, L, H) tensor first: one full read and write of the activations less per layer."""
+        w, bias = self.out_linear.weight, self.out_linear.bias
+        if y.dim() != 3 or type(self.out_linear) is not nn.Linear or y.dtype != w.dtype:
+            return self.out_linear(y.transpose(1, 2))       # autocast or a replaced projection: the module
+        out = torch.bmm(y.mT, w.t().expand(y.shape[0], -1, -1))
+        return out.add_(bias) if bias is not None else out
 
     def _fused_gates(self, v: torch.Tensor) -> bool:
         """The Triton path: the kernels are on and the FFT long conv's kernel takes v."""
