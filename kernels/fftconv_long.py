@@ -14,6 +14,11 @@ convolution y = Re IDFT(DFT(u) ⊙ K) runs as two passes:
        y[r, tile] = Re Σ_k ω_R^{-r·k} · w[k, tile] / R  for the R/2 time rows that hold the output,
    an R-point inverse DFT across rows that reads every scratch element once, then the D skip and the gates.
 
+Up to R = 4 rows (L <= 4096, SINGLE_PASS_MAX_ROWS) the forward fuses both passes: one program per sequence
+loops over its R spectral rows and adds each row's share of the inverse column DFT to the R/2 output time
+rows held in registers, so nothing goes through the scratch buffer (whose 8·N bytes per sequence written
+and read back were four times the activations' traffic at L = 4096).
+
 Gates and dtypes are as in kernels/fftconv.py (u = v ⊙ x1 in, ⊙ x2 out, fp32 arithmetic, tf32 / tf32x3 DFT
 products). The backward runs the same two passes: the row pass (one program per spectral row of one
 channel, looping over the batch) computes U and G = DFT(dy ⊙ x2) rows, accumulates Σ_b conj(U) ⊙ G (the
@@ -21,7 +26,8 @@ kernel-spectrum gradient) in that row of dK (no atomics, deterministic) and writ
 IDFT(G ⊙ conj K) (and IDFT(U ⊙ K) for dx2) to scratch; the column pass turns those into dv, dx1, dx2 and
 per-tile partial sums of dD.
 
-Extra memory: the forward's scratch is 8·N bytes per (sample, channel), the backward's two buffers 16·N.
+Extra memory: the two-pass forward's scratch is 8·N bytes per (sample, channel), the backward's two buffers
+16·N.
 """
 
 from __future__ import annotations
@@ -46,6 +52,18 @@ TILE_ELEMENTS = 2048
 ROW_WARPS = 8
 # Warps of the column pass (small (R/2, BM) tiles; 4 warps spill nothing up to R = 64, see COLUMN_TILE).
 COLUMN_WARPS = 4
+# Up to this many rows (R <= 4: L <= 4096) the forward runs in a single pass, one program per sequence
+# looping over its R spectral rows and accumulating the inverse column DFT of each row's result into the
+# R/2 output time rows in registers: no scratch buffer at all. The two-pass forward writes and reads back
+# 8·N bytes of complex fp32 scratch per (sample, channel) - 128 KiB at L = 4096, four times the 32 KiB of
+# activations the conv reads and writes. Beyond R = 4 the R/2 accumulators would not fit beside the row
+# FFT's working set (one (M1, M2) fp32 tile is 8 registers per thread at 8 warps). An offline sm_90a
+# compile (ptxas -v, 8 warps, N = 4096 and 8192) spills 0-16 bytes per thread in bf16 on Triton 3.6 and
+# 3.8, and ~0.4-0.6 KB in fp32 (tf32x3), where the two-pass row kernel spilled 0 and 736.
+# Set 0 to run every three-level forward in two passes; the kernel holds at most two accumulators, so
+# values above SINGLE_PASS_ROW_LIMIT act as that limit.
+SINGLE_PASS_MAX_ROWS = 4
+SINGLE_PASS_ROW_LIMIT = 4
 
 
 @triton.jit
@@ -187,6 +205,68 @@ def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d_pt
 
 
 @triton.jit
+def _gated_epilogue(acc, r, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d, L,
+                    M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
+                    ADD: tl.constexpr):
+    """Time row r (M points, as an (M1, M2) tile) of the output: acc + D ⊙ u, [⊙ x2], [+ addend], stored.
+    The pointers are this sequence's rows (batch and channel offsets applied)."""
+    t = r * (M1 * M2) + tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    m = t < L
+    u = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
+    if GATE_IN:
+        u = u * tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
+    y = acc + d * u
+    if GATE_OUT:
+        y = y * tl.load(x2_ptr + t, mask=m, other=0.0).to(tl.float32)
+    if ADD:
+        y = y + tl.load(add_ptr + t, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _single_pass_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d_ptr,
+                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                            L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
+                            R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr,
+                            GATE_OUT: tl.constexpr, ADD: tl.constexpr, PREC: tl.constexpr):
+    # One program per sequence (batch on axis 0, launched fastest: the programs sharing one channel's
+    # spectrum run together and read it from L2). Spectral row k's inverse row FFT w_k (times the inverse
+    # column twiddle) contributes Re(ω_R^{-r·k} · w_k) / R to time row r: accumulated here for the R/2
+    # time rows that hold the output (R <= 4, so at most two (M1, M2) accumulators).
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    M = M1 * M2
+    v_ptr += b * s_vb + h * s_vh
+    x1_ptr += b * s_x1b + h * s_x1h
+    x2_ptr += b * s_x2b + h * s_x2h
+    y_ptr += b * s_yb + h * s_yh
+    add_ptr += b * s_ab + h * s_ah
+    kr_ptr += h * (R * M)
+    ki_ptr += h * (R * M)
+    acc0 = tl.zeros((M1, M2), dtype=tl.float32)
+    acc1 = tl.zeros((M1, M2), dtype=tl.float32)
+    for k in range(0, R):
+        xr, xi = _row_spectrum(v_ptr, x1_ptr, k, L, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                               frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_IN, PREC)
+        kr = _load_mat(kr_ptr + k * M, M1, M2)
+        ki = _load_mat(ki_ptr + k * M, M1, M2)
+        wr, wi = _row_ifft(xr * kr - xi * ki, xr * ki + xi * kr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr,
+                           tr_ptr, ti_ptr, M1, M2, PREC)
+        twr = _load_mat(twr_ptr + k * M, M1, M2)
+        twi = _load_mat(twi_ptr + k * M, M1, M2)
+        sr = wr * twr + wi * twi                       # w_k · conj(ω_N^{m·k}), as the two-pass scratch holds
+        si = wi * twr - wr * twi
+        acc0 += tl.load(frr_ptr + k) * sr + tl.load(fri_ptr + k) * si
+        if R > 2:
+            acc1 += tl.load(frr_ptr + R + k) * sr + tl.load(fri_ptr + R + k) * si
+    d = tl.load(d_ptr + h).to(tl.float32)
+    _gated_epilogue(acc0 * (1.0 / R), 0, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d, L, M1, M2, GATE_IN, GATE_OUT, ADD)
+    if R > 2:
+        _gated_epilogue(acc1 * (1.0 / R), 1, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d, L, M1, M2,
+                        GATE_IN, GATE_OUT, ADD)
+
+
+@triton.jit
 def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, dkr_ptr, dki_ptr,
                      dur_ptr, dui_ptr, cr_ptr, ci_ptr,
                      f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
@@ -288,12 +368,21 @@ def forward(v, x1, x2, spec_re, spec_im, skip, addend=None) -> torch.Tensor:
     r, m1, m2, bm = _plan(n)
     m = m1 * m2
     a1, a2, ad = placeholder(x1, v), placeholder(x2, v), placeholder(addend, v)
-    scratch_re = torch.empty(B, H, n, dtype=torch.float32, device=v.device)
-    scratch_im = torch.empty_like(scratch_re)
     y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
     row_factors = dft_factors(m, v.device)
     frr, fri, twr, twi = outer_factors(n, v.device)
     prec = _precision(v.dtype)
+    if r <= min(SINGLE_PASS_MAX_ROWS, SINGLE_PASS_ROW_LIMIT):
+        with on_device_of(v):
+            _single_pass_fwd_kernel[(B, H)](
+                v, a1, a2, y, ad, spec_re, spec_im, skip, *row_factors, frr, fri, twr, twi,
+                L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
+                y.stride(0), y.stride(1), ad.stride(0), ad.stride(1),
+                R=r, M1=m1, M2=m2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, ADD=addend is not None,
+                PREC=prec, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
+        return y
+    scratch_re = torch.empty(B, H, n, dtype=torch.float32, device=v.device)
+    scratch_im = torch.empty_like(scratch_re)
     with on_device_of(v):
         _rows_fwd_kernel[(r, B, H)](
             v, a1, scratch_re, scratch_im, spec_re, spec_im, *row_factors, frr, fri, twr, twi,
@@ -343,4 +432,4 @@ def backward(dy, v, x1, x2, spec_re, spec_im, skip):
     return dv, dx1, dx2, dk_re, dk_im, dd
 
 
-__all__ = ["COLUMN_TILE", "TILE_ELEMENTS", "ROW_WARPS", "forward", "backward"]
+__all__ = ["COLUMN_TILE", "TILE_ELEMENTS", "ROW_WARPS", "SINGLE_PASS_MAX_ROWS", "forward", "backward"]

@@ -107,6 +107,23 @@ def test_three_level_kernel_matches_reference_fwd_bwd(small_rows, B, H, L, bidir
     _check_against_reference(B, H, L, bidirectional, gate_in, gate_out)
 
 
+@pytest.mark.parametrize("max_rows", [0, 2, 8])
+def test_three_level_forward_in_one_or_two_passes(small_rows, monkeypatch, max_rows):
+    """The three-level forward runs in a single pass (no scratch) up to SINGLE_PASS_MAX_ROWS rows and in two
+    passes beyond: at R = 2 (L = 129), R = 4 (L = 300, both accumulators) and R = 8 (two passes whatever
+    the setting: the single-pass kernel holds two accumulators), with every gate and an addend, both
+    give the reference result."""
+    monkeypatch.setattr(fftconv_long, "SINGLE_PASS_MAX_ROWS", max_rows)
+    B, H = 2, 2
+    for L, r in ((129, 2), (300, 4), (600, 8)):
+        assert fft_layout(kernel_fft_size(L))[0] == r
+        v, x1, x2, addend = (torch.randn(B, H, L, device=DEVICE) for _ in range(4))
+        k_fwd, k_rev, skip = torch.randn(H, L, device=DEVICE), torch.randn(H, L, device=DEVICE), torch.randn(H)
+        spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, kernel_fft_size(L))
+        y = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend)
+        assert rel(y, reference(v, k_fwd, k_rev, skip, x1, x2) + addend) < 1e-5, (L, r)
+
+
 def _check_against_reference(B, H, L, bidirectional, gate_in, gate_out):
     mk = lambda *shape: torch.randn(*shape, device=DEVICE, requires_grad=True)  # noqa: E731
     v = mk(B, H, L)
@@ -425,6 +442,9 @@ ALLOWED_SPILLS_TRITON_3_6 = 16
 # Spill stores per thread allowed in the three-level backward rows kernel (bf16, gated): 48 measured on
 # Triton 3.8, 56 on 3.6 (the batch loop's price, see test_three_level_kernels_compile_for_h100_without_spilling).
 ROWS_BWD_SPILL_BUDGET = 64
+# ... and in the single-pass three-level forward at R = 4 (its two accumulators): 0-16 bytes measured on
+# Triton 3.8, 0-12 on 3.6, over the gate / addend variants and N = 4096, 8192.
+SINGLE_PASS_SPILL_BUDGET = 16
 
 _AOT_SCRIPT = r'''
 import os
@@ -500,6 +520,13 @@ else:
              fftconv_long.COLUMN_WARPS)):
         k = build(fn, "*bf16", c, warps)
         print("fftconv_long", name.replace(" ", "_"), k.metadata.shared, spills(k), flush=True)
+    # the single-pass forward at its largest size (R = SINGLE_PASS_ROW_LIMIT rows), gated and the mixer's
+    # residual form (ungated, adding the other branch)
+    r = fftconv_long.SINGLE_PASS_ROW_LIMIT
+    for name, gi, go, add in (("single_fwd", True, True, False), ("single_fwd_add", False, False, True)):
+        c = {"R": r, "M1": m1, "M2": m2, "GATE_IN": gi, "GATE_OUT": go, "ADD": add, "PREC": "tf32"}
+        k = build(fftconv_long._single_pass_fwd_kernel, "*bf16", c, fftconv_long.ROW_WARPS)
+        print("fftconv_long", name, k.metadata.shared, spills(k), flush=True)
 '''
 
 
@@ -549,14 +576,14 @@ def test_one_program_kernels_compile_for_h100_without_spilling(tmp_path):
         assert int(line[-2]) <= 227 * 1024 and int(line[-1]) <= allowed, proc.stdout
 
 
-@pytest.mark.slow       # 4 sm_90 compiles + ptxas, ~30 s on a 2-core machine
+@pytest.mark.slow       # 6 sm_90 compiles + ptxas, ~45 s on a 2-core machine
 def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
     """The three-level kernels at the default row size (N = 32768: R = 16 rows of 32 x 64 points), bf16:
     they compile for sm_90 within an SM's shared memory and, at the chosen warps and column tile, ptxas
     spills no registers (the reason for ROW_WARPS = 8 and TILE_ELEMENTS) - except a small, measured budget in
     the backward rows kernel: its batch loop (which accumulates dK in place of a per-sample (B, H, N) buffer)
     costs 48 / 64 bytes per thread (stores / loads) on Triton 3.8, 56 / 80 on 3.6, where the version without
-    the loop spilled none."""
+    the loop spilled none; and the single-pass forward at R = 4 (N = 8192), within SINGLE_PASS_SPILL_BUDGET."""
     import os
     import subprocess
     import sys
@@ -569,9 +596,11 @@ def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line.split() for line in proc.stdout.splitlines()]
-    assert [line[1] for line in lines] == ["rows_fwd", "rows_bwd", "cols_fwd", "cols_bwd"], proc.stdout
+    assert [line[1] for line in lines] == ["rows_fwd", "rows_bwd", "cols_fwd", "cols_bwd", "single_fwd",
+                                           "single_fwd_add"], proc.stdout
     version = tuple(int(x) for x in triton.__version__.split(".")[:2])
     allowed = 0 if version >= (3, 8) else ALLOWED_SPILLS_TRITON_3_6
     for _, name, shared, spilled in lines:
-        budget = ROWS_BWD_SPILL_BUDGET if name == "rows_bwd" else allowed
+        budget = {"rows_bwd": ROWS_BWD_SPILL_BUDGET, "single_fwd": SINGLE_PASS_SPILL_BUDGET,
+                  "single_fwd_add": SINGLE_PASS_SPILL_BUDGET}.get(name, allowed)
         assert int(shared) <= 227 * 1024 and int(spilled) <= budget, proc.stdout
