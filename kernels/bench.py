@@ -15,9 +15,9 @@ What it measures, all on the same card in the same run:
    H = 768 (M2-BERT-80M) and 1280 (M2-GPT-360M) at L = 512 ... 16384, forward and forward+backward.
    Up to L = 1024 one program holds a whole sequence (fft_monarch.ONE_PROGRAM_MAX_FFT); longer sequences run
    the three-level kernels (kernels/fftconv_long.py, rows of 2048 points), and at L = 2048 (N = 4096, the
-   largest size one program can hold) both layouts are timed. The three-level forward runs in one pass up
-   to R = 4 rows (L <= 4096, fftconv_long.SINGLE_PASS_MAX_ROWS) and in two passes through a scratch buffer
-   beyond; at L = 4096 both are timed. Sequences beyond fft_monarch.MAX_FFT_SIZE / 2
+   largest size one program can hold) both layouts are timed. The three-level kernels run in a single pass
+   up to R = 4 rows (L <= 4096, fftconv_long.SINGLE_PASS_MAX_ROWS) and in two passes through scratch
+   buffers beyond; at L = 4096 both are timed. Sequences beyond fft_monarch.MAX_FFT_SIZE / 2
    time the torch path only ("fallback").
    FLOP/s counts the DFT matrix products the kernels execute; GB/s counts the activations read and written
    once, the spectrum, and the three-level kernels' scratch rows.
@@ -159,32 +159,41 @@ def conv_flops(L: int, backward: bool) -> float:
 
 def conv_scratch_bytes(L: int) -> tuple[int, int]:
     """Global-memory scratch traffic per (sample, channel) of the three-level kernels (forward, backward):
-    complex fp32 rows written by the row pass and read by the column pass (one buffer forward, none in the
-    single-pass forward (R <= fftconv_long.SINGLE_PASS_MAX_ROWS), two in the gated backward). The backward's
-    in-place kernel-gradient accumulation (an L2-resident (H, N) row per program, read and written once per
-    sample) is not counted: it is not HBM traffic."""
+    complex fp32 rows written by the row pass and read by the column pass (one buffer forward, two in the
+    gated backward); none in the single-pass kernels (R <= fftconv_long.SINGLE_PASS_MAX_ROWS). The
+    backward's in-place kernel-gradient accumulation (an L2-resident (H, N) row per program, read and
+    written once per sample) is not counted: it is not HBM traffic."""
     from m2train.kernels import fftconv_long
     from m2train.kernels.fft_monarch import fft_layout, kernel_fft_size
 
     n = kernel_fft_size(L)
-    r = fft_layout(n)[0]
-    if r == 1:
+    if fft_layout(n)[0] == 1 or fftconv_long.single_pass(n):
         return 0, 0
-    single = r <= min(fftconv_long.SINGLE_PASS_MAX_ROWS, fftconv_long.SINGLE_PASS_ROW_LIMIT)
-    return (0 if single else 2 * 8 * n), 2 * 2 * 8 * n
+    return 2 * 8 * n, 2 * 2 * 8 * n
+
+
+def conv_bwd_activation_arrays(L: int) -> int:
+    """(B, H, L) activation arrays the gated backward reads or writes (once each): dy, v, x1, x2 in and dv,
+    dx1, dx2 out; the single-pass kernels read the inputs twice (the spectrum-gradient rows kernel and the
+    input-gradient kernel) plus the forward's saved pre-gate output, which the forward also wrote."""
+    from m2train.kernels import fftconv_long
+    from m2train.kernels.fft_monarch import fft_layout, kernel_fft_size
+
+    n = kernel_fft_size(L)
+    return 13 if fft_layout(n)[0] > 1 and fftconv_long.single_pass(n) else 7
 
 
 # The FFT size (L = 2048) where both layouts are timed: the largest one program can hold (fft_monarch), and
 # the smallest the three-level layout takes by default, since which is faster there can only be measured.
 LAYOUT_CHOICE_FFT = 4096
-# The FFT size (L = 4096, R = 4) where the three-level forward is timed both in a single pass (the default up
-# to fftconv_long.SINGLE_PASS_MAX_ROWS rows) and in two passes through a scratch buffer.
+# The FFT size (L = 4096, R = 4) where the three-level kernels are timed both in a single pass (the default up
+# to fftconv_long.SINGLE_PASS_MAX_ROWS rows) and in two passes through scratch buffers.
 PASSES_CHOICE_FFT = 8192
 
 
 def bench_fftconv(device, tokens: int, models: dict, lengths, peaks, reps: int, smoke: bool) -> list[dict]:
     """Every (model, L) row; at FFT size LAYOUT_CHOICE_FFT the other layout is timed too (a second row), and
-    at PASSES_CHOICE_FFT the other three-level forward (single pass / two passes)."""
+    at PASSES_CHOICE_FFT the other three-level kernels (single pass / two passes)."""
     from m2train.kernels import fft_monarch, fftconv_long
 
     rows = []
@@ -202,7 +211,7 @@ def bench_fftconv(device, tokens: int, models: dict, lengths, peaks, reps: int, 
                     fft_monarch.ONE_PROGRAM_MAX_FFT = saved
             if n == PASSES_CHOICE_FFT and fft_monarch.fft_layout(n)[0] > 1 and not smoke:
                 saved = fftconv_long.SINGLE_PASS_MAX_ROWS
-                # the other forward: two passes where the default runs one, and the other way round
+                # the other kernels: two passes where the default runs one, and the other way round
                 r = fft_monarch.fft_layout(n)[0]
                 fftconv_long.SINGLE_PASS_MAX_ROWS = 0 if saved >= r else r
                 try:
@@ -239,10 +248,10 @@ def _bench_conv_row(device, tokens: int, model: str, H: int, L: int, peaks, reps
     def fused():
         return gated_fft_conv(v, spec_re, spec_im, skip, x1, x2)
 
-    from m2train.kernels.fftconv_long import SINGLE_PASS_MAX_ROWS, SINGLE_PASS_ROW_LIMIT
+    from m2train.kernels.fftconv_long import single_pass
 
     r = fft_layout(n)[0]
-    passes = "1-pass fwd" if r <= min(SINGLE_PASS_MAX_ROWS, SINGLE_PASS_ROW_LIMIT) else "2-pass fwd"
+    passes = "single pass" if single_pass(n) else "two passes"
     row = {"model": model, "H": H, "L": L, "B": B, "dtype": str(act),
            "layout": "one program" if r == 1 else f"rows (R={r}), {passes}"}
     reason = unsupported_reason(v, spec_re)
@@ -268,7 +277,8 @@ def _bench_conv_row(device, tokens: int, model: str, H: int, L: int, peaks, reps
         fwd_bytes = el * 4 * B * H * L + 8 * H * n + B * H * scratch_fwd
         row.update(_rates(B * H * conv_flops(L, False), fwd_bytes, row["triton_fwd_ms"], peaks))
         bwd_rates = _rates(B * H * (conv_flops(L, False) + conv_flops(L, True)),
-                           fwd_bytes + el * 7 * B * H * L + 16 * H * n + B * H * scratch_bwd,
+                           fwd_bytes + el * conv_bwd_activation_arrays(L) * B * H * L + 16 * H * n
+                           + B * H * scratch_bwd,
                            row["triton_fwdbwd_ms"], peaks)
         row.update({f"fwdbwd_{k}": val for k, val in bwd_rates.items()})
         print(f"  fftconv {model} L={L:6d} {row['layout']:12s} speed-up fwd {row['speedup_fwd']:.2f}x  fwd+bwd "

@@ -253,18 +253,24 @@ class _GatedFFTConv(torch.autograd.Function):
         addend = _seq_view(addend) if addend is not None else None
         spec_re, spec_im = spec_re.contiguous(), spec_im.contiguous()
         skip = skip.contiguous()
-        ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip)
         ctx.addend_dtype = addend.dtype if addend is not None else None
         # The layout is read once, here: the backward must use the one the spectrum was permuted for.
         ctx.one_program = _one_program(spec_re.shape[-1])
+        conv = None
         if ctx.one_program:
-            return _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend)
-        from . import fftconv_long
-        return fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend)
+            y = _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend)
+        else:
+            from . import fftconv_long
+            # The single-pass three-level kernels keep the pre-gate output for dx2 (one (B, H, L)
+            # activation) rather than recompute it through a scratch buffer in the backward.
+            y, conv = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend,
+                                           save_conv=any(ctx.needs_input_grad))
+        ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip, conv)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        v, x1, x2, spec_re, spec_im, skip = ctx.saved_tensors
+        v, x1, x2, spec_re, spec_im, skip, conv = ctx.saved_tensors
         n = spec_re.shape[-1]
         # The addend passes straight through: its gradient is dy itself (no copy).
         d_addend = dy.to(ctx.addend_dtype) if ctx.addend_dtype is not None else None
@@ -274,7 +280,7 @@ class _GatedFFTConv(torch.autograd.Function):
                 if ctx.one_program:
                     return (*_launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip), d_addend)
                 from . import fftconv_long
-                return (*fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend)
+                return (*fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip, conv), d_addend)
             except _RESOURCE_ERRORS as err:
                 _give_up_on(n, v, err)
         return (*_reference_backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend)

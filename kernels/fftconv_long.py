@@ -205,51 +205,24 @@ def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d_pt
 
 
 @triton.jit
-def _gated_epilogue(acc, r, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d, L,
-                    M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
-                    ADD: tl.constexpr):
-    """Time row r (M points, as an (M1, M2) tile) of the output: acc + D ⊙ u, [⊙ x2], [+ addend], stored.
-    The pointers are this sequence's rows (batch and channel offsets applied)."""
-    t = r * (M1 * M2) + tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
-    m = t < L
-    u = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
-    if GATE_IN:
-        u = u * tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
-    y = acc + d * u
-    if GATE_OUT:
-        y = y * tl.load(x2_ptr + t, mask=m, other=0.0).to(tl.float32)
-    if ADD:
-        y = y + tl.load(add_ptr + t, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t, y.to(y_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _single_pass_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d_ptr,
-                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
-                            L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
-                            R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr,
-                            GATE_OUT: tl.constexpr, ADD: tl.constexpr, PREC: tl.constexpr):
-    # One program per sequence (batch on axis 0, launched fastest: the programs sharing one channel's
-    # spectrum run together and read it from L2). Spectral row k's inverse row FFT w_k (times the inverse
-    # column twiddle) contributes Re(ω_R^{-r·k} · w_k) / R to time row r: accumulated here for the R/2
-    # time rows that hold the output (R <= 4, so at most two (M1, M2) accumulators).
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
+def _single_pass_conv(a_ptr, g_ptr, kr_ptr, ki_ptr, L, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                      frr_ptr, fri_ptr, twr_ptr, twi_ptr, R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                      GATE: tl.constexpr, CONJ: tl.constexpr, PREC: tl.constexpr):
+    """Time rows 0 and 1 (the second zero when R = 2) of the circular convolution of a [⊙ g] with this
+    channel's kernel spectrum (kr_ptr, ki_ptr: its R rows), or with the conjugate spectrum when CONJ (the
+    adjoint: a correlation, for the backward). Spectral row k's inverse row FFT w_k, times the inverse
+    column twiddle, contributes Re(ω_R^{-r·k} · w_k) / R to time row r; R <= 4, so the R/2 time rows that
+    hold the output are two (M1, M2) accumulators."""
     M = M1 * M2
-    v_ptr += b * s_vb + h * s_vh
-    x1_ptr += b * s_x1b + h * s_x1h
-    x2_ptr += b * s_x2b + h * s_x2h
-    y_ptr += b * s_yb + h * s_yh
-    add_ptr += b * s_ab + h * s_ah
-    kr_ptr += h * (R * M)
-    ki_ptr += h * (R * M)
     acc0 = tl.zeros((M1, M2), dtype=tl.float32)
     acc1 = tl.zeros((M1, M2), dtype=tl.float32)
     for k in range(0, R):
-        xr, xi = _row_spectrum(v_ptr, x1_ptr, k, L, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
-                               frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_IN, PREC)
+        xr, xi = _row_spectrum(a_ptr, g_ptr, k, L, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                               frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE, PREC)
         kr = _load_mat(kr_ptr + k * M, M1, M2)
         ki = _load_mat(ki_ptr + k * M, M1, M2)
+        if CONJ:
+            ki = -ki
         wr, wi = _row_ifft(xr * kr - xi * ki, xr * ki + xi * kr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr,
                            tr_ptr, ti_ptr, M1, M2, PREC)
         twr = _load_mat(twr_ptr + k * M, M1, M2)
@@ -259,11 +232,114 @@ def _single_pass_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_pt
         acc0 += tl.load(frr_ptr + k) * sr + tl.load(fri_ptr + k) * si
         if R > 2:
             acc1 += tl.load(frr_ptr + R + k) * sr + tl.load(fri_ptr + R + k) * si
+    return acc0 * (1.0 / R), acc1 * (1.0 / R)
+
+
+@triton.jit
+def _gated_epilogue(acc, r, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L,
+                    M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
+                    ADD: tl.constexpr, SAVE_C: tl.constexpr):
+    """Time row r (M points, as an (M1, M2) tile) of the output: c = acc + D ⊙ u, y = c [⊙ x2] [+ addend],
+    stored (and c too when SAVE_C, for the backward's dx2). Pointers are this sequence's rows (batch and
+    channel offsets applied); c has y's strides."""
+    t = r * (M1 * M2) + tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    m = t < L
+    u = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
+    if GATE_IN:
+        u = u * tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
+    y = acc + d * u
+    if SAVE_C:
+        tl.store(c_ptr + t, y.to(c_ptr.dtype.element_ty), mask=m)
+    if GATE_OUT:
+        y = y * tl.load(x2_ptr + t, mask=m, other=0.0).to(tl.float32)
+    if ADD:
+        y = y + tl.load(add_ptr + t, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _single_pass_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, kr_ptr, ki_ptr, d_ptr,
+                            f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
+                            L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
+                            R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr,
+                            GATE_OUT: tl.constexpr, ADD: tl.constexpr, SAVE_C: tl.constexpr, PREC: tl.constexpr):
+    # One program per sequence (batch on axis 0, launched fastest: the programs sharing one channel's
+    # spectrum run together and read it from L2).
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    v_ptr += b * s_vb + h * s_vh
+    x1_ptr += b * s_x1b + h * s_x1h
+    x2_ptr += b * s_x2b + h * s_x2h
+    y_ptr += b * s_yb + h * s_yh
+    c_ptr += b * s_yb + h * s_yh
+    add_ptr += b * s_ab + h * s_ah
+    acc0, acc1 = _single_pass_conv(v_ptr, x1_ptr, kr_ptr + h * (R * M1 * M2), ki_ptr + h * (R * M1 * M2), L,
+                                   f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr,
+                                   twr_ptr, twi_ptr, R, M1, M2, GATE_IN, False, PREC)
     d = tl.load(d_ptr + h).to(tl.float32)
-    _gated_epilogue(acc0 * (1.0 / R), 0, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d, L, M1, M2, GATE_IN, GATE_OUT, ADD)
+    _gated_epilogue(acc0, 0, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L, M1, M2,
+                    GATE_IN, GATE_OUT, ADD, SAVE_C)
     if R > 2:
-        _gated_epilogue(acc1 * (1.0 / R), 1, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d, L, M1, M2,
-                        GATE_IN, GATE_OUT, ADD)
+        _gated_epilogue(acc1, 1, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L, M1, M2,
+                        GATE_IN, GATE_OUT, ADD, SAVE_C)
+
+
+@triton.jit
+def _input_grad_epilogue(acc, r, dy_ptr, v_ptr, x1_ptr, x2_ptr, c_ptr, dv_ptr, dx1_ptr, dx2_ptr, d, L,
+                         M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr):
+    """Time row r of the input gradients from acc = the adjoint conv of gc = dy [⊙ x2]: du = acc + D ⊙ gc,
+    dv = du [⊙ x1], dx1 = du ⊙ v, dx2 = dy ⊙ c (c: the forward's saved pre-gate output). Returns this
+    row's share of dD = Σ gc ⊙ u. dv, dx1, dx2 and c share one contiguous layout (offsets applied)."""
+    t = r * (M1 * M2) + tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    m = t < L
+    v = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
+    u = v
+    if GATE_IN:
+        x1 = tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
+        u = v * x1
+    g = tl.load(dy_ptr + t, mask=m, other=0.0).to(tl.float32)
+    gc = g
+    if GATE_OUT:
+        gc = g * tl.load(x2_ptr + t, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + t, mask=m, other=0.0).to(tl.float32)
+        tl.store(dx2_ptr + t, (g * c).to(dx2_ptr.dtype.element_ty), mask=m)
+    du = acc + d * gc
+    if GATE_IN:
+        tl.store(dv_ptr + t, (du * x1).to(dv_ptr.dtype.element_ty), mask=m)
+        tl.store(dx1_ptr + t, (du * v).to(dx1_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(dv_ptr + t, du.to(dv_ptr.dtype.element_ty), mask=m)
+    return tl.sum(tl.sum(gc * u, axis=1), axis=0)
+
+
+@triton.jit
+def _single_pass_input_grad_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, c_ptr, kr_ptr, ki_ptr, d_ptr,
+                                   dv_ptr, dx1_ptr, dx2_ptr, ddp_ptr,
+                                   f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr,
+                                   twr_ptr, twi_ptr, L, H, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h,
+                                   s_gb, s_gh, R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                                   GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr, PREC: tl.constexpr):
+    # The single-pass backward's input gradients, one program per sequence: the adjoint conv of dy ⊙ x2
+    # (the conjugate spectrum) accumulated in registers like the forward, then the gates. The spectrum
+    # gradient is _rows_bwd_kernel's (SCRATCH=False); the forward saved its pre-gate output c for dx2, so
+    # neither U ⊙ K nor any scratch row is needed here.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    dy_ptr += b * s_dyb + h * s_dyh
+    v_ptr += b * s_vb + h * s_vh
+    x1_ptr += b * s_x1b + h * s_x1h
+    x2_ptr += b * s_x2b + h * s_x2h
+    go = b * s_gb + h * s_gh
+    acc0, acc1 = _single_pass_conv(dy_ptr, x2_ptr, kr_ptr + h * (R * M1 * M2), ki_ptr + h * (R * M1 * M2), L,
+                                   f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr,
+                                   twr_ptr, twi_ptr, R, M1, M2, GATE_OUT, True, PREC)
+    d = tl.load(d_ptr + h).to(tl.float32)
+    dd = _input_grad_epilogue(acc0, 0, dy_ptr, v_ptr, x1_ptr, x2_ptr, c_ptr + go, dv_ptr + go, dx1_ptr + go,
+                              dx2_ptr + go, d, L, M1, M2, GATE_IN, GATE_OUT)
+    if R > 2:
+        dd += _input_grad_epilogue(acc1, 1, dy_ptr, v_ptr, x1_ptr, x2_ptr, c_ptr + go, dv_ptr + go,
+                                   dx1_ptr + go, dx2_ptr + go, d, L, M1, M2, GATE_IN, GATE_OUT)
+    tl.store(ddp_ptr + b * H + h + tl.arange(0, 1), tl.zeros((1,), dtype=tl.float32) + dd)
 
 
 @triton.jit
@@ -272,7 +348,7 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, dkr_ptr, dki
                      f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
                      B, L, H, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h,
                      R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr,
-                     GATE_OUT: tl.constexpr, PREC: tl.constexpr):
+                     GATE_OUT: tl.constexpr, SCRATCH: tl.constexpr, PREC: tl.constexpr):
     # One program per (spectral row, channel), looping over the batch: row k of the channel's spectrum
     # gradient, Σ_b conj(U) ⊙ G, accumulates in its own rows of dkr/dki (only this program touches them, in
     # program order: deterministic, no atomics, and no per-sample (B, H, N) buffer to sum afterwards).
@@ -299,14 +375,16 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, dkr_ptr, dki
                                frr_ptr, fri_ptr, twr_ptr, twi_ptr, R, M1, M2, GATE_OUT, PREC)
         tl.store(dkr_ptr + t, tl.load(dkr_ptr + t) + (ur * gr + ui * gi))
         tl.store(dki_ptr + t, tl.load(dki_ptr + t) + (ur * gi - ui * gr))
-        kr = tl.load(kr_ptr + t)
-        ki = tl.load(ki_ptr + t)
-        _inverse_row_to_scratch(gr * kr + gi * ki, gi * kr - gr * ki, dur_ptr + row, dui_ptr + row, k,
-                                f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr, M1, M2, PREC)
-        if GATE_OUT:                                       # the forward's conv output, for dx2
-            _inverse_row_to_scratch(ur * kr - ui * ki, ur * ki + ui * kr, cr_ptr + row, ci_ptr + row, k,
+        if SCRATCH:                                        # False: the single-pass backward wants dK only
+            kr = tl.load(kr_ptr + t)
+            ki = tl.load(ki_ptr + t)
+            _inverse_row_to_scratch(gr * kr + gi * ki, gi * kr - gr * ki, dur_ptr + row, dui_ptr + row, k,
                                     f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr,
                                     M1, M2, PREC)
+            if GATE_OUT:                                   # the forward's conv output, for dx2
+                _inverse_row_to_scratch(ur * kr - ui * ki, ur * ki + ui * kr, cr_ptr + row, ci_ptr + row, k,
+                                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, twr_ptr, twi_ptr,
+                                        M1, M2, PREC)
         v_ptr += s_vb
         x1_ptr += s_x1b
         dy_ptr += s_dyb
@@ -359,10 +437,17 @@ def _plan(n: int) -> tuple[int, int, int, int]:
     return r, m1, m2, min(COLUMN_TILE, m1 * m2, max(16, TILE_ELEMENTS // (r // 2)))
 
 
-def forward(v, x1, x2, spec_re, spec_im, skip, addend=None) -> torch.Tensor:
-    """y = (conv(u, k) + skip ⊙ u) [⊙ x2] [+ addend], u = v [⊙ x1], all (B, H, L) with unit time stride; spectrum
-    (H, N) fp32 contiguous in the three-level permuted order. Raises triton's OutOfResources if a kernel
-    does not fit this GPU."""
+def single_pass(n: int) -> bool:
+    """Whether FFT size n (three-level layout) runs the single-pass kernels (SINGLE_PASS_MAX_ROWS)."""
+    return fft_layout(n)[0] <= min(SINGLE_PASS_MAX_ROWS, SINGLE_PASS_ROW_LIMIT)
+
+
+def forward(v, x1, x2, spec_re, spec_im, skip, addend=None, save_conv: bool = False):
+    """y = (conv(u, k) + skip ⊙ u) [⊙ x2] [+ addend], u = v [⊙ x1], all (B, H, L) with unit time stride;
+    spectrum (H, N) fp32 contiguous in the three-level permuted order. Returns (y, c): c is the pre-gate
+    output conv(u, k) + skip ⊙ u (v's dtype), written only when save_conv, x2 is given and the forward runs
+    in a single pass - the single-pass backward reads it for dx2 instead of recomputing U ⊙ K - else None.
+    Raises triton's OutOfResources if a kernel does not fit this GPU."""
     B, H, L = v.shape
     n = spec_re.shape[-1]
     r, m1, m2, bm = _plan(n)
@@ -372,15 +457,16 @@ def forward(v, x1, x2, spec_re, spec_im, skip, addend=None) -> torch.Tensor:
     row_factors = dft_factors(m, v.device)
     frr, fri, twr, twi = outer_factors(n, v.device)
     prec = _precision(v.dtype)
-    if r <= min(SINGLE_PASS_MAX_ROWS, SINGLE_PASS_ROW_LIMIT):
+    if single_pass(n):
+        c = torch.empty_like(y) if save_conv and x2 is not None else None
         with on_device_of(v):
             _single_pass_fwd_kernel[(B, H)](
-                v, a1, a2, y, ad, spec_re, spec_im, skip, *row_factors, frr, fri, twr, twi,
+                v, a1, a2, y, ad, placeholder(c, y), spec_re, spec_im, skip, *row_factors, frr, fri, twr, twi,
                 L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
                 y.stride(0), y.stride(1), ad.stride(0), ad.stride(1),
                 R=r, M1=m1, M2=m2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, ADD=addend is not None,
-                PREC=prec, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
-        return y
+                SAVE_C=c is not None, PREC=prec, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
+        return y, c
     scratch_re = torch.empty(B, H, n, dtype=torch.float32, device=v.device)
     scratch_im = torch.empty_like(scratch_re)
     with on_device_of(v):
@@ -394,42 +480,62 @@ def forward(v, x1, x2, spec_re, spec_im, skip, addend=None) -> torch.Tensor:
             y.stride(0), y.stride(1), ad.stride(0), ad.stride(1),
             R=r, R_HALF=r // 2, M=m, BM=bm, GATE_IN=x1 is not None, GATE_OUT=x2 is not None,
             ADD=addend is not None, num_warps=COLUMN_WARPS, num_stages=NUM_STAGES)
-    return y
+    return y, None
 
 
-def backward(dy, v, x1, x2, spec_re, spec_im, skip):
-    """Gradients (dv, dx1, dx2, d spec_re, d spec_im, d skip) of `forward`; None for an absent gate."""
+def backward(dy, v, x1, x2, spec_re, spec_im, skip, conv=None):
+    """Gradients (dv, dx1, dx2, d spec_re, d spec_im, d skip) of `forward`; None for an absent gate. `conv`
+    is the forward's saved pre-gate output (forward(..., save_conv=True)); with it (or without an output
+    gate) a single-pass size runs the single-pass backward, which writes no scratch: the spectrum gradient
+    from _rows_bwd_kernel alone, the input gradients from one program per sequence."""
     B, H, L = v.shape
     n = spec_re.shape[-1]
     r, m1, m2, bm = _plan(n)
     m = m1 * m2
     a1, a2 = placeholder(x1, v), placeholder(x2, v)
     f32 = dict(dtype=torch.float32, device=v.device)
-    du_re, du_im = torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)
-    c_re, c_im = (torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)) if x2 is not None else (du_re, du_im)
     dk_re, dk_im = torch.empty_like(spec_re), torch.empty_like(spec_im)
     dv = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
     dx1 = torch.empty_like(dv) if x1 is not None else None
     dx2 = torch.empty_like(dv) if x2 is not None else None
-    dd_part = torch.empty(B, H, m // bm, **f32)
     row_factors = dft_factors(m, v.device)
     frr, fri, twr, twi = outer_factors(n, v.device)
     gates = dict(GATE_IN=x1 is not None, GATE_OUT=x2 is not None)
+    prec = _precision(v.dtype)
+    strides = (dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
+               a2.stride(0), a2.stride(1))
+    if single_pass(n) and (x2 is None or conv is not None):
+        if conv is not None and conv.stride() != dv.stride():
+            raise ValueError("the saved pre-gate output must be a contiguous (B, H, L) tensor")
+        dd_part = torch.empty(B, H, **f32)
+        with on_device_of(v):
+            _rows_bwd_kernel[(r, H)](
+                dy, v, a1, a2, spec_re, spec_im, dk_re, dk_im, dk_re, dk_im, dk_re, dk_im,   # no scratch
+                *row_factors, frr, fri, twr, twi, B, L, H, *strides,
+                R=r, M1=m1, M2=m2, PREC=prec, **gates, SCRATCH=False, num_warps=ROW_WARPS,
+                num_stages=NUM_STAGES)
+            _single_pass_input_grad_kernel[(B, H)](
+                dy, v, a1, a2, placeholder(conv, dv), spec_re, spec_im, skip,
+                dv, placeholder(dx1, dv), placeholder(dx2, dv), dd_part,
+                *row_factors, frr, fri, twr, twi, L, H, *strides, dv.stride(0), dv.stride(1),
+                R=r, M1=m1, M2=m2, **gates, PREC=prec, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
+        return dv, dx1, dx2, dk_re, dk_im, dd_part.sum(0).to(skip.dtype)
+    du_re, du_im = torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)
+    c_re, c_im = (torch.empty(B, H, n, **f32), torch.empty(B, H, n, **f32)) if x2 is not None else (du_re, du_im)
+    dd_part = torch.empty(B, H, m // bm, **f32)
     with on_device_of(v):
         _rows_bwd_kernel[(r, H)](
             dy, v, a1, a2, spec_re, spec_im, dk_re, dk_im, du_re, du_im, c_re, c_im,
-            *row_factors, frr, fri, twr, twi,
-            B, L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
-            a2.stride(0), a2.stride(1),
-            R=r, M1=m1, M2=m2, PREC=_precision(v.dtype), **gates, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
+            *row_factors, frr, fri, twr, twi, B, L, H, *strides,
+            R=r, M1=m1, M2=m2, PREC=prec, **gates, SCRATCH=True, num_warps=ROW_WARPS, num_stages=NUM_STAGES)
         _cols_bwd_kernel[(m // bm, B, H)](
             du_re, du_im, c_re, c_im, dy, v, a1, a2, skip,
             dv, placeholder(dx1, dv), placeholder(dx2, dv), dd_part, frr, fri,
-            L, H, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
-            a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
+            L, H, *strides, dv.stride(0), dv.stride(1),
             R=r, R_HALF=r // 2, M=m, BM=bm, **gates, num_warps=COLUMN_WARPS, num_stages=NUM_STAGES)
     dd = dd_part.sum((0, 2)).to(skip.dtype)
     return dv, dx1, dx2, dk_re, dk_im, dd
 
 
-__all__ = ["COLUMN_TILE", "TILE_ELEMENTS", "ROW_WARPS", "SINGLE_PASS_MAX_ROWS", "forward", "backward"]
+__all__ = ["COLUMN_TILE", "TILE_ELEMENTS", "ROW_WARPS", "SINGLE_PASS_MAX_ROWS", "single_pass", "forward",
+           "backward"]

@@ -108,20 +108,32 @@ def test_three_level_kernel_matches_reference_fwd_bwd(small_rows, B, H, L, bidir
 
 
 @pytest.mark.parametrize("max_rows", [0, 2, 8])
-def test_three_level_forward_in_one_or_two_passes(small_rows, monkeypatch, max_rows):
-    """The three-level forward runs in a single pass (no scratch) up to SINGLE_PASS_MAX_ROWS rows and in two
+def test_three_level_in_one_or_two_passes(small_rows, monkeypatch, max_rows):
+    """The three-level kernels run in a single pass (no scratch) up to SINGLE_PASS_MAX_ROWS rows and in two
     passes beyond: at R = 2 (L = 129), R = 4 (L = 300, both accumulators) and R = 8 (two passes whatever
-    the setting: the single-pass kernel holds two accumulators), with every gate and an addend, both
-    give the reference result."""
+    the setting: the single-pass kernels hold two accumulators), with every gate and an addend, forward
+    and every gradient equal the reference. The single-pass forward keeps the pre-gate output for dx2
+    only when a gradient is wanted."""
     monkeypatch.setattr(fftconv_long, "SINGLE_PASS_MAX_ROWS", max_rows)
     B, H = 2, 2
     for L, r in ((129, 2), (300, 4), (600, 8)):
         assert fft_layout(kernel_fft_size(L))[0] == r
-        v, x1, x2, addend = (torch.randn(B, H, L, device=DEVICE) for _ in range(4))
-        k_fwd, k_rev, skip = torch.randn(H, L, device=DEVICE), torch.randn(H, L, device=DEVICE), torch.randn(H)
+        single = r <= min(max_rows, fftconv_long.SINGLE_PASS_ROW_LIMIT)
+        mk = lambda *shape: torch.randn(*shape, device=DEVICE, requires_grad=True)  # noqa: E731
+        v, x1, x2, addend = (mk(B, H, L) for _ in range(4))
+        k_fwd, k_rev, skip = mk(H, L), mk(H, L), mk(H)
         spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, kernel_fft_size(L))
-        y = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend)
-        assert rel(y, reference(v, k_fwd, k_rev, skip, x1, x2) + addend) < 1e-5, (L, r)
+        with torch.no_grad():
+            y, conv = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend, save_conv=True)
+        assert (conv is not None) == single, (L, r)
+        want = reference(v, k_fwd, k_rev, skip, x1, x2) + addend
+        assert rel(y, want) < 1e-5, (L, r)
+        y = fftconv.gated_fft_conv(v, spec_re, spec_im, skip, x1, x2, addend)
+        assert rel(y, want) < 1e-5, (L, r)
+        inputs = (v, x1, x2, addend, k_fwd, k_rev, skip)
+        dy = torch.randn_like(want)
+        for g, e in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+            assert rel(g, e) < 1e-5, (L, r)
 
 
 def _check_against_reference(B, H, L, bidirectional, gate_in, gate_out):
@@ -459,7 +471,8 @@ from triton.compiler import ASTSource
 from m2train.kernels import fftconv, fftconv_long, shortconv
 from m2train.kernels.fft_monarch import fft_layout, split_fft_size
 
-ACTS = {"dy_ptr", "v_ptr", "x1_ptr", "x2_ptr", "y_ptr", "dv_ptr", "dx1_ptr", "dx2_ptr", "x_ptr", "dx_ptr"}
+ACTS = {"dy_ptr", "v_ptr", "x1_ptr", "x2_ptr", "y_ptr", "dv_ptr", "dx1_ptr", "dx2_ptr", "x_ptr", "dx_ptr", "add_ptr",
+        "c_ptr"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 def build(fn, act, constexprs, warps):
@@ -512,20 +525,26 @@ else:
     for name, fn, c, warps in (
             ("rows fwd", fftconv_long._rows_fwd_kernel, {"R": r, "M1": m1, "M2": m2, "GATE_IN": True, "PREC": "tf32"},
              fftconv_long.ROW_WARPS),
-            ("rows bwd", fftconv_long._rows_bwd_kernel, {"R": r, "M1": m1, "M2": m2, **gates, "PREC": "tf32"},
-             fftconv_long.ROW_WARPS),
+            ("rows bwd", fftconv_long._rows_bwd_kernel,
+             {"R": r, "M1": m1, "M2": m2, **gates, "SCRATCH": True, "PREC": "tf32"}, fftconv_long.ROW_WARPS),
             ("cols fwd", fftconv_long._cols_fwd_kernel,
              {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates, "ADD": True}, fftconv_long.COLUMN_WARPS),
             ("cols bwd", fftconv_long._cols_bwd_kernel, {"R": r, "R_HALF": r // 2, "M": m1 * m2, "BM": bm, **gates},
              fftconv_long.COLUMN_WARPS)):
         k = build(fn, "*bf16", c, warps)
         print("fftconv_long", name.replace(" ", "_"), k.metadata.shared, spills(k), flush=True)
-    # the single-pass forward at its largest size (R = SINGLE_PASS_ROW_LIMIT rows), gated and the mixer's
-    # residual form (ungated, adding the other branch)
+    # the single-pass kernels at their largest size (R = SINGLE_PASS_ROW_LIMIT rows): the forward gated
+    # (keeping the pre-gate output for dx2) and in the mixer's residual form (ungated, adding the other
+    # branch), the backward's input-gradient kernel and its scratch-free spectrum-gradient rows kernel
     r = fftconv_long.SINGLE_PASS_ROW_LIMIT
-    for name, gi, go, add in (("single_fwd", True, True, False), ("single_fwd_add", False, False, True)):
-        c = {"R": r, "M1": m1, "M2": m2, "GATE_IN": gi, "GATE_OUT": go, "ADD": add, "PREC": "tf32"}
-        k = build(fftconv_long._single_pass_fwd_kernel, "*bf16", c, fftconv_long.ROW_WARPS)
+    gated = {"R": r, "M1": m1, "M2": m2, **gates, "PREC": "tf32"}
+    for name, fn, c in (
+            ("single_fwd", fftconv_long._single_pass_fwd_kernel, {**gated, "ADD": False, "SAVE_C": True}),
+            ("single_fwd_add", fftconv_long._single_pass_fwd_kernel,
+             {**gated, "GATE_IN": False, "GATE_OUT": False, "ADD": True, "SAVE_C": False}),
+            ("single_dx", fftconv_long._single_pass_input_grad_kernel, gated),
+            ("single_dk", fftconv_long._rows_bwd_kernel, {**gated, "SCRATCH": False})):
+        k = build(fn, "*bf16", c, fftconv_long.ROW_WARPS)
         print("fftconv_long", name, k.metadata.shared, spills(k), flush=True)
 '''
 
@@ -576,14 +595,15 @@ def test_one_program_kernels_compile_for_h100_without_spilling(tmp_path):
         assert int(line[-2]) <= 227 * 1024 and int(line[-1]) <= allowed, proc.stdout
 
 
-@pytest.mark.slow       # 6 sm_90 compiles + ptxas, ~45 s on a 2-core machine
+@pytest.mark.slow       # 8 sm_90 compiles + ptxas, ~1 min on a 2-core machine
 def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
     """The three-level kernels at the default row size (N = 32768: R = 16 rows of 32 x 64 points), bf16:
     they compile for sm_90 within an SM's shared memory and, at the chosen warps and column tile, ptxas
     spills no registers (the reason for ROW_WARPS = 8 and TILE_ELEMENTS) - except a small, measured budget in
     the backward rows kernel: its batch loop (which accumulates dK in place of a per-sample (B, H, N) buffer)
     costs 48 / 64 bytes per thread (stores / loads) on Triton 3.8, 56 / 80 on 3.6, where the version without
-    the loop spilled none; and the single-pass forward at R = 4 (N = 8192), within SINGLE_PASS_SPILL_BUDGET."""
+    the loop spilled none; and the single-pass kernels at R = 4 (N = 8192): the forwards within
+    SINGLE_PASS_SPILL_BUDGET, the backward's two kernels without spilling."""
     import os
     import subprocess
     import sys
@@ -597,7 +617,7 @@ def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line.split() for line in proc.stdout.splitlines()]
     assert [line[1] for line in lines] == ["rows_fwd", "rows_bwd", "cols_fwd", "cols_bwd", "single_fwd",
-                                           "single_fwd_add"], proc.stdout
+                                           "single_fwd_add", "single_dx", "single_dk"], proc.stdout
     version = tuple(int(x) for x in triton.__version__.split(".")[:2])
     allowed = 0 if version >= (3, 8) else ALLOWED_SPILLS_TRITON_3_6
     for _, name, shared, spilled in lines:
