@@ -22,7 +22,9 @@ What it measures, all on the same card in the same run:
    FLOP/s counts the DFT matrix products the kernels execute; GB/s counts the activations read and written
    once, the spectrum, and the three-level kernels' scratch rows.
 4. M2-BERT-80M encoder forward (bf16 weights, inference, filters cached) with kernels and with the torch
-   path vs BERT-base with SDPA attention (FlashAttention backend) at the same L: tokens/ms.
+   path vs BERT-base with SDPA attention (FlashAttention backend) at the same L: tokens/ms. At the longest
+   L one more call of the kernels model and of BERT-base runs under torch.profiler: the top GPU kernels by
+   self time and their share, i.e. where each forward spends its time.
 
 Prints markdown tables and writes everything as JSON (--json). Shapes are chosen so every row moves the
 same number of tokens (--tokens, default 65536 = B·L).
@@ -46,6 +48,8 @@ QUICK_LENGTHS = (2048, 4096, 16384)           # --quick (benchmarks/device_check
 BERT_HIDDEN = (768, 960, 1536, 1792)          # M2-BERT 80M / 110M / 260M / 341M
 GPT_360M = (1280, 5632)                       # (H, I) of M2-GPT-360M
 CONV_MODELS = {"M2-BERT-80M": 768, "M2-GPT-360M": 1280}
+# Kernels listed per profiled model forward (the longest L of the models section).
+PROFILE_TOP = 15
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -302,6 +306,28 @@ def _encoder(config_name: str, L: int, kernels: str, device, dtype, smoke: bool)
     return model.bert.to(device=device, dtype=dtype).eval()
 
 
+def profile_call(fn, device, top: int = PROFILE_TOP) -> list[dict]:
+    """One call of fn under torch.profiler: the `top` GPU kernels (CPU ops without a GPU) by self time, with
+    their share of the call's total, so a single GPU run shows where a model's forward spends its time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        events = [(e, e.self_device_time_total) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        events = [(e, e.self_cpu_time_total) for e in prof.key_averages()]
+    events = [(e, us) for e, us in events if us > 0]
+    total = sum(us for _, us in events) or 1.0
+    events.sort(key=lambda pair: -pair[1])
+    return [{"name": e.key[:90], "calls": e.count, "ms": us / 1e3, "share": 100 * us / total}
+            for e, us in events[:top]]
+
+
 def bench_models(device, tokens: int, lengths, reps: int, smoke: bool) -> list[dict]:
     dtype = torch.float32 if smoke else torch.bfloat16
     rows = []
@@ -316,6 +342,8 @@ def bench_models(device, tokens: int, lengths, reps: int, smoke: bool) -> list[d
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")      # the long-sequence fallback warning, once is enough
                 ms = time_ms(lambda: enc(ids), device, reps)
+                if L == max(lengths) and label != "m2_bert_80m_torch":
+                    row[f"{label}_profile"] = profile_call(lambda: enc(ids), device)
             row[f"{label}_ms"] = ms
             row[f"{label}_tokens_per_ms"] = B * L / ms
             del enc
@@ -367,6 +395,13 @@ def markdown(result: dict) -> str:
             out.append(f"| {r['L']} | {r['B']} | {r['m2_bert_80m_kernels_tokens_per_ms']:.1f} | "
                        f"{r['m2_bert_80m_torch_tokens_per_ms']:.1f} | {r['bert_base_sdpa_tokens_per_ms']:.1f} | "
                        f"{r['m2_kernels_vs_bert']:.2f}x |")
+        for r in result["models"]:
+            for label, title in (("m2_bert_80m_kernels", "M2-BERT-80M (kernels)"), ("bert_base_sdpa", "BERT-base SDPA")):
+                if f"{label}_profile" in r:
+                    out += ["", f"{title} forward at L = {r['L']}, B = {r['B']}: top kernels by self time "
+                                f"(one profiled call)", "", "| kernel | calls | ms | share |", "|---|---|---|---|"]
+                    out += [f"| `{e['name']}` | {e['calls']} | {e['ms']:.3f} | {e['share']:.1f}% |"
+                            for e in r[f"{label}_profile"]]
     return "\n".join(out)
 
 

@@ -400,6 +400,10 @@ def test_bench_smoke_mode_runs_every_section(tmp_path, capsys):
     assert fft_monarch.ONE_PROGRAM_MAX_FFT == 2048 and fft_monarch.ROW_FFT_SIZE == 2048      # restored
     assert result["models"][0]["bert_base_sdpa_tokens_per_ms"] > 0
     assert "| gated FFT conv |" in table and "BERT-base SDPA tok/ms" in table
+    # the longest L's forwards profiled: ops (kernels on a GPU) by self time, shares of one call
+    profile = result["models"][-1]["m2_bert_80m_kernels_profile"]
+    assert profile and all(e["ms"] > 0 and 0 < e["share"] <= 100 for e in profile)
+    assert sum(e["share"] for e in profile) <= 100.01 and "top kernels by self time" in table
 
 
 def test_bench_refuses_without_a_gpu(capsys):
