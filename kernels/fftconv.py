@@ -246,7 +246,7 @@ def _seq_view(x: torch.Tensor) -> torch.Tensor:
 
 class _GatedFFTConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, x1, x2, spec_re, spec_im, skip, addend):
+    def forward(ctx, v, x1, x2, spec_re, spec_im, skip, addend, grad_wanted):
         v = _seq_view(v)
         x1 = _seq_view(x1) if x1 is not None else None
         x2 = _seq_view(x2) if x2 is not None else None
@@ -263,8 +263,7 @@ class _GatedFFTConv(torch.autograd.Function):
             from . import fftconv_long
             # The single-pass three-level kernels keep the pre-gate output for dx2 (one (B, H, L)
             # activation) rather than recompute it through a scratch buffer in the backward.
-            y, conv = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend,
-                                           save_conv=any(ctx.needs_input_grad))
+            y, conv = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend, save_conv=grad_wanted)
         ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip, conv)
         return y
 
@@ -278,12 +277,12 @@ class _GatedFFTConv(torch.autograd.Function):
         if (n, _device_name(v)) not in _TOO_LARGE:
             try:
                 if ctx.one_program:
-                    return (*_launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip), d_addend)
+                    return (*_launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip), d_addend, None)
                 from . import fftconv_long
-                return (*fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip, conv), d_addend)
+                return (*fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip, conv), d_addend, None)
             except _RESOURCE_ERRORS as err:
                 _give_up_on(n, v, err)
-        return (*_reference_backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend)
+        return (*_reference_backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend, None)
 
 
 def _one_program(n: int) -> bool:
@@ -392,8 +391,12 @@ def gated_fft_conv(v: torch.Tensor, spec_re: torch.Tensor, spec_im: torch.Tensor
     if reason is not None:
         warnings.warn(f"fused FFT conv falls back to torch: {reason}", stacklevel=2)
         return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out, addend)
+    # Whether autograd will ask for a backward: decided here, since inside forward grad mode is off and
+    # ctx.needs_input_grad is True under no_grad too (a no-grad forward must not keep tensors for it).
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (v, gate_in, gate_out, spec_re, spec_im, skip, addend))
     try:
-        return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip, addend)
+        return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip, addend, grad_wanted)
     except _RESOURCE_ERRORS as err:
         _give_up_on(spec_re.shape[-1], v, err)
         return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out, addend)

@@ -128,12 +128,27 @@ def test_three_level_in_one_or_two_passes(small_rows, monkeypatch, max_rows):
         assert (conv is not None) == single, (L, r)
         want = reference(v, k_fwd, k_rev, skip, x1, x2) + addend
         assert rel(y, want) < 1e-5, (L, r)
+        saved, forward = [], fftconv_long.forward
+        monkeypatch.setattr(fftconv_long, "forward", _recording(forward, saved))
+        with torch.no_grad():                 # inference keeps nothing, though the inputs require grad
+            assert rel(fftconv.gated_fft_conv(v, spec_re, spec_im, skip, x1, x2, addend), want) < 1e-5
         y = fftconv.gated_fft_conv(v, spec_re, spec_im, skip, x1, x2, addend)
+        monkeypatch.setattr(fftconv_long, "forward", forward)
+        assert saved == [False, single], (L, r)
         assert rel(y, want) < 1e-5, (L, r)
         inputs = (v, x1, x2, addend, k_fwd, k_rev, skip)
         dy = torch.randn_like(want)
         for g, e in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(want, inputs, dy)):
             assert rel(g, e) < 1e-5, (L, r)
+
+
+def _recording(forward, saved: list):
+    """fftconv_long.forward that appends whether it kept the pre-gate output for the backward."""
+    def wrapped(*args, **kwargs):
+        y, conv = forward(*args, **kwargs)
+        saved.append(conv is not None)
+        return y, conv
+    return wrapped
 
 
 def _check_against_reference(B, H, L, bidirectional, gate_in, gate_out):
