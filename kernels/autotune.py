@@ -21,7 +21,7 @@ from dataclasses import dataclass
 # Integer arguments that are multiples of 16 for every released model size; Triton specialises such
 # arguments at launch (tt.divisibility), which is what enables vectorised, pipelined loads - so the check
 # compiles the variant a real launch gets.
-_DIVISIBLE_INTS = {"M", "in_limit", "out_limit", "stride_xm", "stride_ym", "stride_dym", "stride_hm",
+_DIVISIBLE_INTS = {"M", "in_limit", "out_limit", "stride_xm", "stride_rm", "stride_ym", "stride_dym", "stride_hm",
                    "stride_am", "stride_dm", "stride_dhm", "x_blk", "y_blk", "dy_blk", "stride_wb", "stride_wn",
                    "stride_ws", "IN_BLK", "OUT_BLK", "INTER", "rows_per_split"}
 
@@ -40,13 +40,20 @@ def kernel_specs(dtype_name: str) -> list[KernelSpec]:
     prec = "ieee" if dtype_name == "fp32" else "tf32"
     return [
         KernelSpec("blockdiag (bias)", blockdiag._blockdiag_kernel, (),
-                   {"HAS_BIAS": True, "CAST_FP32": False, "PRECISION": prec}, ("x_elem", "y_elem", "stride_wk")),
+                   {"HAS_BIAS": True, "HAS_RES": False, "CAST_FP32": False, "PRECISION": prec},
+                   ("x_elem", "y_elem", "stride_wk")),
+        # the GLU's Wo with the layer's residual added in the epilogue (M2-BERT y + GLU(y), M2-GPT blocks)
+        KernelSpec("blockdiag (bias+res)", blockdiag._blockdiag_kernel, (),
+                   {"HAS_BIAS": True, "HAS_RES": True, "CAST_FP32": False, "PRECISION": prec},
+                   ("x_elem", "y_elem", "stride_wk")),
         # the input gradient dY·W: W read transposed (unit stride along the output index)
         KernelSpec("blockdiag dX", blockdiag._blockdiag_kernel, (),
-                   {"HAS_BIAS": False, "CAST_FP32": False, "PRECISION": prec}, ("x_elem", "y_elem", "stride_wn")),
+                   {"HAS_BIAS": False, "HAS_RES": False, "CAST_FP32": False, "PRECISION": prec},
+                   ("x_elem", "y_elem", "stride_wn")),
         # Monarch's second factor: transposed layout (element stride nblocks), the permutation in the loads
         KernelSpec("monarch L factor", blockdiag._blockdiag_kernel, (),
-                   {"HAS_BIAS": True, "CAST_FP32": False, "PRECISION": prec}, ("x_blk", "y_blk", "stride_wk")),
+                   {"HAS_BIAS": True, "HAS_RES": False, "CAST_FP32": False, "PRECISION": prec},
+                   ("x_blk", "y_blk", "stride_wk")),
         KernelSpec("blockdiag dW", blockdiag._weight_grad_kernel, ("dw_ptr",),
                    {"CAST_FP32": False, "PRECISION": prec}, ("x_elem", "dy_elem", "stride_wk")),
         KernelSpec("glu forward", glu._glu_fwd_kernel, (),
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
     smem_limit = 232448                      # bytes of shared memory per block on sm_90
     for name, dtype_name, kwargs, shared in report:
         note = "" if shared <= smem_limit else "  (over the sm_90 limit: the autotuner skips it)"
-        print(f"ok  sm_{args.arch} {dtype_name:5s} {name:18s} {kwargs} shared={shared}{note}")
+        print(f"ok  sm_{args.arch} {dtype_name:5s} {name:20s} {kwargs} shared={shared}{note}")
     return 0
 
 

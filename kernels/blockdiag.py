@@ -39,11 +39,12 @@ def transposed_layout(nblocks: int) -> Layout:
 @triton.autotune(configs=matmul_configs(), key=["IN_BLK", "OUT_BLK", "x_elem", "y_elem"],
                  prune_configs_by={"early_config_prune": prune_wide_tiles}, cache_results=True)
 @triton.jit
-def _blockdiag_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, in_limit, out_limit, stride_xm, stride_ym,
+def _blockdiag_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, in_limit, out_limit, stride_xm, stride_rm, stride_ym,
                       x_blk, x_elem, y_blk, y_elem, stride_wb, stride_wn, stride_wk, IN_BLK, OUT_BLK,
-                      HAS_BIAS: tl.constexpr, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (BLOCK_M rows) x (BLOCK_N outputs of block `blk`) tile of y; W is read as (blk, n, k)."""
+                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, CAST_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M rows) x (BLOCK_N outputs of block `blk`) tile of y; W is read as (blk, n, k). HAS_RES adds
+    a residual (rows, out) in the epilogue, as y is stored."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     blk = tl.program_id(2)
@@ -69,6 +70,9 @@ def _blockdiag_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, in_limit, out_limit, stride
     col_ok = n_ok & (ycol < out_limit)
     if HAS_BIAS:
         acc += tl.load(b_ptr + ycol, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        acc += tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_rm + ycol[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + ycol[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -113,8 +117,9 @@ def _weight_grad_kernel(dy_ptr, x_ptr, dw_ptr, M, rows_per_split, NBLOCKS, in_li
 
 def blockdiag_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, x_layout: Layout,
                       y_layout: Layout, in_limit: int, out_limit: int, out_width: int,
-                      transpose_w: bool = False) -> torch.Tensor:
-    """y (rows, out_width) with y[:, col_y(b, j)] = Σ_i Wb[j, i] x[:, col_x(b, i)] (+ bias[col_y]).
+                      transpose_w: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y (rows, out_width) with y[:, col_y(b, j)] = Σ_i Wb[j, i] x[:, col_x(b, i)] (+ bias[col_y])
+    (+ residual[:, col_y], a (rows, out_width) tensor with unit column stride).
 
     `transpose_w` reads W (nblocks, out, in) as (nblocks, in, out): that is the input gradient, dy·W."""
     nblocks = w.shape[0]
@@ -129,9 +134,11 @@ def blockdiag_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(out_blk, meta["BLOCK_N"]), nblocks)
     with on_device_of(x):
         _blockdiag_kernel[grid](
-            x, w, bias if bias is not None else x, y, rows, in_limit, out_limit, x.stride(0), y.stride(0),
+            x, w, bias if bias is not None else x, residual if residual is not None else x, y, rows, in_limit,
+            out_limit, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
             x_layout.blk, x_layout.elem, y_layout.blk, y_layout.elem, s_wb, s_wn, s_wk, in_blk, out_blk,
-            HAS_BIAS=bias is not None, CAST_FP32=INTERPRET, PRECISION=dot_precision(x.dtype))
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, CAST_FP32=INTERPRET,
+            PRECISION=dot_precision(x.dtype))
     return y
 
 
@@ -159,14 +166,14 @@ class BlockdiagFunction(torch.autograd.Function):
     layer's zero-padding / truncation semantics when the features do not divide by nblocks."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, out_features):
+    def forward(ctx, x, w, bias, out_features, residual=None):
         nblocks, out_blk, in_blk = w.shape
         in_features = x.shape[1]
         ctx.save_for_backward(x, w)
         ctx.has_bias = bias is not None
         ctx.out_features = out_features
         return blockdiag_forward(x, w, bias, contiguous_layout(in_blk), contiguous_layout(out_blk),
-                                 in_features, out_features, out_features)
+                                 in_features, out_features, out_features, residual=residual)
 
     @staticmethod
     def backward(ctx, dy):
@@ -182,16 +189,22 @@ class BlockdiagFunction(torch.autograd.Function):
             dw = blockdiag_weight_grad(dy, x, w.shape, x_lay, y_lay, x.shape[1], ctx.out_features).to(w.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, None
+        # The residual passes straight through: its gradient is dy.
+        return dx, dw, db, None, (dy if ctx.needs_input_grad[4] else None)
 
 
 def blockdiag_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     out_features: int) -> torch.Tensor:
-    """The Triton block-diagonal layer on x (..., in_features); see m2train.kernels.ops for dispatch."""
+                     out_features: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton block-diagonal layer on x (..., in_features), plus `residual` (..., out_features) added in
+    the epilogue when given (saves the separate sum's read-read-write pass); see m2train.kernels.ops."""
     dtype = compute_dtype(x)
+    if residual is not None and residual.dtype != dtype:
+        # The sum takes torch's promoted dtype, which the kernel (storing in `dtype`) would not.
+        return blockdiag_linear(x, weight, bias, out_features) + residual
     batch_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
     b = bias.to(dtype) if bias is not None else None
+    r2 = residual.reshape(-1, out_features).contiguous() if residual is not None else None
     with torch.autocast(x.device.type, enabled=False):
-        y = BlockdiagFunction.apply(x2, weight.to(dtype).contiguous(), b, out_features)
+        y = BlockdiagFunction.apply(x2, weight.to(dtype).contiguous(), b, out_features, r2)
     return y.view(*batch_shape, out_features)

@@ -64,14 +64,16 @@ def kernels_enabled(x: torch.Tensor, mode: str = "auto") -> bool:
 
 
 def blockdiag_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                     out_features: int, mode: str = "auto") -> torch.Tensor:
-    """Block-diagonal layer (m2train.models.blockdiag semantics): x (..., in_features) -> (..., out_features)."""
+                     out_features: int, mode: str = "auto", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-diagonal layer (m2train.models.blockdiag semantics): x (..., in_features) -> (..., out_features),
+    plus `residual` (same shape as the output) when given - in the kernel's epilogue on the Triton path."""
     width = None if x.shape[-1] == in_features else f"input width {x.shape[-1]} != in_features {in_features}"
     if _triton_ok("blockdiag_linear", x, mode, weight, bias, shape_reason=width):
         from .blockdiag import blockdiag_linear as kernel
-        return kernel(x, weight, bias, out_features)
+        return kernel(x, weight, bias, out_features, residual)
     from m2train.models.blockdiag import blockdiag_linear_reference
-    return blockdiag_linear_reference(x, weight, bias, in_features, out_features)
+    out = blockdiag_linear_reference(x, weight, bias, in_features, out_features)
+    return out + residual if residual is not None else out
 
 
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,

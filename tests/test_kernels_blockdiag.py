@@ -53,6 +53,26 @@ def _check_against_reference(layer, kernel_fn, reference_fn, batch):
 
 
 @pytest.mark.parametrize("fin,fout,nb,bias,batch", CASES)
+def test_blockdiag_residual_is_added_in_the_epilogue(fin, fout, nb, bias, batch):
+    """layer(x) + residual with the residual in the kernel's epilogue (M2-BERT's y + GLU(y)): output and
+    every gradient, the residual's being dy, equal the reference sum."""
+    layer = BlockDiagonalLinear(fin, fout, nb, bias=bias)
+    x = torch.randn(*batch, fin, requires_grad=True)
+    residual = torch.randn(*batch, fout, requires_grad=True)
+    inputs = [x, residual, *layer.parameters()]
+    y = ops.blockdiag_linear(x, layer.weight, layer.bias, fin, fout, "triton", residual)
+    assert ran_kernel(y, "BlockdiagFunction")
+    want = blockdiag_linear_reference(x, layer.weight, layer.bias, fin, fout) + residual
+    assert rel_err(y, want) < TOL
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(want, inputs, g)):
+        assert a.shape == b.shape and rel_err(a, b) < TOL
+    # a residual of a wider dtype is added outside the kernel, so the sum keeps torch's promoted dtype
+    wide = ops.blockdiag_linear(x, layer.weight, layer.bias, fin, fout, "triton", residual.double())
+    assert wide.dtype == torch.float64 and rel_err(wide, want) < TOL
+
+
+@pytest.mark.parametrize("fin,fout,nb,bias,batch", CASES)
 def test_blockdiag_kernel_matches_reference_fwd_bwd(fin, fout, nb, bias, batch):
     layer = BlockDiagonalLinear(fin, fout, nb, bias=bias)
     y = _check_against_reference(
@@ -158,7 +178,7 @@ def test_gpu_monarch_bf16_and_fp32(hidden, nblocks):
     assert rel_err(yb, y_ref) < 1e-2 and all(rel_err(a, b) < 2e-2 for a, b in zip(gb, g_ref))
 
 
-@pytest.mark.slow       # 12 sm_90 compiles through ptxas: ~1 min on a busy 2-core machine
+@pytest.mark.slow       # 14 sm_90 compiles through ptxas: ~1 min on a busy 2-core machine
 def test_kernels_compile_for_h100_without_a_gpu(tmp_path):
     """The interpreter checks none of the GPU lowering; Triton's own compiler (with its bundled ptxas) does,
     for sm_90, on this CPU: every kernel, bf16 and fp32, with the launch-time specialisations."""
@@ -168,9 +188,9 @@ def test_kernels_compile_for_h100_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ok  sm_90")]
-    assert len(lines) == 12, proc.stdout
-    for name in ("blockdiag (bias)", "blockdiag dX", "monarch L factor", "blockdiag dW", "glu forward",
-                 "glu backward"):
+    assert len(lines) == 14, proc.stdout
+    for name in ("blockdiag (bias)", "blockdiag (bias+res)", "blockdiag dX", "monarch L factor", "blockdiag dW",
+                 "glu forward", "glu backward"):
         assert sum(name in line for line in lines) == 2, name
 
 

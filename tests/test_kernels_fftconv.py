@@ -376,6 +376,35 @@ def test_mixer_kernel_path_moves_no_needless_activation_copies():
     assert traffic.counts == {"copies": 1, "adds": 0, "syncs": 2}
 
 
+@pytest.mark.parametrize("arch", ["m2_bert", "m2_gpt"])
+def test_layer_kernel_path_sums_no_branches_in_torch(arch, monkeypatch):
+    """A whole M2-BERT layer / M2-GPT block (inference, kernels forced) forms none of its sums of two
+    activations as a separate torch op: the two long-conv branches meet in the residual conv's kernel, and
+    the residual around the GLU (y + GLU(y), x + GLU(LN(x))) is added in Wo's epilogue; only the GPT
+    block's residual around the mixer remains. Same output as the torch path."""
+    from conftest import tiny_model_cfg
+    from m2train.kernels.dispatch import ENV_VAR
+    from m2train.models import build_model
+
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(arch, hidden_size=16, intermediate_size=32, max_seq_len=40, filter_order=8)
+    model = build_model(cfg).to(DEVICE).eval()
+    layer = model.bert.layers[0] if arch == "m2_bert" else model.blocks[0]
+    B, L = 2, 40
+    h = torch.randn(B, L, cfg.hidden_size, device=DEVICE)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    with torch.no_grad():
+        want = layer(h)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    with torch.no_grad():
+        layer(h)                                          # fills the spectrum caches
+        traffic = _ActivationTraffic(B * L * cfg.hidden_size)
+        with traffic.mode:
+            got = layer(h)
+    assert rel(got, want) < 1e-5
+    assert traffic.counts["adds"] == (0 if arch == "m2_bert" else 1)
+
+
 def test_env_override_forces_torch(monkeypatch):
     _, ker = _mixer_pair(False)
     x = torch.randn(1, 16, 30, device=DEVICE)

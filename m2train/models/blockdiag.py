@@ -73,9 +73,11 @@ class BlockDiagonalLinear(nn.Module):
             b = 1.0 / math.sqrt(self.out_features)
             nn.init.uniform_(self.bias, -b, b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features) [+ residual] (added in the kernel's epilogue when the
+        Triton path runs)."""
         return ops.blockdiag_linear(x, self.weight, self.bias, self.in_features, self.out_features,
-                                    kernel_mode(self))
+                                    kernel_mode(self), residual)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense (out_features, in_features) matrix: y = x @ W.T + b."""

@@ -47,18 +47,25 @@ class MonarchGLU(nn.Module):
         self.wo = structured_linear(kind, intermediate_size, hidden_size, nblocks, bias=True)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """GLU(y) [+ residual]. With the kernels on and a block-diagonal Wo the residual is added in Wo's
+        epilogue (M2-BERT's y + GLU(y) without a separate pass over the activations)."""
         mode = kernel_mode(self)
         if ops.kernels_enabled(y, mode):
             # Kernels on: the block-diagonal up-projection, GELU and gate run as one fused op, and the
             # CPU-cache row chunking below has nothing to offer.
             if isinstance(self.gated_layers, BlockDiagonalLinear):
                 act = ops.glu_blockdiag(y, self.gated_layers.weight, self.intermediate_size, mode)
-                return self.wo(self.dropout(act))
-            return self._glu(y)
-        if self._can_chunk(y):
-            return self._forward_chunked(y)
-        return self._glu(y)
+                if isinstance(self.wo, BlockDiagonalLinear):
+                    return self.wo(self.dropout(act), residual)
+                out = self.wo(self.dropout(act))
+            else:
+                out = self._glu(y)
+        elif self._can_chunk(y):
+            out = self._forward_chunked(y)
+        else:
+            out = self._glu(y)
+        return out + residual if residual is not None else out
 
     def _glu(self, y: torch.Tensor) -> torch.Tensor:
         """The reference formula on whole tensors (used under autograd and autocast)."""

@@ -29,9 +29,10 @@ class M2BertLayer(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # No residual around the mixer: that is the reference architecture.
+        # No residual around the mixer: that is the reference architecture. norm(y + GLU(y)), the residual
+        # passed in so that the kernels can add it as Wo's output is stored.
         y = self.mixer(h, attention_mask)
-        return self.norm(y + self.mlp(y))
+        return self.norm(self.mlp(y, residual=y))
 
 
 def m2_bert_layers(cfg: ModelConfig) -> list[nn.Module]:

@@ -25,7 +25,11 @@ class M2GPTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.mixer(self.norm1(x)))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        if self.training and self.dropout.p > 0:
+            return x + self.dropout(self.mlp(self.norm2(x)))
+        # No dropout between them: the residual goes into the GLU, whose kernel adds it as Wo's output
+        # is stored (no separate pass over the activations).
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class M2GPT(CausalLM):

@@ -218,8 +218,12 @@ class TensorParallelGLU(MonarchGLU):
     def _dropout(self, act: torch.Tensor) -> torch.Tensor:
         return sharded_dropout(act, self.dropout, act.dim() - 1, self.tp_rank, self.tp_size)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        y = _copy_to_tp(y, self.group)
+    def forward(self, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """GLU(y) [+ residual], as MonarchGLU (the residual is added after the all-reduce)."""
+        out = self._tp_glu(_copy_to_tp(y, self.group))
+        return out + residual if residual is not None else out
+
+    def _tp_glu(self, y: torch.Tensor) -> torch.Tensor:
         if self.out_blocks is None:              # dense
             gate, value = F.linear(y, self.gated_layers.weight).chunk(2, dim=-1)
             partial = F.linear(self._dropout(F.gelu(gate) * value), self.wo.weight)
