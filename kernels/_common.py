@@ -51,6 +51,21 @@ def glu_configs() -> list[triton.Config]:
     ]
 
 
+def glu_mlp_configs() -> list[triton.Config]:
+    """The one-kernel GLU MLP (kernels/glu_mlp.py): BLOCK_M rows x BLOCK_N activation columns per step
+    (BLOCK_K of the input per up-projection step); the output accumulator is BLOCK_M x BLOCK_O fp32,
+    BLOCK_O = next_pow2(H / nblocks): 256 up to H = 1024, 512 up to 2048. An offline sm_90a compile (bf16,
+    Triton 3.6 and 3.8) spills nothing with these at either width except 64 x 64 at 512 (20 / 140 B);
+    4-warp variants spilled (24-316 B) and were dropped."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    ]
+
+
 def weight_grad_configs() -> list[triton.Config]:
     """Tiles for dW = dYᵀ·X: BLOCK_N x BLOCK_K outputs, reduced over BLOCK_M rows per step."""
     if INTERPRET:

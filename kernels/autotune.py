@@ -21,7 +21,8 @@ from dataclasses import dataclass
 # Integer arguments that are multiples of 16 for every released model size; Triton specialises such
 # arguments at launch (tt.divisibility), which is what enables vectorised, pipelined loads - so the check
 # compiles the variant a real launch gets.
-_DIVISIBLE_INTS = {"M", "in_limit", "out_limit", "stride_xm", "stride_rm", "stride_ym", "stride_dym", "stride_hm",
+_DIVISIBLE_INTS = {"M", "in_limit", "out_limit", "stride_xm", "stride_rm", "stride_ym", "s_gb", "s_gn", "s_ob",
+                   "s_on", "ACT_BLK", "stride_dym", "stride_hm",
                    "stride_am", "stride_dm", "stride_dhm", "x_blk", "y_blk", "dy_blk", "stride_wb", "stride_wn",
                    "stride_ws", "IN_BLK", "OUT_BLK", "INTER", "rows_per_split"}
 
@@ -36,7 +37,7 @@ class KernelSpec:
 
 
 def kernel_specs(dtype_name: str) -> list[KernelSpec]:
-    from . import blockdiag, glu
+    from . import blockdiag, glu, glu_mlp
     prec = "ieee" if dtype_name == "fp32" else "tf32"
     return [
         KernelSpec("blockdiag (bias)", blockdiag._blockdiag_kernel, (),
@@ -59,6 +60,10 @@ def kernel_specs(dtype_name: str) -> list[KernelSpec]:
         KernelSpec("glu forward", glu._glu_fwd_kernel, (),
                    {"STORE_H": True, "CAST_FP32": False, "PRECISION": prec}, ("stride_wk",)),
         KernelSpec("glu backward", glu._glu_bwd_kernel, (), {}),
+        # the inference MLP in one kernel; BLOCK_O = 256 holds an M2-BERT-80M Wo block (H/4 = 192 outputs)
+        KernelSpec("glu mlp (inference)", glu_mlp._glu_mlp_fwd_kernel, (),
+                   {"HAS_BIAS": True, "HAS_RES": True, "CAST_FP32": False, "PRECISION": prec, "BLOCK_O": 256},
+                   ("s_gk", "s_ok")),
     ]
 
 

@@ -9,7 +9,9 @@ What it measures, all on the same card in the same run:
    (GB/s, bytes read + written). Every kernel's achieved rate is reported against them.
 2. Block-diagonal / Monarch layers (m2train.kernels.ops, bf16): the GLU up-projection H -> 2I fused with
    GELU and the gate, the block-diagonal down-projection I -> H, and an order-2 Monarch H -> H, vs the
-   torch.bmm reference path, at H = 768, 960, 1536, 1792 (M2-BERT sizes) and 1280 (M2-GPT-360M).
+   torch.bmm reference path, at H = 768, 960, 1536, 1792 (M2-BERT sizes) and 1280 (M2-GPT-360M); and the
+   whole GLU MLP's inference forward in one kernel (kernels/glu_mlp.py) vs the torch path and vs the two
+   kernels it replaces.
 3. The gated FFT long convolution y = (conv(v ⊙ x1, k) + D ⊙ v ⊙ x1) ⊙ x2 (kernels/fftconv.py, bf16
    activations, fp32 spectrum) vs the torch.fft reference (models/longconv.py + the gating in torch), for
    H = 768 (M2-BERT-80M) and 1280 (M2-GPT-360M) at L = 512 ... 16384, forward and forward+backward.
@@ -139,7 +141,46 @@ def bench_monarch(device, dtype, tokens: int, hidden_sizes, peaks, reps: int) ->
             rows.append(row)
             print(f"  {name:28s} H={H:5d}  speed-up fwd {row['speedup_fwd']:.2f}x  fwd+bwd "
                   f"{row['speedup_fwdbwd']:.2f}x", file=sys.stderr)
+        rows.append(_bench_glu_mlp(x, w_up, w_dn, b_dn, I, peaks, reps, device))
     return rows
+
+
+def _bench_glu_mlp(x, w_up, w_dn, b_dn, I: int, peaks, reps: int, device) -> dict:
+    """The whole GLU MLP forward without autograd (inference): the torch path, the two kernels (GLU
+    up-projection, then Wo; the (tokens, I) activation goes through memory) and the one kernel
+    (kernels/glu_mlp.py, the activation stays on chip). fwd+bwd is the two kernels' (training)."""
+    from m2train.kernels import ops
+    from m2train.kernels.glu_mlp import glu_mlp_forward
+
+    tokens, H = x.shape
+    nb = w_up.shape[0]
+
+    def two_step(mode):
+        return ops.blockdiag_linear(ops.glu_blockdiag(x, w_up, I, mode), w_dn, b_dn, I, H, mode)
+
+    row = {"op": "glu mlp (H->I->H), one kernel", "H": H, "I": I, "tokens": tokens, "dtype": str(x.dtype)}
+    with torch.no_grad():
+        row["torch_fwd_ms"] = time_ms(lambda: two_step("torch"), device, reps)
+        row["two_kernel_fwd_ms"] = time_ms(lambda: two_step("triton"), device, reps)
+        row["triton_fwd_ms"] = time_ms(lambda: glu_mlp_forward(x, w_up, w_dn, b_dn), device, reps)
+
+    def fwd_bwd(mode):
+        def run():
+            two_step(mode).backward(grad)
+            x.grad = None
+        return run
+    grad = torch.randn(tokens, H, device=device, dtype=x.dtype)
+    row["torch_fwdbwd_ms"] = time_ms(fwd_bwd("torch"), device, reps)
+    row["triton_fwdbwd_ms"] = time_ms(fwd_bwd("triton"), device, reps)
+    row["speedup_fwd"] = row["torch_fwd_ms"] / row["triton_fwd_ms"]
+    row["speedup_fwd_vs_two_kernels"] = row["two_kernel_fwd_ms"] / row["triton_fwd_ms"]
+    row["speedup_fwdbwd"] = row["torch_fwdbwd_ms"] / row["triton_fwdbwd_ms"]
+    flops = 2 * tokens * H * 2 * I / nb + 2 * tokens * I * H / nb
+    row.update(_rates(flops, x.element_size() * (2 * tokens * H + w_up.numel() + w_dn.numel()),
+                      row["triton_fwd_ms"], peaks))
+    print(f"  glu mlp one kernel           H={H:5d}  fwd vs torch {row['speedup_fwd']:.2f}x, vs two kernels "
+          f"{row['speedup_fwd_vs_two_kernels']:.2f}x", file=sys.stderr)
+    return row
 
 
 # ------------------------------------------------------------------------------------------- FFT conv
@@ -369,7 +410,8 @@ def markdown(result: dict) -> str:
         out += ["| op | H | torch fwd ms | triton fwd ms | speed-up fwd | speed-up fwd+bwd | TFLOP/s (% peak) | GB/s (% peak) |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in result["monarch"]:
-            out.append(f"| {r['op']} | {r['H']} | {r['torch_fwd_ms']:.3f} | {r['triton_fwd_ms']:.3f} | "
+            op = r["op"] + (f" (two kernels: {r['two_kernel_fwd_ms']:.3f} ms fwd)" if "two_kernel_fwd_ms" in r else "")
+            out.append(f"| {op} | {r['H']} | {r['torch_fwd_ms']:.3f} | {r['triton_fwd_ms']:.3f} | "
                        f"{r['speedup_fwd']:.2f}x | {r['speedup_fwdbwd']:.2f}x | {r['tflops']:.1f} "
                        f"({r['pct_peak_flops']:.0f}%) | {r['gbs']:.0f} ({r['pct_peak_bw']:.0f}%) |")
         out.append("")

@@ -26,6 +26,36 @@ def supported_shape(weight: torch.Tensor, in_features: int, intermediate_size: i
     return nblocks % 2 == 0 and nblocks * in_blk == in_features and nblocks * out_blk == 2 * intermediate_size
 
 
+@triton.jit
+def gate_value_tile(x_rows, wa_cols, blk, HALF, stride_wb, stride_wk, row_ok, n_ok, IN_BLK,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) gate and value pre-activations (fp32) of one tile: x_rows are the tile's row
+    pointers (BLOCK_M, 1), wa_cols the gate block `blk`'s weight pointers at the tile's output columns
+    (1, BLOCK_N); the value block is blk + HALF, reading input block blk + HALF."""
+    wb_cols = wa_cols + HALF * stride_wb
+    rk = tl.arange(0, BLOCK_K)
+    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, IN_BLK, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < IN_BLK
+        x_mask = row_ok[:, None] & k_ok[None, :]
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        xa = tl.load(x_rows + (blk * IN_BLK + kk)[None, :], mask=x_mask, other=0.0)
+        xb = tl.load(x_rows + ((blk + HALF) * IN_BLK + kk)[None, :], mask=x_mask, other=0.0)
+        wa = tl.load(wa_cols + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
+        wb = tl.load(wb_cols + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
+        if CAST_FP32:
+            xa = xa.to(tl.float32)
+            xb = xb.to(tl.float32)
+            wa = wa.to(tl.float32)
+            wb = wb.to(tl.float32)
+        acc_a = tl.dot(xa, wa, acc_a, input_precision=PRECISION)
+        acc_b = tl.dot(xb, wb, acc_b, input_precision=PRECISION)
+    return acc_a, acc_b
+
+
 @triton.autotune(configs=glu_configs(), key=["IN_BLK", "OUT_BLK", "STORE_H"],
                  prune_configs_by={"early_config_prune": prune_wide_tiles}, cache_results=True)
 @triton.jit
@@ -38,30 +68,12 @@ def _glu_fwd_kernel(x_ptr, w_ptr, h_ptr, act_ptr, M, stride_xm, stride_hm, strid
     blk = tl.program_id(2)                      # gate block; its value block is blk + HALF
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     row_ok = rm < M
     n_ok = rn < OUT_BLK
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-    wa_base = w_ptr + blk * stride_wb + rn[None, :] * stride_wn
-    wb_base = wa_base + HALF * stride_wb
-    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, IN_BLK, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < IN_BLK
-        x_mask = row_ok[:, None] & k_ok[None, :]
-        w_mask = k_ok[:, None] & n_ok[None, :]
-        xa = tl.load(x_rows + (blk * IN_BLK + kk)[None, :], mask=x_mask, other=0.0)
-        xb = tl.load(x_rows + ((blk + HALF) * IN_BLK + kk)[None, :], mask=x_mask, other=0.0)
-        wa = tl.load(wa_base + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
-        wb = tl.load(wb_base + kk[:, None] * stride_wk, mask=w_mask, other=0.0)
-        if CAST_FP32:
-            xa = xa.to(tl.float32)
-            xb = xb.to(tl.float32)
-            wa = wa.to(tl.float32)
-            wb = wb.to(tl.float32)
-        acc_a = tl.dot(xa, wa, acc_a, input_precision=PRECISION)
-        acc_b = tl.dot(xb, wb, acc_b, input_precision=PRECISION)
+    acc_a, acc_b = gate_value_tile(x_ptr + rm.to(tl.int64)[:, None] * stride_xm,
+                                   w_ptr + blk * stride_wb + rn[None, :] * stride_wn, blk, HALF, stride_wb,
+                                   stride_wk, row_ok, n_ok, IN_BLK, BLOCK_M, BLOCK_N, BLOCK_K, CAST_FP32,
+                                   PRECISION)
     # The GELU sees the pre-activation rounded to the output dtype, exactly like the reference's.
     a = acc_a.to(act_ptr.dtype.element_ty).to(tl.float32)
     b = acc_b.to(act_ptr.dtype.element_ty).to(tl.float32)

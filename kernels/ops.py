@@ -104,4 +104,23 @@ def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int,
     return F.gelu(gate) * value
 
 
-__all__ = ["blockdiag_linear", "monarch_linear", "glu_blockdiag", "kernels_enabled", "unsupported_reason"]
+def glu_mlp_inference(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
+                      intermediate_size: int, mode: str = "auto",
+                      residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The block-diagonal GLU MLP Wo·(gelu(A·x) ⊙ (B·x)) + bo [+ residual] in one kernel (kernels/glu_mlp.py),
+    for forwards without autograd; None when that kernel cannot take the call (autograd on, another
+    layout, dtype or device), and the caller runs the two-step path."""
+    if torch.is_grad_enabled() or not use_triton(x, mode):
+        return None
+    from .glu_mlp import supported
+    out_features = w_out.shape[0] * w_out.shape[1]
+    if not supported(w_up, w_out, x.shape[-1], intermediate_size, out_features):
+        return None
+    if unsupported_reason(x, w_up, w_out, bias) is not None:
+        return None                    # the two-step path's ops fall back (and warn) for the same reason
+    from .glu_mlp import glu_mlp_forward
+    return glu_mlp_forward(x, w_up, w_out, bias, residual)
+
+
+__all__ = ["blockdiag_linear", "monarch_linear", "glu_blockdiag", "glu_mlp_inference", "kernels_enabled",
+           "unsupported_reason"]

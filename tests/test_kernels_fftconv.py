@@ -436,7 +436,7 @@ def test_bench_smoke_mode_runs_every_section(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["peaks"]["matmul_tflops"] > 0 and result["peaks"]["copy_gbs"] > 0
     assert {r["op"] for r in result["monarch"]} == {"glu_up (H->2I, gelu*gate)", "blockdiag (I->H)",
-                                                    "monarch (H->H)"}
+                                                    "monarch (H->H)", "glu mlp (H->I->H), one kernel"}
     conv = result["fftconv"][0]
     assert conv["triton_fwdbwd_ms"] > 0 and conv["speedup_fwdbwd"] > 0 and "tflops" in conv
     rows = [r for r in result["fftconv"] if r["layout"].startswith("rows")]     # L = 300: three-level kernels

@@ -87,6 +87,62 @@ def test_monarch_glu_module_with_kernels_on_equals_reference(kind, monkeypatch):
         assert rel_err(glu(x), y_ref) < TOL
 
 
+# (hidden, intermediate, nblocks, rows): Wo blocks of 6 outputs (padded to the 16-wide accumulator), rows
+# not filling a row tile, several activation chunks per Wo block, two blocks
+MLP_CASES = [(24, 48, 4, 37), (64, 256, 4, 50), (40, 80, 2, 21)]
+
+
+@pytest.mark.parametrize("hidden,inter,nb,rows", MLP_CASES)
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
+def test_one_kernel_glu_mlp_matches_reference(hidden, inter, nb, rows, bias, residual):
+    """kernels/glu_mlp.py: Wo·(gelu(A·x) ⊙ (B·x)) + bo [+ r] with the activation never stored, vs the
+    reference GLU: fp32 within 1e-5; bf16 rounds where the two-kernel bf16 path rounds, so it agrees with it."""
+    from m2train.kernels.glu_mlp import glu_mlp_forward, supported
+
+    glu = MonarchGLU(hidden, inter, "blockdiag", nb)
+    if not bias:
+        glu.wo.bias = None
+    g, o = glu.gated_layers.weight, glu.wo.weight
+    assert supported(g, o, hidden, inter, hidden)
+    x = torch.randn(rows, hidden)
+    r = torch.randn(rows, hidden) if residual else None
+    with torch.no_grad():
+        want = glu._glu(x) + (r if residual else 0)
+        assert rel_err(glu_mlp_forward(x, g, o, glu.wo.bias, r), want) < TOL
+        xb, rb = x.bfloat16(), (r.bfloat16() if residual else None)
+        fused = glu_mlp_forward(xb, g, o, glu.wo.bias, rb)
+        act = ops.glu_blockdiag(xb, g.bfloat16(), inter, "triton")
+        two_step = ops.blockdiag_linear(act, o.bfloat16(), glu.wo.bias.bfloat16() if bias else None, inter, hidden,
+                                        "triton", rb)
+    assert fused.dtype == torch.bfloat16
+    # bf16: ~1.3% from fp32 (as the two-kernel path: test_bf16_fused_glu_close_to_fp32 allows 1.5% for the
+    # GLU alone); vs the two-kernel path only accumulation order differs (identical in the interpreter)
+    assert rel_err(fused, want) < 2e-2 and rel_err(fused, two_step) < 4e-3
+
+
+def test_glu_module_runs_the_one_kernel_mlp_only_without_autograd(monkeypatch):
+    """MonarchGLU (kernels forced, block-diagonal) takes the one-kernel MLP for no-grad forwards and the
+    two differentiable kernels under autograd; both equal the torch path, residual included."""
+    from m2train.kernels import glu_mlp
+
+    calls = []
+    real = glu_mlp.glu_mlp_forward
+    monkeypatch.setattr(glu_mlp, "glu_mlp_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    glu = MonarchGLU(48, 96, "blockdiag", nblocks=4)
+    x, r = torch.randn(2, 11, 48), torch.randn(2, 11, 48)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    want = glu(x, residual=r)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    got = glu(x, residual=r)
+    assert calls == [] and ran_kernel(got, "BlockdiagFunction") and rel_err(got, want) < TOL
+    with torch.no_grad():
+        assert rel_err(glu(x, residual=r), want) < TOL and calls == [1]
+        glu.train()
+        glu.dropout.p = 0.5                                   # active dropout sits between the two layers
+        glu(x)
+    assert calls == [1]
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @on_gpu
 @pytest.mark.parametrize("hidden", [1792])      # M2-GPT-360M-class width; 768 is in the blockdiag GPU test
@@ -105,6 +161,28 @@ def test_gpu_fused_glu_bf16_and_fp32(hidden):
         yb = ops.glu_blockdiag(x, up.weight, inter, "triton")
     assert yb.dtype == torch.bfloat16 and rel_err(yb, y_ref) < 2e-2
     assert all(rel_err(a, b) < 3e-2 for a, b in zip(torch.autograd.grad(yb, [x, up.weight], g), grads_ref))
+
+
+@on_gpu
+@pytest.mark.parametrize("hidden", [768, 1280])     # Wo blocks of 192 and 320: 256- and 512-wide accumulators
+def test_gpu_one_kernel_glu_mlp(hidden):
+    """The inference MLP in one kernel at real sizes, compiled: fp32 equals the reference, bf16 agrees with
+    the two-kernel path it replaces, residual included."""
+    from m2train.kernels.glu_mlp import glu_mlp_forward
+
+    torch.manual_seed(0)
+    inter = 4 * hidden
+    glu = MonarchGLU(hidden, inter, "blockdiag", 4).cuda()
+    g, o, b = glu.gated_layers.weight, glu.wo.weight, glu.wo.bias
+    x, r = torch.randn(4096, hidden, device="cuda"), torch.randn(4096, hidden, device="cuda")
+    with torch.no_grad():
+        want = glu._glu(x) + r
+        assert rel_err(glu_mlp_forward(x, g, o, b, r), want) < 1e-4
+        xb, rb = x.bfloat16(), r.bfloat16()
+        fused = glu_mlp_forward(xb, g, o, b, rb)
+        two_step = ops.blockdiag_linear(ops.glu_blockdiag(xb, g.bfloat16(), inter, "triton"), o.bfloat16(),
+                                        b.bfloat16(), inter, hidden, "triton", rb)
+    assert fused.dtype == torch.bfloat16 and rel_err(fused, two_step) < 4e-3 and rel_err(fused, want) < 2e-2
 
 
 def test_bf16_fused_glu_close_to_fp32():

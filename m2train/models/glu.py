@@ -55,6 +55,12 @@ class MonarchGLU(nn.Module):
             # Kernels on: the block-diagonal up-projection, GELU and gate run as one fused op, and the
             # CPU-cache row chunking below has nothing to offer.
             if isinstance(self.gated_layers, BlockDiagonalLinear):
+                if isinstance(self.wo, BlockDiagonalLinear) and not (self.training and self.dropout.p > 0):
+                    # Inference: the whole MLP in one kernel, the (tokens, I) activation kept on chip.
+                    fused = ops.glu_mlp_inference(y, self.gated_layers.weight, self.wo.weight, self.wo.bias,
+                                                  self.intermediate_size, mode, residual)
+                    if fused is not None:
+                        return fused
                 act = ops.glu_blockdiag(y, self.gated_layers.weight, self.intermediate_size, mode)
                 if isinstance(self.wo, BlockDiagonalLinear):
                     return self.wo(self.dropout(act), residual)
