@@ -157,6 +157,22 @@ def long_conv_class(kind: str) -> type[nn.Module]:
     raise ValueError(f"unknown sequence mixer {kind!r}: use 'fft' or 'monarch_causal'")
 
 
+class ChannelsFirstLinear(nn.Linear):
+    """nn.Linear (same parameters, init and state-dict keys) that can also take a channels-first input:
+    forward(y, channels_first=True) maps y (B, H_in, L) to (B, L, H_out). The GEMM reads y transposed
+    (y[b]ᵀ @ Wᵀ, one batched call) instead of a contiguous copy of y.transpose(1, 2) being made first: one
+    full read and write of the activations less per mixer. Being the module's own forward, hooks and
+    FLOP counters still see the projection."""
+
+    def forward(self, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+        if not channels_first:
+            return super().forward(x)
+        if x.dim() != 3 or x.dtype != self.weight.dtype:          # e.g. autocast: let F.linear cast
+            return super().forward(x.transpose(1, 2))
+        out = torch.bmm(x.mT, self.weight.t().expand(x.shape[0], -1, -1))
+        return out.add_(self.bias) if self.bias is not None else out
+
+
 class M2SequenceMixer(nn.Module):
     # ModelConfig.kernels (see LongConv.kernels); decides whether the gates fuse into the long-conv kernel.
     kernels: str = "auto"
@@ -180,7 +196,7 @@ class M2SequenceMixer(nn.Module):
         self.long_conv = conv_cls(H, **conv_args)
         self.residual_conv = conv_cls(H, **conv_args) if residual_long_conv else None
         self.dropout = nn.Dropout(dropout)
-        self.out_linear = nn.Linear(H, H)
+        self.out_linear = ChannelsFirstLinear(H, H)
 
     def forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """u (B, L, H); pad_mask (B, L) with 1 for real tokens, used only when `pad_masking` is on."""
@@ -222,21 +238,12 @@ class M2SequenceMixer(nn.Module):
                 y = self.residual_conv.gated(u_t, addend=y)       # the sum is formed as the kernel stores
             else:
                 y = y + self.residual_conv(u_t)
-        return self._out_projection(self.dropout(y))
+        return self.out_linear(self.dropout(y), channels_first=True)
 
     def _fused_residual(self, u_t: torch.Tensor) -> bool:
         """The residual long conv runs the Triton kernel, which then adds the main branch's output."""
         return isinstance(self.residual_conv, LongConv) and self.residual_conv.use_kernel(u_t)
 
-    def _out_projection(self, y: torch.Tensor) -> torch.Tensor:
-        """out_linear of the channels-first y (B, H, L) -> (B, L, H). The GEMM reads y transposed
-        (yᵀ[b] @ Wᵀ, one batched call) instead of out_linear copying y.transpose(1, 2) into a contiguous
-        (B, L, H) tensor first: one full read and write of the activations less per layer."""
-        w, bias = self.out_linear.weight, self.out_linear.bias
-        if y.dim() != 3 or type(self.out_linear) is not nn.Linear or y.dtype != w.dtype:
-            return self.out_linear(y.transpose(1, 2))       # autocast or a replaced projection: the module
-        out = torch.bmm(y.mT, w.t().expand(y.shape[0], -1, -1))
-        return out.add_(bias) if bias is not None else out
 
     def _fused_gates(self, v: torch.Tensor) -> bool:
         """The Triton path: the kernels are on and the FFT long conv's kernel takes v."""
@@ -270,8 +277,7 @@ class M2SequenceMixer(nn.Module):
             g = slice(c0, min(c0 + C, H))
             self._mix_block(u_t, y[:, g], g, spec, spec_res, [p[:, :g.stop - g.start] for p in pads])
         # out_linear on the channels-first y: y[b]ᵀ @ Wᵀ, the transpose absorbed by the GEMM.
-        out = torch.bmm(y.mT, self.out_linear.weight.t().expand(B, H, H))
-        return out.add_(self.out_linear.bias)
+        return self.out_linear(y, channels_first=True)
 
     def _mix_block(self, u_t, out, g: slice, spec, spec_res, pads) -> None:
         """Steps 1-6 of the mixer for the channels g, written into `out` (B, C, L).
