@@ -4,7 +4,8 @@ The M2 sequence mixer's two long convolutions (DESIGN.md §4.2) in one Triton ke
 - gated:    y = (conv(u, k) + D ⊙ u) ⊙ x2 with u = v ⊙ x1     (`gate_in=x1`, `gate_out=x2`)
 - residual: y = conv(u, k2) + D2 ⊙ u                             (no gates)
 Either gate can be left out on its own (the mixer applies dropout or pad masks to v ⊙ x1 in torch and
-passes only the output gate).
+passes only the output gate). An `addend` (the mixer's residual conv takes the gated branch's output) is
+added as the result is stored; its gradient is dy.
 
 One program owns one whole zero-padded sequence of length N = N1·N2 (kernel_fft_size(L) <= 2048, i.e.
 L <= 1024: the whole sequence lives in registers and shared memory; see fft_monarch.ONE_PROGRAM_MAX_FFT;
@@ -23,7 +24,7 @@ Backward (per channel, looping over the batch so the spectrum and D gradients ar
 deterministically, without atomics: dK in the channel's own output rows, dD in a register). With
 gc = dy ⊙ x2 (or dy), U = FFT(u), G = FFT(gc):
     du = Re IFFT(G ⊙ conj(K)) + D ⊙ gc,   dv = du ⊙ x1,   dx1 = du ⊙ v
-    dx2 = dy ⊙ (Re IFFT(U ⊙ K) + D ⊙ u)   (recomputed, not stored)
+    dx2 = dy ⊙ (Re IFFT(U ⊙ K) + D ⊙ u)   (recomputed here; the single-pass three-level forward stores it)
     dK = Σ_b conj(U) ⊙ G / N,             dD = Σ_{b,t} gc ⊙ u
 (dK is the gradient of Re IFFT(U ⊙ K) with respect to K's real and imaginary parts, which is what torch's
 fft backward expects.)
