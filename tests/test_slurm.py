@@ -150,12 +150,15 @@ def test_gpt_360m_script_unchanged_on_cpu_completes(cluster, sample_data, tmp_pa
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, sample_data, tmp_path):
     run, log = tmp_path / "run", tmp_path / "job.out"
-    max_steps = 10
+    # Room for the signal to arrive mid-run: from the log showing step 2 to the trainer seeing SIGUSR1 takes
+    # a poll, scancel and the batch script's forwarding (~1-3 s), and a tiny-model step can take ~20 ms on an
+    # idle machine, so with 10 steps a fresh-clone CI run once finished all of them first (stopped at 10).
+    max_steps = 200
     job = _sbatch(cluster, "slurm/m2_gpt_360m.sh", ["--nodes=1", *CPU_NODE, f"--output={log}"],
                   _train_env(sample_data, run, max_steps))
     # Preempt once training is under way (a loss line for step 2 is in the log).
     _wait(cluster, job, 240, log,
-          done=lambda info: log.exists() and re.search(r"step\s+2/10", log.read_text()) is not None)
+          done=lambda info: log.exists() and re.search(rf"step\s+2/{max_steps}", log.read_text()) is not None)
     r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
