@@ -71,7 +71,7 @@ def _column_row(a_ptr, g_ptr, k, L, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
                 R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, GATE: tl.constexpr):
     """Row k of the column step: ω_N^{m·k} · Σ_r ω_R^{r·k} · (a ⊙ g)[r·M + m], as (M1, M2) re, im."""
     M = M1 * M2
-    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    t = _time_row(0, M1, M2)
     zr = tl.zeros((M1, M2), dtype=tl.float32)
     zi = tl.zeros((M1, M2), dtype=tl.float32)
     for r in range(0, tl.cdiv(L, M)):                  # rows at or beyond L are zero padding
@@ -182,6 +182,32 @@ def _inverse_columns(sr_ptr, si_ptr, base, frr_ptr, fri_ptr, cols,
 
 
 @triton.jit
+def _gated_epilogue(acc, t, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L, GATE_IN: tl.constexpr,
+                    GATE_OUT: tl.constexpr, ADD: tl.constexpr, SAVE_C: tl.constexpr):
+    """The forward's output at time offsets t (any tile shape) from acc = the conv there: c = acc + D ⊙ u,
+    y = c [⊙ x2] [+ addend], stored (and c too when SAVE_C, for the backward's dx2). Pointers are this
+    sequence's rows (batch and channel offsets applied); c has y's strides."""
+    m = t < L
+    u = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
+    if GATE_IN:
+        u = u * tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
+    y = acc + d * u
+    if SAVE_C:
+        tl.store(c_ptr + t, y.to(c_ptr.dtype.element_ty), mask=m)
+    if GATE_OUT:
+        y = y * tl.load(x2_ptr + t, mask=m, other=0.0).to(tl.float32)
+    if ADD:
+        y = y + tl.load(add_ptr + t, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _time_row(r, M1: tl.constexpr, M2: tl.constexpr):
+    """Time offsets of row r of a sequence (M = M1·M2 points) as the row FFTs' (M1, M2) tile."""
+    return r * (M1 * M2) + tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+
+
+@triton.jit
 def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d_ptr, frr_ptr, fri_ptr,
                      L, H, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
                      R: tl.constexpr, R_HALF: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
@@ -190,18 +216,12 @@ def _cols_fwd_kernel(sr_ptr, si_ptr, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, d_pt
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     cols = j * BM + tl.arange(0, BM)
-    y = _inverse_columns(sr_ptr, si_ptr, (b * H + h) * (R * M), frr_ptr, fri_ptr, cols, R, R_HALF, M, BM)
-    t = tl.arange(0, R_HALF)[:, None] * M + cols[None, :]
-    m = t < L
-    u = tl.load(v_ptr + b * s_vb + h * s_vh + t, mask=m, other=0.0).to(tl.float32)
-    if GATE_IN:
-        u = u * tl.load(x1_ptr + b * s_x1b + h * s_x1h + t, mask=m, other=0.0).to(tl.float32)
-    y = y + tl.load(d_ptr + h).to(tl.float32) * u
-    if GATE_OUT:
-        y = y * tl.load(x2_ptr + b * s_x2b + h * s_x2h + t, mask=m, other=0.0).to(tl.float32)
-    if ADD:
-        y = y + tl.load(add_ptr + b * s_ab + h * s_ah + t, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * s_yb + h * s_yh + t, y.to(y_ptr.dtype.element_ty), mask=m)
+    conv = _inverse_columns(sr_ptr, si_ptr, (b * H + h) * (R * M), frr_ptr, fri_ptr, cols, R, R_HALF, M, BM)
+    y_ptr += b * s_yb + h * s_yh
+    _gated_epilogue(conv, tl.arange(0, R_HALF)[:, None] * M + cols[None, :], v_ptr + b * s_vb + h * s_vh,
+                    x1_ptr + b * s_x1b + h * s_x1h, x2_ptr + b * s_x2b + h * s_x2h, y_ptr,
+                    add_ptr + b * s_ab + h * s_ah, y_ptr, tl.load(d_ptr + h).to(tl.float32), L,
+                    GATE_IN, GATE_OUT, ADD, False)
 
 
 @triton.jit
@@ -236,28 +256,6 @@ def _single_pass_conv(a_ptr, g_ptr, kr_ptr, ki_ptr, L, f1r_ptr, f1i_ptr, f2r_ptr
 
 
 @triton.jit
-def _gated_epilogue(acc, r, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L,
-                    M1: tl.constexpr, M2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
-                    ADD: tl.constexpr, SAVE_C: tl.constexpr):
-    """Time row r (M points, as an (M1, M2) tile) of the output: c = acc + D ⊙ u, y = c [⊙ x2] [+ addend],
-    stored (and c too when SAVE_C, for the backward's dx2). Pointers are this sequence's rows (batch and
-    channel offsets applied); c has y's strides."""
-    t = r * (M1 * M2) + tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
-    m = t < L
-    u = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
-    if GATE_IN:
-        u = u * tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
-    y = acc + d * u
-    if SAVE_C:
-        tl.store(c_ptr + t, y.to(c_ptr.dtype.element_ty), mask=m)
-    if GATE_OUT:
-        y = y * tl.load(x2_ptr + t, mask=m, other=0.0).to(tl.float32)
-    if ADD:
-        y = y + tl.load(add_ptr + t, mask=m, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t, y.to(y_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
 def _single_pass_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, kr_ptr, ki_ptr, d_ptr,
                             f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr, twr_ptr, twi_ptr,
                             L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
@@ -277,10 +275,10 @@ def _single_pass_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, kr_ptr
                                    f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, frr_ptr, fri_ptr,
                                    twr_ptr, twi_ptr, R, M1, M2, GATE_IN, False, PREC)
     d = tl.load(d_ptr + h).to(tl.float32)
-    _gated_epilogue(acc0, 0, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L, M1, M2,
+    _gated_epilogue(acc0, _time_row(0, M1, M2), v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L,
                     GATE_IN, GATE_OUT, ADD, SAVE_C)
     if R > 2:
-        _gated_epilogue(acc1, 1, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L, M1, M2,
+        _gated_epilogue(acc1, _time_row(1, M1, M2), v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L,
                         GATE_IN, GATE_OUT, ADD, SAVE_C)
 
 
@@ -290,7 +288,7 @@ def _input_grad_epilogue(acc, r, dy_ptr, v_ptr, x1_ptr, x2_ptr, c_ptr, dv_ptr, d
     """Time row r of the input gradients from acc = the adjoint conv of gc = dy [⊙ x2]: du = acc + D ⊙ gc,
     dv = du [⊙ x1], dx1 = du ⊙ v, dx2 = dy ⊙ c (c: the forward's saved pre-gate output). Returns this
     row's share of dD = Σ gc ⊙ u. dv, dx1, dx2 and c share one contiguous layout (offsets applied)."""
-    t = r * (M1 * M2) + tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    t = _time_row(r, M1, M2)
     m = t < L
     v = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
     u = v
@@ -360,7 +358,7 @@ def _rows_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, dkr_ptr, dki
     ki_ptr += spec
     dkr_ptr += spec
     dki_ptr += spec
-    t = tl.arange(0, M1)[:, None] * M2 + tl.arange(0, M2)[None, :]
+    t = _time_row(0, M1, M2)
     tl.store(dkr_ptr + t, tl.zeros((M1, M2), dtype=tl.float32))
     tl.store(dki_ptr + t, tl.zeros((M1, M2), dtype=tl.float32))
     v_ptr += h * s_vh
