@@ -56,6 +56,12 @@ def gate_value_tile(x_rows, wa_cols, blk, HALF, stride_wb, stride_wk, row_ok, n_
     return acc_a, acc_b
 
 
+@triton.jit
+def gelu_gate(a, b):
+    """gelu(a) ⊙ b with the exact-erf GELU a·Φ(a) (0.707 = 1/√2), fp32."""
+    return 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476)) * b
+
+
 @triton.autotune(configs=glu_configs(), key=["IN_BLK", "OUT_BLK", "STORE_H"],
                  prune_configs_by={"early_config_prune": prune_wide_tiles}, cache_results=True)
 @triton.jit
@@ -83,7 +89,7 @@ def _glu_fwd_kernel(x_ptr, w_ptr, h_ptr, act_ptr, M, stride_xm, stride_hm, strid
     if STORE_H:
         tl.store(h_ptr + rows64 * stride_hm + col[None, :], a.to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(h_ptr + rows64 * stride_hm + (INTER + col)[None, :], b.to(h_ptr.dtype.element_ty), mask=mask)
-    act = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476)) * b     # exact GELU: a·Φ(a), 0.707 = 1/√2
+    act = gelu_gate(a, b)
     tl.store(act_ptr + rows64 * stride_am + col[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, compute_dtype, dot_precision, glu_mlp_configs, on_device_of
-from .glu import gate_value_tile
+from .glu import gate_value_tile, gelu_gate
 
 
 @triton.autotune(configs=glu_mlp_configs(), key=["IN_BLK", "ACT_BLK", "OUT_BLK"], cache_results=True)
@@ -51,7 +51,7 @@ def _glu_mlp_fwd_kernel(x_ptr, wg_ptr, wo_ptr, bo_ptr, r_ptr, y_ptr, M, stride_x
         # Rounded where the unfused path rounds: the pre-activations and the activation it would store.
         a = acc_a.to(y_ptr.dtype.element_ty).to(tl.float32)
         b = acc_b.to(y_ptr.dtype.element_ty).to(tl.float32)
-        act = (0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476)) * b).to(y_ptr.dtype.element_ty)
+        act = gelu_gate(a, b).to(y_ptr.dtype.element_ty)
         wo = tl.load(wo_ptr + j * s_ob + ro[None, :] * s_on + (n0 + rn)[:, None] * s_ok,
                      mask=n_ok[:, None] & o_ok[None, :], other=0.0)          # (BLOCK_N, BLOCK_O) = Wo[j]ᵀ
         if CAST_FP32:
