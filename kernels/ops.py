@@ -40,6 +40,14 @@ def unsupported_reason(x: torch.Tensor, *weights: torch.Tensor | None) -> str | 
     return None
 
 
+def _check_residual(residual: torch.Tensor | None, x: torch.Tensor, out_features: int) -> None:
+    """A residual must have the output's exact shape: the kernels read it row by row (a same-size tensor of
+    another shape would be added silently scrambled), and no path broadcasts it."""
+    if residual is not None and residual.shape != (*x.shape[:-1], out_features):
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from the output's "
+                         f"{(*x.shape[:-1], out_features)}")
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(op: str, reason: str) -> None:
     # Once per (op, reason): a forced kernel that cannot run says why, without flooding every layer call.
@@ -68,6 +76,7 @@ def blockdiag_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """Block-diagonal layer (m2train.models.blockdiag semantics): x (..., in_features) -> (..., out_features),
     plus `residual` (same shape as the output) when given - in the kernel's epilogue on the Triton path."""
     width = None if x.shape[-1] == in_features else f"input width {x.shape[-1]} != in_features {in_features}"
+    _check_residual(residual, x, out_features)
     if _triton_ok("blockdiag_linear", x, mode, weight, bias, shape_reason=width):
         from .blockdiag import blockdiag_linear as kernel
         return kernel(x, weight, bias, out_features, residual)
@@ -110,10 +119,11 @@ def glu_mlp_inference(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, 
     """The block-diagonal GLU MLP Wo·(gelu(A·x) ⊙ (B·x)) + bo [+ residual] in one kernel (kernels/glu_mlp.py),
     for forwards without autograd; None when that kernel cannot take the call (autograd on, another
     layout, dtype or device), and the caller runs the two-step path."""
+    out_features = w_out.shape[0] * w_out.shape[1]
+    _check_residual(residual, x, out_features)
     if torch.is_grad_enabled() or not use_triton(x, mode):
         return None
     from .glu_mlp import supported
-    out_features = w_out.shape[0] * w_out.shape[1]
     if not supported(w_up, w_out, x.shape[-1], intermediate_size, out_features):
         return None
     if unsupported_reason(x, w_up, w_out, bias) is not None:

@@ -70,6 +70,11 @@ def test_blockdiag_residual_is_added_in_the_epilogue(fin, fout, nb, bias, batch)
     # a residual of a wider dtype is added outside the kernel, so the sum keeps torch's promoted dtype
     wide = ops.blockdiag_linear(x, layer.weight, layer.bias, fin, fout, "triton", residual.double())
     assert wide.dtype == torch.float64 and rel_err(wide, want) < TOL
+    # a residual of another shape is refused on every path, even one with as many elements
+    for mode in ("triton", "torch"):
+        for bad in (residual.detach().reshape(-1)[None], torch.zeros(fout)):
+            with pytest.raises(ValueError, match="residual shape"):
+                ops.blockdiag_linear(x, layer.weight, layer.bias, fin, fout, mode, bad)
 
 
 @pytest.mark.parametrize("fin,fout,nb,bias,batch", CASES)

@@ -140,6 +140,9 @@ def test_glu_module_runs_the_one_kernel_mlp_only_without_autograd(monkeypatch):
         glu.train()
         glu.dropout.p = 0.5                                   # active dropout sits between the two layers
         glu(x)
+        glu.eval()
+        with pytest.raises(ValueError, match="residual shape"):
+            glu(x, residual=r.transpose(0, 1).contiguous())      # as many elements, another shape
     assert calls == [1]
 
 
