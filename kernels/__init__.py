@@ -7,5 +7,6 @@ M2TRAIN_KERNELS). Monarch family: ops.py (blockdiag_linear, monarch_linear, glu_
 glu_mlp_inference) over blockdiag.py, monarch.py, glu.py, glu_mlp.py (the whole GLU MLP in one kernel, for
 inference); autotune.py lists and AOT-compiles their GPU configs. Long convolution: fftconv.py (one program
 per sequence; the autograd function and dispatch) and fftconv_long.py (three levels: single pass up to
-R = 4 rows, two passes beyond), fft_monarch.py (the DFT factors and spectrum layout), shortconv.py.
+R = 4 rows, two passes beyond), fft_monarch.py (the DFT factors and spectrum layout), shortconv.py, and
+fftconv_front.py (the mixer's short conv computed inside the gated conv kernels' loads).
 Nothing here imports Triton until a kernel is about to run."""

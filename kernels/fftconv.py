@@ -128,20 +128,44 @@ def _ifft_real(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
 
 
 @triton.jit
+def _load_act(ptr, t, L, sc_ptr, K: tl.constexpr):
+    """One sequence's activation at time offsets t (any tile shape) as fp32, zero at t >= L (the FFT's
+    zero padding). K = 0: the values at ptr. K > 0: the causal short conv the M2 mixer runs in front of the
+    long conv (kernels/fftconv_front.py), computed here from its input instead of read from a tensor it
+    wrote: b_sc + Σ_j w_j·(x[t-(K-1)+j] + b_in), taps before t = 0 being the conv's zero padding; sc_ptr
+    holds this channel's [w_0 .. w_{K-1}, b_in, b_sc] in fp32 (b_in: the in_linear bias, folded in here
+    so the projection can be a bias-free channels-first GEMM). The shifted loads hit the lines the
+    unshifted one brought in."""
+    if K == 0:
+        return tl.load(ptr + t, mask=t < L, other=0.0).to(tl.float32)
+    else:
+        b_in = tl.load(sc_ptr + K)
+        acc = tl.zeros(t.shape, dtype=tl.float32) + tl.load(sc_ptr + K + 1)
+        for j in tl.static_range(K):
+            src = t - (K - 1) + j
+            ok = (src >= 0) & (src < L)
+            x = tl.load(ptr + src, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.load(sc_ptr + j) * tl.where(ok, x + b_in, 0.0)
+        return tl.where(t < L, acc, 0.0)
+
+
+@triton.jit
 def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d_ptr,
-                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, sc_ptr, sc_s,
                         L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
                         N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
-                        ADD: tl.constexpr, PREC: tl.constexpr):
+                        ADD: tl.constexpr, SC_K: tl.constexpr, PREC: tl.constexpr):
     # Batch on axis 0 (launched fastest), so the programs sharing one channel's spectrum run together and
-    # read it from L2.
+    # read it from L2. SC_K > 0: v, x1, x2 are the short conv's inputs (_load_act; sc_ptr + h·(SC_K+2) is
+    # x1's parameter row, x2's and v's follow at sc_s and 2·sc_s).
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]     # time index n = N2·n1 + n2
     m = t < L                                                          # zero padding beyond L
-    u = tl.load(v_ptr + b * s_vb + h * s_vh + t, mask=m, other=0.0).to(tl.float32)
+    p1 = sc_ptr + h * (SC_K + 2)
+    u = _load_act(v_ptr + b * s_vb + h * s_vh, t, L, p1 + 2 * sc_s, SC_K)
     if GATE_IN:
-        u = u * tl.load(x1_ptr + b * s_x1b + h * s_x1h + t, mask=m, other=0.0).to(tl.float32)
+        u = u * _load_act(x1_ptr + b * s_x1b + h * s_x1h, t, L, p1, SC_K)
     xr, xi = _fft(u, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
     kr = tl.load(kr_ptr + h * (N1 * N2) + t)
     ki = tl.load(ki_ptr + h * (N1 * N2) + t)
@@ -149,7 +173,7 @@ def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d
                    f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
     y = y + tl.load(d_ptr + h).to(tl.float32) * u
     if GATE_OUT:
-        y = y * tl.load(x2_ptr + b * s_x2b + h * s_x2h + t, mask=m, other=0.0).to(tl.float32)
+        y = y * _load_act(x2_ptr + b * s_x2b + h * s_x2h, t, L, p1 + sc_s, SC_K)
     if ADD:
         y = y + tl.load(add_ptr + b * s_ab + h * s_ah + t, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * s_yb + h * s_yh + t, y.to(y_ptr.dtype.element_ty), mask=m)
@@ -158,10 +182,10 @@ def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d
 @triton.jit
 def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
                         dv_ptr, dx1_ptr, dx2_ptr, dkr_ptr, dki_ptr, dd_ptr,
-                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
+                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, sc_ptr, sc_s,
                         B, L, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_gb, s_gh,
                         N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
-                        PREC: tl.constexpr):
+                        SC_K: tl.constexpr, PREC: tl.constexpr):
     # One program per channel; dv/dx1/dx2 share the contiguous (B, H, L) strides s_gb, s_gh.
     # Registers are the limit (an (N1, N2) fp32 matrix is N/128 registers per thread at 4 warps), so the
     # loop keeps as little alive across its transforms as it can: the spectrum gradient accumulates in this
@@ -181,6 +205,9 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
     tl.store(dkr_ptr + t, tl.zeros((N1, N2), dtype=tl.float32))
     tl.store(dki_ptr + t, tl.zeros((N1, N2), dtype=tl.float32))
     dd = tl.zeros((1,), dtype=tl.float32)
+    p1 = sc_ptr + h * (SC_K + 2)                          # short-conv parameters of x1, x2, v (SC_K > 0)
+    p2 = p1 + sc_s
+    pv = p1 + 2 * sc_s
     # Per-sample pointers advance by the batch strides (64-bit pointer arithmetic: b * stride can pass 2^31).
     v_ptr += h * s_vh
     x1_ptr += h * s_x1h
@@ -190,12 +217,12 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
     dx1_ptr += h * s_gh
     dx2_ptr += h * s_gh
     for _ in range(B):
-        u = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
+        u = _load_act(v_ptr, t, L, pv, SC_K)
         if GATE_IN:
-            u = u * tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
+            u = u * _load_act(x1_ptr, t, L, p1, SC_K)
         gc = tl.load(dy_ptr + t, mask=m, other=0.0).to(tl.float32)
         if GATE_OUT:
-            gc = gc * tl.load(x2_ptr + t, mask=m, other=0.0).to(tl.float32)
+            gc = gc * _load_act(x2_ptr, t, L, p2, SC_K)
         dd += tl.sum(tl.sum(gc * u, axis=1), axis=0)
         ur, ui = _fft(u, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
         gr, gi = _fft(gc, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
@@ -211,9 +238,9 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
         du = _ifft_real(gr * kr + gi * ki, gi * kr - gr * ki,
                         f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC) + d * gc
         if GATE_IN:
-            x1 = tl.load(x1_ptr + t, mask=m, other=0.0).to(tl.float32)
+            x1 = _load_act(x1_ptr, t, L, p1, SC_K)
             tl.store(dv_ptr + t, (du * x1).to(dv_ptr.dtype.element_ty), mask=m)
-            v = tl.load(v_ptr + t, mask=m, other=0.0).to(tl.float32)
+            v = _load_act(v_ptr, t, L, pv, SC_K)
             tl.store(dx1_ptr + t, (du * v).to(dx1_ptr.dtype.element_ty), mask=m)
         else:
             tl.store(dv_ptr + t, du.to(dv_ptr.dtype.element_ty), mask=m)
@@ -291,44 +318,67 @@ def _one_program(n: int) -> bool:
     return fft_layout(n)[0] == 1
 
 
-def _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend=None):
+def front_args(front: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(parameter tensor, stream stride, SC_K) kernel arguments for the short conv in front: `front` is the
+    packed (3, H, K + 2) fp32 parameters of x1, x2, v (kernels/fftconv_front.py), None for none (SC_K = 0,
+    the pointer never read)."""
+    if front is None:
+        return stand_in, 0, 0
+    return front, front.stride(0), front.shape[-1] - 2
+
+
+def _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend=None, front=None):
     B, H, L = v.shape
     n = spec_re.shape[-1]
     n1, n2 = split_fft_size(n)
     factors = dft_factors(n, v.device)
     y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
     a1, a2, ad = placeholder(x1, v), placeholder(x2, v), placeholder(addend, v)
+    sc, sc_s, sc_k = front_args(front, spec_re)
     with on_device_of(v):
         _fftconv_fwd_kernel[(B, H)](
-            v, a1, a2, y, ad, spec_re, spec_im, skip, *factors,
+            v, a1, a2, y, ad, spec_re, spec_im, skip, *factors, sc, sc_s,
             L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
             y.stride(0), y.stride(1), ad.stride(0), ad.stride(1),
             N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, ADD=addend is not None,
-            PREC=_precision(v.dtype),
+            SC_K=sc_k, PREC=_precision(v.dtype),
             num_warps=one_program_warps(n), num_stages=NUM_STAGES)
     return y
 
 
-def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip):
+def input_grads(v, x1, x2, grads=None):
+    """(dv, dx1, dx2) buffers for a backward: `grads` when given (views sharing one contiguous-in-time
+    layout, e.g. slices of one (B, 3H, L) tensor), else fresh contiguous (B, H, L) tensors; None for an
+    absent gate."""
+    if grads is not None:
+        dv, dx1, dx2 = grads
+        if dx1 is not None and dx1.stride() != dv.stride() or dx2 is not None and dx2.stride() != dv.stride():
+            raise ValueError("the input-gradient buffers must share one layout")
+        return dv, dx1, dx2
+    B, H, L = v.shape
+    dv = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
+    return dv, torch.empty_like(dv) if x1 is not None else None, torch.empty_like(dv) if x2 is not None else None
+
+
+def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=None, grads=None):
     B, H, L = v.shape
     n = spec_re.shape[-1]
     n1, n2 = split_fft_size(n)
-    dv = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
-    dx1 = torch.empty_like(dv) if x1 is not None else None
-    dx2 = torch.empty_like(dv) if x2 is not None else None
+    dv, dx1, dx2 = input_grads(v, x1, x2, grads)
     dkr = torch.empty_like(spec_re)
     dki = torch.empty_like(spec_im)
     dd = torch.empty(H, dtype=torch.float32, device=v.device)
     a1, a2 = placeholder(x1, v), placeholder(x2, v)
+    sc, sc_s, sc_k = front_args(front, spec_re)
     with on_device_of(v):
         _fftconv_bwd_kernel[(H,)](
             dy, v, a1, a2, spec_re, spec_im, skip,
             dv, placeholder(dx1, dv), placeholder(dx2, dv), dkr, dki, dd,
-            *dft_factors(n, v.device),
+            *dft_factors(n, v.device), sc, sc_s,
             B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
-            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, PREC=_precision(v.dtype),
-            num_warps=one_program_warps(n), num_stages=NUM_STAGES)
+            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, SC_K=sc_k,
+            PREC=_precision(v.dtype), num_warps=one_program_warps(n), num_stages=NUM_STAGES)
     return dv, dx1, dx2, dkr, dki, dd.to(skip.dtype)
 
 

@@ -46,9 +46,12 @@ def _shortconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, L, s_xb, s_xc, s_xt, s_
 
 
 @triton.jit
-def _shortconv_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, db_part_ptr, B, C, L,
+def _shortconv_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, db_part_ptr, bin_ptr, dbin_part_ptr, B, C, L,
                           s_dyb, s_dyc, s_xb, s_xc, s_xt, s_dxb, s_dxc,
-                          K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+                          K: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+                          IN_BIAS: tl.constexpr):
+    # IN_BIAS: the conv's input is x + bin (a per-channel bias folded in by the caller, see
+    # kernels/fftconv_front.py); its gradient Σ dx is reduced here like db.
     tb = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
@@ -56,6 +59,9 @@ def _shortconv_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, db_part_ptr
     tm = cm & (t < L)
     db = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dw = tl.zeros((BLOCK_C, KP), dtype=tl.float32)           # column j: this block's share of dw[:, j]
+    dbin = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if IN_BIAS:
+        b_in = tl.load(bin_ptr + c, mask=cm, other=0.0).to(tl.float32)
     kcol = tl.arange(0, KP)[None, :]
     dyp = dy_ptr + c * s_dyc
     xp = x_ptr + c * s_xc
@@ -71,13 +77,19 @@ def _shortconv_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr, db_part_ptr
             dx += dyj * tl.load(w_ptr + c * K + j, mask=cm, other=0.0).to(tl.float32)
             src = t - (K - 1) + j
             xj = tl.load(xp + src * s_xt, mask=tm & (src >= 0), other=0.0).to(tl.float32)
+            if IN_BIAS:
+                xj = tl.where(tm & (src >= 0), xj + b_in, 0.0)
             dw += tl.where(kcol == j, tl.sum(dy * xj, axis=1)[:, None], 0.0)
         tl.store(dxp + t, dx.to(dx_ptr.dtype.element_ty), mask=tm)
+        if IN_BIAS:
+            dbin += tl.sum(tl.where(tm, dx, 0.0), axis=1)
         dyp += s_dyb
         xp += s_xb
         dxp += s_dxb
     c1 = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     tl.store(db_part_ptr + tb * C + c1, db, mask=c1 < C)
+    if IN_BIAS:
+        tl.store(dbin_part_ptr + tb * C + c1, dbin, mask=c1 < C)
     tl.store(dw_part_ptr + (tb * C + c) * K + kcol, dw, mask=cm & (kcol < K))
 
 
@@ -102,20 +114,33 @@ class _CausalShortConv(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         w_shape, b_dtype = ctx.shapes
-        B, C, L = x.shape
-        K = w.shape[-1]
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        n_tb = triton.cdiv(L, BLOCK_T)
+        dx, dw, db, _ = short_conv_backward(dy, x, w)
+        return dx, dw.to(w.dtype).reshape(w_shape), db.to(b_dtype)
+
+
+def short_conv_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, in_bias: torch.Tensor | None = None,
+                        dx: torch.Tensor | None = None):
+    """Gradients of y = short_conv(x [+ in_bias], w, b) (any bias b) for dy (B, C, L): (dx in x's dtype, dw
+    (C, K) fp32, db fp32, d in_bias fp32 or None). x (B, C, L) any strides, w (C, K) contiguous; `dx` an
+    optional (B, C, L) output buffer with unit time stride. Partial sums per time block are reduced by a
+    torch sum: deterministic, no atomics."""
+    B, C, L = x.shape
+    K = w.shape[-1]
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    n_tb = triton.cdiv(L, BLOCK_T)
+    if dx is None:
         dx = torch.empty(B, C, L, dtype=x.dtype, device=x.device)
-        dw_part = torch.empty(n_tb, C, K, dtype=torch.float32, device=x.device)
-        db_part = torch.empty(n_tb, C, dtype=torch.float32, device=x.device)
-        with on_device_of(x):
-            _shortconv_bwd_kernel[(triton.cdiv(C, BLOCK_C), n_tb)](
-                dy, x, w, dx, dw_part, db_part, B, C, L, dy.stride(0), dy.stride(1),
-                x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1),
-                K=K, KP=triton.next_power_of_2(K), BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS)
-        return dx, dw_part.sum(0).to(w.dtype).reshape(w_shape), db_part.sum(0).to(b_dtype)
+    dw_part = torch.empty(n_tb, C, K, dtype=torch.float32, device=x.device)
+    db_part = torch.empty(n_tb, C, dtype=torch.float32, device=x.device)
+    dbin_part = torch.empty(n_tb, C, dtype=torch.float32, device=x.device) if in_bias is not None else db_part
+    with on_device_of(x):
+        _shortconv_bwd_kernel[(triton.cdiv(C, BLOCK_C), n_tb)](
+            dy, x, w, dx, dw_part, db_part, in_bias if in_bias is not None else w, dbin_part, B, C, L,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1),
+            K=K, KP=triton.next_power_of_2(K), BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, IN_BIAS=in_bias is not None,
+            num_warps=NUM_WARPS)
+    return dx, dw_part.sum(0), db_part.sum(0), dbin_part.sum(0) if in_bias is not None else None
 
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -139,4 +164,4 @@ def causal_short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     return _CausalShortConv.apply(x, weight, bias)
 
 
-__all__ = ["unsupported_reason", "causal_short_conv"]
+__all__ = ["unsupported_reason", "causal_short_conv", "short_conv_backward"]

@@ -13,7 +13,10 @@ Three implementations of the same math:
 - `_forward_reference`: whole-tensor ops, used whenever autograd records (training) or under autocast.
   When the fused Triton kernels are on (ModelConfig.kernels / M2TRAIN_KERNELS, kernels.dispatch), the two
   long convolutions with their gates and D skips run as m2train.kernels.fftconv instead (forward and
-  backward); everything else stays the same torch code.
+  backward), and - without dropout or a pad mask between them - the short conv runs inside the gated
+  conv's kernel (kernels/fftconv_front.py: in_linear becomes a bias-free channels-first GEMM, the kernel
+  adds the bias and computes the short conv in its loads, so the short conv's output is never written and
+  only z is kept for the backward); everything else stays the same torch code.
 - `_forward_fused`: for no-grad fp32/fp64 forwards (inference, evaluation). It walks the channels in
   blocks (CHANNEL_CHUNK), doing in_linear rows → short conv → gating → both FFT convolutions for one block
   while it is in L3, and lets the matmuls absorb the (B, L, H) <-> (B, H, L) transposes. Measured on a
@@ -40,6 +43,8 @@ from .short_conv import CausalShortConv, causal_short_conv
 # block's temporaries stay under glibc's 32 MiB mmap threshold at 8k tokens per batch, so they are reused
 # instead of page-faulted in anew for every block.
 CHANNEL_CHUNK = 256
+# The fused short conv unrolls its taps (kernels/shortconv.py MAX_KERNEL); longer ones run it separately.
+FRONT_MAX_KERNEL = 8
 
 
 class LongConv(nn.Module):
@@ -125,6 +130,15 @@ class LongConv(nn.Module):
         spec_re, spec_im = self.kernel_spectrum(v.shape[-1])
         return gated_fft_conv(v, spec_re, spec_im, self.skip, gate_in, gate_out, addend)
 
+    def gated_front(self, z: torch.Tensor, in_bias: torch.Tensor, short_conv: CausalShortConv) -> torch.Tensor:
+        """(longconv(v ⊙ x1, k) + D ⊙ (v ⊙ x1)) ⊙ x2 with x1, x2, v = split(short_conv(z + in_bias)), z (B, 3H,
+        L), the short conv computed inside the fused kernel (forward and backward). Call only when
+        `use_kernel` is True for a (B, H, L) input."""
+        from ..kernels.fftconv_front import front_gated_fft_conv
+
+        spec_re, spec_im = self.kernel_spectrum(z.shape[-1])
+        return front_gated_fft_conv(z, in_bias, short_conv.weight, short_conv.bias, spec_re, spec_im, self.skip)
+
 
 def _snapshot(tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
     """The tensors' (dtype, shape, device) and their values, flattened into one copy per (dtype, device).
@@ -164,13 +178,23 @@ class ChannelsFirstLinear(nn.Linear):
     full read and write of the activations less per mixer. Being the module's own forward, hooks and
     FLOP counters still see the projection."""
 
-    def forward(self, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channels_first: bool = False, out_channels_first: bool = False,
+                add_bias: bool = True) -> torch.Tensor:
+        if out_channels_first:
+            return self._to_channels_first(x, add_bias)
         if not channels_first:
             return super().forward(x)
         if x.dim() != 3 or x.dtype != self.weight.dtype:          # e.g. autocast: let F.linear cast
             return super().forward(x.transpose(1, 2))
         out = torch.bmm(x.mT, self.weight.t().expand(x.shape[0], -1, -1))
         return out.add_(self.bias) if self.bias is not None else out
+
+    def _to_channels_first(self, x: torch.Tensor, add_bias: bool) -> torch.Tensor:
+        """x (B, L, H_in) -> contiguous (B, H_out, L) = W @ x[b]ᵀ, one batched GEMM (torch.matmul would fold
+        the batch and return a transposed view, not a unit time stride). add_bias=False leaves the bias to a
+        consumer that folds it in (the fused short conv + FFT conv, kernels/fftconv_front.py)."""
+        out = torch.bmm(self.weight.expand(x.shape[0], -1, -1), x.mT)
+        return out + self.bias[:, None] if add_bias and self.bias is not None else out
 
 
 class M2SequenceMixer(nn.Module):
@@ -188,7 +212,7 @@ class M2SequenceMixer(nn.Module):
         self.pad_masking = pad_masking
         # Legacy 80M variant: LayerNorm with torch's default eps on the mixer input.
         self.input_norm = nn.LayerNorm(H) if input_norm else None
-        self.in_linear = nn.Linear(H, 3 * H)
+        self.in_linear = ChannelsFirstLinear(H, 3 * H)
         self.short_conv = CausalShortConv(3 * H, short_conv_kernel)
         conv_args = dict(max_len=max_len, order=filter_order, emb_dim=filter_emb_dim,
                          sin_freq=filter_sin_freq, bidirectional=bidirectional)
@@ -210,6 +234,12 @@ class M2SequenceMixer(nn.Module):
         return self._forward_reference(u, keep)
 
     def _forward_reference(self, u: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        if keep is None and not (self.training and self.dropout.p > 0) and self._fused_front(u):
+            # The short conv runs inside the FFT-conv kernels' loads; in_linear is a channels-first GEMM
+            # whose bias those loads add (kernels/fftconv_front.py).
+            z = self.in_linear(u, out_channels_first=True, add_bias=False)
+            y = self.long_conv.gated_front(z, self.in_linear.bias, self.short_conv)
+            return self._residual_and_out(u, y, keep)
         z = self.in_linear(u).transpose(1, 2)                      # (B, 3H, L)
         if keep is not None:
             z = z * keep
@@ -230,6 +260,10 @@ class M2SequenceMixer(nn.Module):
             if keep is not None:
                 v = v * keep
             y = self.long_conv(v) * x2
+        return self._residual_and_out(u, y, keep)
+
+    def _residual_and_out(self, u: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """y + the residual long conv of u (when there is one), then out_linear: the mixer's last steps."""
         if self.residual_conv is not None:
             u_t = u.transpose(1, 2)
             if keep is not None:
@@ -244,6 +278,15 @@ class M2SequenceMixer(nn.Module):
         """The residual long conv runs the Triton kernel, which then adds the main branch's output."""
         return isinstance(self.residual_conv, LongConv) and self.residual_conv.use_kernel(u_t)
 
+
+    def _fused_front(self, u: torch.Tensor) -> bool:
+        """The short conv fuses into the gated FFT-conv kernel (kernels/fftconv_front.py): the kernels are on
+        for both and the FFT-conv kernel takes this input."""
+        from ..kernels.dispatch import use_triton
+
+        return (isinstance(self.short_conv, CausalShortConv) and isinstance(self.in_linear, ChannelsFirstLinear)
+                and self.short_conv.kernel_size <= FRONT_MAX_KERNEL and u.dim() == 3
+                and use_triton(u, kernel_mode(self.short_conv)) and self._fused_gates(u.transpose(1, 2)))
 
     def _fused_gates(self, v: torch.Tensor) -> bool:
         """The Triton path: the kernels are on and the FFT long conv's kernel takes v."""

@@ -1,0 +1,155 @@
+"""The M2 mixer's short conv fused in front of its gated long convolution (issue 6, item 4):
+
+    x1, x2, v = split(short_conv(z + b_in))        z (B, 3H, L): the in_linear output without its bias
+    y = (conv(v ⊙ x1, k) + D ⊙ (v ⊙ x1)) ⊙ x2 [+ addend]
+
+Run as two kernels, the short conv writes its (B, 3H, L) output and the FFT conv reads it back: 6
+activations per position of traffic between them, and autograd keeps both z (for the short conv's weight
+gradient) and the conv's output (for the FFT conv's backward). Here the FFT-conv kernels compute the short
+conv inside their loads (fftconv._load_act: K shifted reads of z, which hit the lines the unshifted read
+brought in), so its output never reaches memory and only z is kept for the backward (3 activations per
+position instead of 6). The in_linear bias b_in is folded into those loads, so the projection can be a
+bias-free channels-first GEMM (its output then has the unit time stride the FFT kernels read; the torch
+path's channels-last output would not).
+
+Backward: the FFT-conv backward kernels, reading z through the same loads, write the gradients of x1, x2, v
+into one (B, 3H, L) buffer; the short conv's backward kernel (kernels/shortconv.py, with the input bias)
+turns it into dz, dw, db and d b_in. Every kernel layout of kernels/fftconv.py and kernels/fftconv_long.py
+takes the fused loads (SC_K > 0), so this covers every sequence length the gated conv does.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .fftconv import (_RESOURCE_ERRORS, _TOO_LARGE, _device_name, _give_up_on, _launch_bwd, _launch_fwd,
+                      _one_program, _seq_view, gated_fft_conv_reference)
+from .fftconv import unsupported_reason as conv_unsupported_reason
+from .shortconv import MAX_KERNEL, short_conv_backward
+
+
+def pack_front(weight: torch.Tensor, in_bias: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The kernels' parameter rows: (3, H, K + 2) fp32, row (s, h) = [w_0 .. w_{K-1}, b_in, b_sc] of channel
+    s·H + h (s = 0, 1, 2: x1, x2, v). weight (3H, 1, K) or (3H, K); in_bias and bias (3H,)."""
+    C = bias.shape[0]
+    w = weight.detach().reshape(C, -1).float()
+    packed = torch.cat([w, in_bias.detach().float()[:, None], bias.detach().float()[:, None]], dim=1)
+    return packed.view(3, C // 3, -1).contiguous()
+
+
+class _FrontGatedFFTConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted):
+        z = _seq_view(z)
+        H = z.shape[1] // 3
+        x1, x2, v = z[:, :H], z[:, H:2 * H], z[:, 2 * H:]
+        front = pack_front(weight, in_bias, bias)
+        spec_re, spec_im, skip = spec_re.contiguous(), spec_im.contiguous(), skip.contiguous()
+        addend = _seq_view(addend) if addend is not None else None
+        ctx.one_program = _one_program(spec_re.shape[-1])
+        conv = None
+        if ctx.one_program:
+            y = _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend, front=front)
+        else:
+            from . import fftconv_long
+            y, conv = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend, save_conv=grad_wanted,
+                                           front=front)
+        ctx.meta = (weight.shape, weight.dtype, in_bias.dtype, bias.dtype,
+                    addend.dtype if addend is not None else None)
+        if grad_wanted:
+            ctx.save_for_backward(z, front, spec_re, spec_im, skip, conv)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, front, spec_re, spec_im, skip, conv = ctx.saved_tensors
+        w_shape, w_dtype, bin_dtype, b_dtype, add_dtype = ctx.meta
+        d_addend = dy.to(add_dtype) if add_dtype is not None else None
+        n = spec_re.shape[-1]
+        if (n, _device_name(z)) in _TOO_LARGE:
+            return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta), d_addend, None)
+        dy = _seq_view(dy)
+        H = z.shape[1] // 3
+        K = front.shape[-1] - 2
+        x1, x2, v = z[:, :H], z[:, H:2 * H], z[:, 2 * H:]
+        d_post = torch.empty_like(z, memory_format=torch.contiguous_format)   # d(x1, x2, v), z's channel order
+        grads = (d_post[:, 2 * H:], d_post[:, :H], d_post[:, H:2 * H])
+        try:
+            if ctx.one_program:
+                *_, dkr, dki, dd = _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=front, grads=grads)
+            else:
+                from . import fftconv_long
+                *_, dkr, dki, dd = fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip, conv, front=front,
+                                                         grads=grads)
+        except _RESOURCE_ERRORS as err:
+            _give_up_on(n, z, err)
+            return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta), d_addend, None)
+        rows = front.view(3 * H, K + 2)
+        dz, dw, db, dbin = short_conv_backward(d_post, z, rows[:, :K].contiguous(), in_bias=rows[:, K].contiguous())
+        return (dz, dbin.to(bin_dtype), dw.to(w_dtype).reshape(w_shape), db.to(b_dtype), dkr, dki, dd, d_addend,
+                None)
+
+
+def _reference_backward(dy, z, front, spec_re, spec_im, skip, meta):
+    """Gradients by autograd through the torch reference (when a backward kernel does not fit this GPU)."""
+    w_shape, w_dtype, bin_dtype, b_dtype, _ = meta
+    K = front.shape[-1] - 2
+    rows = front.view(-1, K + 2)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in
+                  (z, rows[:, K].to(bin_dtype), rows[:, :K].to(w_dtype).reshape(w_shape),
+                   rows[:, K + 1].to(b_dtype), spec_re, spec_im, skip)]
+        y = front_gated_fft_conv_reference(*leaves)
+        return torch.autograd.grad(y, leaves, dy)
+
+
+def unsupported_reason(z: torch.Tensor, weight: torch.Tensor, spec_re: torch.Tensor | None = None) -> str | None:
+    """Why the fused short conv + gated FFT conv cannot take this input (None when it can)."""
+    if z.dim() != 3 or z.shape[1] % 3:
+        return f"expected a (batch, 3·channels, length) input, got shape {tuple(z.shape)}"
+    if weight.shape[-1] > MAX_KERNEL:
+        return f"short conv kernel size {weight.shape[-1]} > {MAX_KERNEL} (the taps are unrolled)"
+    return conv_unsupported_reason(z[:, : z.shape[1] // 3], spec_re)
+
+
+def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         spec_re: torch.Tensor, spec_im: torch.Tensor, skip: torch.Tensor,
+                         addend: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (conv(v ⊙ x1, k) + skip ⊙ (v ⊙ x1)) ⊙ x2 [+ addend], (B, H, L) in z's dtype, where x1, x2, v =
+    split(short_conv(z + in_bias)) along the channels: z (B, 3H, L) with unit time stride (e.g. a
+    channels-first projection without its bias), in_bias and the short conv's bias (3H,), its weight (3H, 1, K)
+    or (3H, K); the kernel spectrum as in fftconv.gated_fft_conv. Differentiable in every tensor argument.
+    Falls back to the torch reference, with a warning naming why, for inputs the kernels do not take."""
+    H = z.shape[1] // 3 if z.dim() == 3 else 0
+    if addend is not None and (addend.shape != (z.shape[0], H, z.shape[-1])
+                               or torch.promote_types(addend.dtype, z.dtype) != z.dtype):
+        if addend.dim() != 3 or addend.shape != (z.shape[0], H, z.shape[-1]):
+            raise ValueError(f"addend shape {tuple(addend.shape)} is not the output's "
+                             f"{(z.shape[0], H, z.shape[-1])}")
+        return front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip) + addend
+    reason = unsupported_reason(z, weight, spec_re)
+    if reason is not None:
+        warnings.warn(f"fused short conv + FFT conv falls back to torch: {reason}", stacklevel=2)
+        return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend)
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (z, in_bias, weight, bias, spec_re, spec_im, skip, addend))
+    try:
+        return _FrontGatedFFTConv.apply(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted)
+    except _RESOURCE_ERRORS as err:
+        _give_up_on(spec_re.shape[-1], z, err)
+        return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend)
+
+
+def front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend=None) -> torch.Tensor:
+    """The same function from the models' short conv and the gated conv's torch reference."""
+    from m2train.models.short_conv import causal_short_conv
+
+    C = z.shape[1]
+    x = causal_short_conv(z + in_bias.to(z.dtype)[:, None], weight.reshape(C, -1), bias)
+    x1, x2, v = x.split(C // 3, dim=1)
+    return gated_fft_conv_reference(v, spec_re, spec_im, skip, x1, x2, addend)
+
+
+__all__ = ["pack_front", "unsupported_reason", "front_gated_fft_conv", "front_gated_fft_conv_reference"]
