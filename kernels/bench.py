@@ -22,7 +22,8 @@ What it measures, all on the same card in the same run:
    buffers beyond; at L = 4096 both are timed. Sequences beyond fft_monarch.MAX_FFT_SIZE / 2
    time the torch path only ("fallback").
    FLOP/s counts the DFT matrix products the kernels execute; GB/s counts the activations read and written
-   once, the spectrum, and the three-level kernels' scratch rows.
+   once, the spectrum, and the three-level kernels' scratch rows. A second table times the mixer's short
+   conv + gated conv as two kernels vs fused into one (kernels/fftconv_front.py), at every (model, L).
 4. M2-BERT-80M encoder forward (bf16 weights, inference, filters cached) with kernels and with the torch
    path vs BERT-base with SDPA attention (FlashAttention backend) at the same L: tokens/ms. At the longest
    L one more call of the kernels model and of BERT-base runs under torch.profiler: the top GPU kernels by
@@ -245,6 +246,7 @@ def bench_fftconv(device, tokens: int, models: dict, lengths, peaks, reps: int, 
     for model, H in models.items():
         for L in lengths:
             rows.append(_bench_conv_row(device, tokens, model, H, L, peaks, reps, smoke))
+            rows[-1].update(_bench_front(device, tokens, H, L, reps, smoke))
             n = fft_monarch.kernel_fft_size(L)
             if n == LAYOUT_CHOICE_FFT and not smoke:
                 saved = fft_monarch.ONE_PROGRAM_MAX_FFT
@@ -332,6 +334,53 @@ def _bench_conv_row(device, tokens: int, model: str, H: int, L: int, peaks, reps
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _bench_front(device, tokens: int, H: int, L: int, reps: int, smoke: bool) -> dict:
+    """The mixer's short conv + gated conv as two kernels (the short conv reading the in_linear output's
+    channels-last layout, as in the mixer, and writing x1, x2, v) vs fused (kernels/fftconv_front.py: the
+    short conv inside the FFT-conv kernel's loads of the channels-first z), forward and forward+backward."""
+    from m2train.kernels import fftconv_front, shortconv
+    from m2train.kernels.fft_monarch import kernel_fft_size, monarch_kernel_spectrum
+    from m2train.kernels.fftconv import gated_fft_conv
+
+    act = torch.float32 if smoke else torch.bfloat16
+    B = max(1, tokens // L)
+    z_last = torch.randn(B, L, 3 * H, device=device, dtype=act, requires_grad=True)   # in_linear output
+    z_first = torch.randn(B, 3 * H, L, device=device, dtype=act, requires_grad=True)  # channels-first, no bias
+    mk = lambda *shape: torch.randn(*shape, device=device, requires_grad=True)  # noqa: E731
+    w, b, b_in, skip = mk(3 * H, 1, 3), mk(3 * H), mk(3 * H), mk(H)
+    spec_re, spec_im = (t.detach().requires_grad_() for t in
+                        monarch_kernel_spectrum(torch.randn(H, L, device=device) * 0.01, None, kernel_fft_size(L)))
+    if fftconv_front.unsupported_reason(z_first, w, spec_re) is not None:
+        return {}
+
+    def separate():
+        x1, x2, v = shortconv.causal_short_conv(z_last.transpose(1, 2), w, b).split(H, dim=1)
+        return gated_fft_conv(v, spec_re, spec_im, skip, x1, x2)
+
+    def fused():
+        return fftconv_front.front_gated_fft_conv(z_first, b_in, w, b, spec_re, spec_im, skip)
+
+    out = {}
+    dy = torch.randn(B, H, L, device=device, dtype=act)
+    for name, fn in (("separate", separate), ("fused", fused)):
+        with torch.no_grad():
+            out[f"front_{name}_fwd_ms"] = time_ms(fn, device, reps)
+
+        def fwd_bwd():
+            fn().backward(dy)
+            for t in (z_last, z_first, w, b, b_in, skip, spec_re, spec_im):
+                t.grad = None
+        out[f"front_{name}_fwdbwd_ms"] = time_ms(fwd_bwd, device, reps)
+    out["front_speedup_fwd"] = out["front_separate_fwd_ms"] / out["front_fused_fwd_ms"]
+    out["front_speedup_fwdbwd"] = out["front_separate_fwdbwd_ms"] / out["front_fused_fwdbwd_ms"]
+    print(f"  short conv fused in front, H={H} L={L:6d}: fwd {out['front_speedup_fwd']:.2f}x  fwd+bwd "
+          f"{out['front_speedup_fwdbwd']:.2f}x", file=sys.stderr)
+    del z_last, z_first
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -430,6 +479,15 @@ def markdown(result: dict) -> str:
                        f"{r['triton_fwdbwd_ms']:.3f} | {r['speedup_fwdbwd']:.2f}x | {r['tflops']:.1f} "
                        f"({r['pct_peak_flops']:.0f}%) | {r['gbs']:.0f} ({r['pct_peak_bw']:.0f}%) |")
         out.append("")
+        fronts = [r for r in result["fftconv"] if "front_speedup_fwd" in r]
+        if fronts:
+            out += ["| short conv + gated conv | L | B | two kernels fwd ms | fused fwd ms | speed-up fwd | "
+                    "two kernels fwd+bwd ms | fused fwd+bwd ms | speed-up fwd+bwd |", "|---|---|---|---|---|---|---|---|---|"]
+            out += [f"| {r['model']} H={r['H']} | {r['L']} | {r['B']} | {r['front_separate_fwd_ms']:.3f} | "
+                    f"{r['front_fused_fwd_ms']:.3f} | {r['front_speedup_fwd']:.2f}x | "
+                    f"{r['front_separate_fwdbwd_ms']:.3f} | {r['front_fused_fwdbwd_ms']:.3f} | "
+                    f"{r['front_speedup_fwdbwd']:.2f}x |" for r in fronts]
+            out.append("")
     if result["models"]:
         out += ["| L | B | M2-BERT-80M kernels tok/ms | M2-BERT-80M torch tok/ms | BERT-base SDPA tok/ms | "
                 "M2 (kernels) / BERT |", "|---|---|---|---|---|---|"]

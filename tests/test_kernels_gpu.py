@@ -79,6 +79,37 @@ def test_fftconv_real_sizes(L, bidirectional, dtype):
         assert rel(gk, ge) < tol
 
 
+# The short conv fused in front (kernels/fftconv_front.py) at the two sizes the whole-model tests (L = 2048)
+# do not reach: one program per sequence, and the single pass at its largest R = 4. bf16 only (compile time).
+@pytest.mark.parametrize("L,bidirectional", [(1000, True), (4096, False)])
+def test_front_real_sizes(L, bidirectional):
+    from m2train.kernels.fft_monarch import kernel_fft_size, monarch_kernel_spectrum
+    from m2train.kernels.fftconv_front import front_gated_fft_conv, front_gated_fft_conv_reference
+
+    B, H = 2, 768
+    g = torch.Generator(device=DEV).manual_seed(0)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, device=DEV, generator=g) * scale)  # noqa: E731
+    z = mk(B, 3 * H, L).bfloat16().requires_grad_()
+    params = [mk(3 * H).requires_grad_(), mk(3 * H, 1, 3, scale=0.5).requires_grad_(), mk(3 * H).requires_grad_()]
+    k_fwd = mk(H, L, scale=0.05).requires_grad_()
+    k_rev = mk(H, L, scale=0.05).requires_grad_() if bidirectional else None
+    skip = mk(H).requires_grad_()
+    leaves = [z, *params, *(t for t in (k_fwd, k_rev, skip) if t is not None)]
+    spec = monarch_kernel_spectrum(k_fwd, k_rev, kernel_fft_size(L))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*falls back.*")          # no fallback to torch here
+        y = front_gated_fft_conv(z, *params, *spec, skip)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, leaves, dy)
+    z32 = z.detach().float().requires_grad_()
+    want = front_gated_fft_conv_reference(z32, *params, *monarch_kernel_spectrum(k_fwd, k_rev, kernel_fft_size(L)),
+                                          skip)
+    exp = torch.autograd.grad(want, [z32, *leaves[1:]], dy.float())
+    assert y.dtype == torch.bfloat16 and rel(y, want) < 2e-2
+    for gk, ge in zip(got, exp):
+        assert rel(gk, ge) < 2e-2
+
+
 def test_fftconv_longest_falls_back_cleanly():
     """L = 65,537 needs a 262,144-point FFT, beyond fft_monarch.MAX_FFT_SIZE: torch path, same result."""
     from m2train.kernels.fftconv import fused_long_conv, unsupported_reason

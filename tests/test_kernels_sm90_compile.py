@@ -69,14 +69,16 @@ def spills(k):
     return int(re.search(r"(\d+) bytes spill stores", log).group(1))
 
 n = int(sys.argv[1])
+# SC_K > 0: the short conv fused in front (kernels/fftconv_front.py), K = 3 taps as in M2
+SC_K = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 if sys.argv[2] in ("one", "one-bf16"):
     # the one-program kernels, every gate variant: shared memory and register spills
     n1, n2 = split_fft_size(n)
     acts = (("*bf16", "tf32"),) if sys.argv[2] == "one-bf16" else (("*bf16", "tf32"), ("*fp32", "tf32x3"))
     for act, prec in acts:
-        for gates in ((True, True), (False, False), (False, True)):
+        for gates in ((True, True),) if SC_K else ((True, True), (False, False), (False, True)):
             for name, fn in (("fwd", fftconv._fftconv_fwd_kernel), ("bwd", fftconv._fftconv_bwd_kernel)):
-                c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec}
+                c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec, "SC_K": SC_K}
                 if name == "fwd":             # the ungated form is the mixer's residual conv: it adds
                     c["ADD"] = gates == (False, False)
                 k = build(fn, act, c, fftconv.one_program_warps(n))
@@ -86,16 +88,16 @@ if sys.argv[2] in ("one", "one-bf16"):
     for act in ("*bf16", "*fp32"):
         c = {"K": 3, "BLOCK_C": 32, "BLOCK_T": 64}
         print("shortconv fwd", act, build(shortconv._shortconv_fwd_kernel, act, c, shortconv.NUM_WARPS).metadata.shared)
-        print("shortconv bwd", act,
-              build(shortconv._shortconv_bwd_kernel, act, {**c, "KP": 4}, shortconv.NUM_WARPS).metadata.shared)
+        print("shortconv bwd", act, build(shortconv._shortconv_bwd_kernel, act, {**c, "KP": 4, "IN_BIAS": True},
+                                          shortconv.NUM_WARPS).metadata.shared)
 else:
     # the three-level kernels at the default row size, bf16 activations (training) and gated (the most live
     # values): shared memory and register spills
     r, m1, m2, bm = fftconv_long._plan(n)
-    gates = {"GATE_IN": True, "GATE_OUT": True}
+    gates = {"GATE_IN": True, "GATE_OUT": True, "SC_K": SC_K}
     for name, fn, c, warps in (
-            ("rows fwd", fftconv_long._rows_fwd_kernel, {"R": r, "M1": m1, "M2": m2, "GATE_IN": True, "PREC": "tf32"},
-             fftconv_long.ROW_WARPS),
+            ("rows fwd", fftconv_long._rows_fwd_kernel,
+             {"R": r, "M1": m1, "M2": m2, "GATE_IN": True, "SC_K": SC_K, "PREC": "tf32"}, fftconv_long.ROW_WARPS),
             ("rows bwd", fftconv_long._rows_bwd_kernel,
              {"R": r, "M1": m1, "M2": m2, **gates, "SCRATCH": True, "PREC": "tf32"}, fftconv_long.ROW_WARPS),
             ("cols fwd", fftconv_long._cols_fwd_kernel,
@@ -112,7 +114,7 @@ else:
     for name, fn, c in (
             ("single_fwd", fftconv_long._single_pass_fwd_kernel, {**gated, "ADD": False, "SAVE_C": True}),
             ("single_fwd_add", fftconv_long._single_pass_fwd_kernel,
-             {**gated, "GATE_IN": False, "GATE_OUT": False, "ADD": True, "SAVE_C": False}),
+             {**gated, "GATE_IN": False, "GATE_OUT": False, "ADD": True, "SAVE_C": False, "SC_K": 0}),
             ("single_dx", fftconv_long._single_pass_input_grad_kernel, gated),
             ("single_dk", fftconv_long._rows_bwd_kernel, {**gated, "SCRATCH": False})):
         k = build(fn, "*bf16", c, fftconv_long.ROW_WARPS)
@@ -172,4 +174,29 @@ def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
     for _, name, shared, spilled in lines:
         budget = {"rows_bwd": ROWS_BWD_SPILL_BUDGET, "single_fwd": SINGLE_PASS_SPILL_BUDGET,
                   "single_fwd_add": SINGLE_PASS_SPILL_BUDGET}.get(name, _allowed_spills())
+        assert int(shared) <= SM90_SHARED_BYTES and int(spilled) <= budget, out
+
+
+# Spill stores per thread allowed in the two-pass column backward with the short conv fused in front (three
+# shifted loads per input): 8 bytes measured on Triton 3.8 (0 without the front). A memory-bound kernel that
+# runs only beyond L = 4096.
+FRONT_COLS_BWD_SPILL_BUDGET = 16
+
+
+@pytest.mark.slow       # 10 sm_90 compiles + ptxas, ~3 min on a 2-core machine
+def test_kernels_with_the_short_conv_in_front_compile_for_h100(tmp_path):
+    """The gated FFT-conv kernels computing the short conv inside their loads (SC_K = 3, bf16;
+    kernels/fftconv_front.py) compile for sm_90 within an SM's shared memory and spill no more than the
+    kernels without it: one program at its largest size (N = 2048) forward and backward, and every
+    three-level kernel (rows and columns at N = 32768, the single-pass ones at R = 4)."""
+    lines, out = _compile_lines(tmp_path, str(fft_monarch.ONE_PROGRAM_MAX_FFT), "one-bf16", "3")
+    assert [line[1] for line in lines] == ["fwd", "bwd"], out
+    for line in lines:
+        assert int(line[-2]) <= SM90_SHARED_BYTES and int(line[-1]) <= _allowed_spills(), out
+    lines, out = _compile_lines(tmp_path, "32768", "long", "3")
+    assert len(lines) == 8, out
+    for _, name, shared, spilled in lines:
+        budget = {"rows_bwd": ROWS_BWD_SPILL_BUDGET, "single_fwd": SINGLE_PASS_SPILL_BUDGET,
+                  "single_fwd_add": SINGLE_PASS_SPILL_BUDGET,
+                  "cols_bwd": FRONT_COLS_BWD_SPILL_BUDGET}.get(name, _allowed_spills())
         assert int(shared) <= SM90_SHARED_BYTES and int(spilled) <= budget, out
