@@ -128,16 +128,16 @@ def _ifft_real(zr, zi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr,
 
 
 @triton.jit
-def _load_act(ptr, t, L, sc_ptr, K: tl.constexpr):
-    """One sequence's activation at time offsets t (any tile shape) as fp32, zero at t >= L (the FFT's
-    zero padding). K = 0: the values at ptr. K > 0: the causal short conv the M2 mixer runs in front of the
-    long conv (kernels/fftconv_front.py), computed here from its input instead of read from a tensor it
-    wrote: b_sc + Σ_j w_j·(x[t-(K-1)+j] + b_in), taps before t = 0 being the conv's zero padding; sc_ptr
-    holds this channel's [w_0 .. w_{K-1}, b_in, b_sc] in fp32 (b_in: the in_linear bias, folded in here
-    so the projection can be a bias-free channels-first GEMM). The shifted loads hit the lines the
-    unshifted one brought in."""
+def _load_act(ptr, t, m, L, sc_ptr, K: tl.constexpr):
+    """One sequence's activation at time offsets t (any tile shape) as fp32, zero where the caller's mask
+    m = t < L is false (the FFT's zero padding). K = 0: the values at ptr. K > 0: the causal short conv the
+    M2 mixer runs in front of the long conv (kernels/fftconv_front.py), computed here from its input instead
+    of read from a tensor it wrote: b_sc + Σ_j w_j·(x[t-(K-1)+j] + b_in), taps before t = 0 being the conv's
+    zero padding; sc_ptr holds this channel's [w_0 .. w_{K-1}, b_in, b_sc] in fp32 (b_in: the in_linear
+    bias, folded in here so the projection can be a bias-free channels-first GEMM). The shifted loads hit
+    the lines the unshifted one brought in."""
     if K == 0:
-        return tl.load(ptr + t, mask=t < L, other=0.0).to(tl.float32)
+        return tl.load(ptr + t, mask=m, other=0.0).to(tl.float32)
     else:
         b_in = tl.load(sc_ptr + K)
         acc = tl.zeros(t.shape, dtype=tl.float32) + tl.load(sc_ptr + K + 1)
@@ -146,7 +146,7 @@ def _load_act(ptr, t, L, sc_ptr, K: tl.constexpr):
             ok = (src >= 0) & (src < L)
             x = tl.load(ptr + src, mask=ok, other=0.0).to(tl.float32)
             acc += tl.load(sc_ptr + j) * tl.where(ok, x + b_in, 0.0)
-        return tl.where(t < L, acc, 0.0)
+        return tl.where(m, acc, 0.0)
 
 
 @triton.jit
@@ -163,9 +163,9 @@ def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d
     t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]     # time index n = N2·n1 + n2
     m = t < L                                                          # zero padding beyond L
     p1 = sc_ptr + h * (SC_K + 2)
-    u = _load_act(v_ptr + b * s_vb + h * s_vh, t, L, p1 + 2 * sc_s, SC_K)
+    u = _load_act(v_ptr + b * s_vb + h * s_vh, t, m, L, p1 + 2 * sc_s, SC_K)
     if GATE_IN:
-        u = u * _load_act(x1_ptr + b * s_x1b + h * s_x1h, t, L, p1, SC_K)
+        u = u * _load_act(x1_ptr + b * s_x1b + h * s_x1h, t, m, L, p1, SC_K)
     xr, xi = _fft(u, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
     kr = tl.load(kr_ptr + h * (N1 * N2) + t)
     ki = tl.load(ki_ptr + h * (N1 * N2) + t)
@@ -173,7 +173,7 @@ def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d
                    f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
     y = y + tl.load(d_ptr + h).to(tl.float32) * u
     if GATE_OUT:
-        y = y * _load_act(x2_ptr + b * s_x2b + h * s_x2h, t, L, p1 + sc_s, SC_K)
+        y = y * _load_act(x2_ptr + b * s_x2b + h * s_x2h, t, m, L, p1 + sc_s, SC_K)
     if ADD:
         y = y + tl.load(add_ptr + b * s_ab + h * s_ah + t, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * s_yb + h * s_yh + t, y.to(y_ptr.dtype.element_ty), mask=m)
@@ -217,12 +217,12 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
     dx1_ptr += h * s_gh
     dx2_ptr += h * s_gh
     for _ in range(B):
-        u = _load_act(v_ptr, t, L, pv, SC_K)
+        u = _load_act(v_ptr, t, m, L, pv, SC_K)
         if GATE_IN:
-            u = u * _load_act(x1_ptr, t, L, p1, SC_K)
+            u = u * _load_act(x1_ptr, t, m, L, p1, SC_K)
         gc = tl.load(dy_ptr + t, mask=m, other=0.0).to(tl.float32)
         if GATE_OUT:
-            gc = gc * _load_act(x2_ptr, t, L, p2, SC_K)
+            gc = gc * _load_act(x2_ptr, t, m, L, p2, SC_K)
         dd += tl.sum(tl.sum(gc * u, axis=1), axis=0)
         ur, ui = _fft(u, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
         gr, gi = _fft(gc, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
@@ -238,9 +238,9 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
         du = _ifft_real(gr * kr + gi * ki, gi * kr - gr * ki,
                         f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC) + d * gc
         if GATE_IN:
-            x1 = _load_act(x1_ptr, t, L, p1, SC_K)
+            x1 = _load_act(x1_ptr, t, m, L, p1, SC_K)
             tl.store(dv_ptr + t, (du * x1).to(dv_ptr.dtype.element_ty), mask=m)
-            v = _load_act(v_ptr, t, L, pv, SC_K)
+            v = _load_act(v_ptr, t, m, L, pv, SC_K)
             tl.store(dx1_ptr + t, (du * v).to(dx1_ptr.dtype.element_ty), mask=m)
         else:
             tl.store(dv_ptr + t, du.to(dv_ptr.dtype.element_ty), mask=m)

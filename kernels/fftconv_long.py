@@ -79,9 +79,10 @@ def _column_row(a_ptr, g_ptr, pa_ptr, pg_ptr, k, L, frr_ptr, fri_ptr, twr_ptr, t
     zi = tl.zeros((M1, M2), dtype=tl.float32)
     for r in range(0, tl.cdiv(L, M)):                  # rows at or beyond L are zero padding
         pos = r * M + t
-        x = _load_act(a_ptr, pos, L, pa_ptr, KA)
+        msk = pos < L
+        x = _load_act(a_ptr, pos, msk, L, pa_ptr, KA)
         if GATE:
-            x = x * _load_act(g_ptr, pos, L, pg_ptr, KG)
+            x = x * _load_act(g_ptr, pos, msk, L, pg_ptr, KG)
         zr += tl.load(frr_ptr + k * R + r) * x
         zi += tl.load(fri_ptr + k * R + r) * x
     twr = _load_mat(twr_ptr + k * M, M1, M2)
@@ -195,14 +196,14 @@ def _gated_epilogue(acc, t, v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, c_ptr, d, L, 
     sequence's rows (batch and channel offsets applied); c has y's strides. SC_K > 0: v, x1, x2 are read
     through the short conv in front (parameter rows p1_ptr, + sc_s, + 2·sc_s)."""
     m = t < L
-    u = _load_act(v_ptr, t, L, p1_ptr + 2 * sc_s, SC_K)
+    u = _load_act(v_ptr, t, m, L, p1_ptr + 2 * sc_s, SC_K)
     if GATE_IN:
-        u = u * _load_act(x1_ptr, t, L, p1_ptr, SC_K)
+        u = u * _load_act(x1_ptr, t, m, L, p1_ptr, SC_K)
     y = acc + d * u
     if SAVE_C:
         tl.store(c_ptr + t, y.to(c_ptr.dtype.element_ty), mask=m)
     if GATE_OUT:
-        y = y * _load_act(x2_ptr, t, L, p1_ptr + sc_s, SC_K)
+        y = y * _load_act(x2_ptr, t, m, L, p1_ptr + sc_s, SC_K)
     if ADD:
         y = y + tl.load(add_ptr + t, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + t, y.to(y_ptr.dtype.element_ty), mask=m)
@@ -302,15 +303,15 @@ def _input_grad_epilogue(acc, r, dy_ptr, v_ptr, x1_ptr, x2_ptr, c_ptr, dv_ptr, d
     through the short conv in front, as in _gated_epilogue."""
     t = _time_row(r, M1, M2)
     m = t < L
-    v = _load_act(v_ptr, t, L, p1_ptr + 2 * sc_s, SC_K)
+    v = _load_act(v_ptr, t, m, L, p1_ptr + 2 * sc_s, SC_K)
     u = v
     if GATE_IN:
-        x1 = _load_act(x1_ptr, t, L, p1_ptr, SC_K)
+        x1 = _load_act(x1_ptr, t, m, L, p1_ptr, SC_K)
         u = v * x1
     g = tl.load(dy_ptr + t, mask=m, other=0.0).to(tl.float32)
     gc = g
     if GATE_OUT:
-        gc = g * _load_act(x2_ptr, t, L, p1_ptr + sc_s, SC_K)
+        gc = g * _load_act(x2_ptr, t, m, L, p1_ptr + sc_s, SC_K)
         c = tl.load(c_ptr + t, mask=m, other=0.0).to(tl.float32)
         tl.store(dx2_ptr + t, (g * c).to(dx2_ptr.dtype.element_ty), mask=m)
     du = acc + d * gc
@@ -424,15 +425,15 @@ def _cols_bwd_kernel(dur_ptr, dui_ptr, cr_ptr, ci_ptr, dy_ptr, v_ptr, x1_ptr, x2
     m = t < L
     d = tl.load(d_ptr + h).to(tl.float32)
     p1 = sc_ptr + h * (SC_K + 2)
-    v = _load_act(v_ptr + b * s_vb + h * s_vh, t, L, p1 + 2 * sc_s, SC_K)
+    v = _load_act(v_ptr + b * s_vb + h * s_vh, t, m, L, p1 + 2 * sc_s, SC_K)
     u = v
     if GATE_IN:
-        x1 = _load_act(x1_ptr + b * s_x1b + h * s_x1h, t, L, p1, SC_K)
+        x1 = _load_act(x1_ptr + b * s_x1b + h * s_x1h, t, m, L, p1, SC_K)
         u = v * x1
     g = tl.load(dy_ptr + b * s_dyb + h * s_dyh + t, mask=m, other=0.0).to(tl.float32)
     gc = g
     if GATE_OUT:
-        gc = g * _load_act(x2_ptr + b * s_x2b + h * s_x2h, t, L, p1 + sc_s, SC_K)
+        gc = g * _load_act(x2_ptr + b * s_x2b + h * s_x2h, t, m, L, p1 + sc_s, SC_K)
         c = _inverse_columns(cr_ptr, ci_ptr, base, frr_ptr, fri_ptr, cols, R, R_HALF, M, BM)
         tl.store(dx2_ptr + b * s_gb + h * s_gh + t, (g * (c + d * u)).to(dx2_ptr.dtype.element_ty), mask=m)
     du = _inverse_columns(dur_ptr, dui_ptr, base, frr_ptr, fri_ptr, cols, R, R_HALF, M, BM) + d * gc

@@ -25,6 +25,10 @@ ALLOWED_SPILLS_TRITON_3_6 = 16
 # Spill stores per thread allowed in the three-level backward rows kernel (bf16, gated): 48 measured on
 # Triton 3.8, 56 on 3.6 (the batch loop's price, see test_three_level_kernels_compile_for_h100_without_spilling).
 ROWS_BWD_SPILL_BUDGET = 64
+# ... and in the one-program backward with the output gate only (the mixer's dropout / pad-mask path) at
+# N = 2048: 8 bytes on Triton 3.8 since its loads go through fftconv._load_act (the same loads inline
+# compiled to 0; 3.6 spilled 8 either way).
+OUT_GATE_BWD_SPILL_BUDGET = 8
 # ... and in the single-pass three-level forward at R = 4 (its two accumulators): 0-16 bytes measured on
 # Triton 3.8, 0-12 on 3.6, over the gate / addend variants and N = 4096, 8192.
 SINGLE_PASS_SPILL_BUDGET = 16
@@ -151,12 +155,14 @@ def test_fftconv_and_shortconv_compile_for_h100_without_a_gpu(tmp_path):
 def test_one_program_kernels_compile_for_h100_without_spilling(tmp_path):
     """The one-program kernels at their largest default size (N = fft_monarch.ONE_PROGRAM_MAX_FFT = 2048,
     L = 1024), bf16, every gate variant, forward and backward: at one_program_warps(N) = 8 ptxas spills no
-    registers (the backward holding its spectrum gradient and inputs in registers spilled 1.2 KB per thread
-    here; at N = 4096 it still spills ~3 KB, the reason the three-level kernels take over there)."""
+    registers, except 8 bytes in the output-gate-only backward (OUT_GATE_BWD_SPILL_BUDGET; the backward
+    holding its spectrum gradient and inputs in registers spilled 1.2 KB per thread here; at N = 4096 it still spills ~3 KB, the reason the three-level kernels take over there)."""
     lines, out = _compile_lines(tmp_path, str(fft_monarch.ONE_PROGRAM_MAX_FFT), "one-bf16")
     assert len(lines) == 6 and {line[1] for line in lines} == {"fwd", "bwd"}, out
     for line in lines:
-        assert int(line[-2]) <= SM90_SHARED_BYTES and int(line[-1]) <= _allowed_spills(), out
+        out_gate_bwd = line[1] == "bwd" and line[3:5] == ["False", "True"]
+        budget = max(_allowed_spills(), OUT_GATE_BWD_SPILL_BUDGET) if out_gate_bwd else _allowed_spills()
+        assert int(line[-2]) <= SM90_SHARED_BYTES and int(line[-1]) <= budget, out
 
 
 @pytest.mark.slow       # 8 sm_90 compiles + ptxas, ~1 min on a 2-core machine
