@@ -482,7 +482,8 @@ def markdown(result: dict) -> str:
         fronts = [r for r in result["fftconv"] if "front_speedup_fwd" in r]
         if fronts:
             out += ["| short conv + gated conv | L | B | two kernels fwd ms | fused fwd ms | speed-up fwd | "
-                    "two kernels fwd+bwd ms | fused fwd+bwd ms | speed-up fwd+bwd |", "|---|---|---|---|---|---|---|---|---|"]
+                    "two kernels fwd+bwd ms | fused fwd+bwd ms | speed-up fwd+bwd |",
+                    "|---|---|---|---|---|---|---|---|---|"]
             out += [f"| {r['model']} H={r['H']} | {r['L']} | {r['B']} | {r['front_separate_fwd_ms']:.3f} | "
                     f"{r['front_fused_fwd_ms']:.3f} | {r['front_speedup_fwd']:.2f}x | "
                     f"{r['front_separate_fwdbwd_ms']:.3f} | {r['front_fused_fwdbwd_ms']:.3f} | "

@@ -150,11 +150,25 @@ def _load_act(ptr, t, m, L, sc_ptr, K: tl.constexpr):
 
 
 @triton.jit
+def _dropped(u, seed_ptr, b, t, L, p, DROP: tl.constexpr):
+    """u = v ⊙ x1 with the mixer's dropout applied inside the kernels (kernels/fftconv_front.py): element
+    (b, t) of this channel kept with probability 1 - p and scaled by 1 / (1 - p). The draw is
+    tl.rand(this channel's seed at seed_ptr, b·L + t), the same in every kernel, forward and backward, so no
+    mask is stored (b may be int32 or int64: Philox takes the counter's high word as 0 either way below
+    2^31, so every kernel draws the same numbers). DROP false: u unchanged."""
+    if DROP:
+        keep = tl.rand(tl.load(seed_ptr), b * L + t) >= p
+        return tl.where(keep, u * (1.0 / (1.0 - p)), 0.0)
+    else:
+        return u
+
+
+@triton.jit
 def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d_ptr,
-                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, sc_ptr, sc_s,
+                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, sc_ptr, sc_s, seed_ptr, p_drop,
                         L, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_yb, s_yh, s_ab, s_ah,
                         N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
-                        ADD: tl.constexpr, SC_K: tl.constexpr, PREC: tl.constexpr):
+                        ADD: tl.constexpr, SC_K: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr):
     # Batch on axis 0 (launched fastest), so the programs sharing one channel's spectrum run together and
     # read it from L2. SC_K > 0: v, x1, x2 are the short conv's inputs (_load_act; sc_ptr + h·(SC_K+2) is
     # x1's parameter row, x2's and v's follow at sc_s and 2·sc_s).
@@ -166,6 +180,7 @@ def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d
     u = _load_act(v_ptr + b * s_vb + h * s_vh, t, m, L, p1 + 2 * sc_s, SC_K)
     if GATE_IN:
         u = u * _load_act(x1_ptr + b * s_x1b + h * s_x1h, t, m, L, p1, SC_K)
+    u = _dropped(u, seed_ptr + h, b, t, L, p_drop, DROP)
     xr, xi = _fft(u, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC)
     kr = tl.load(kr_ptr + h * (N1 * N2) + t)
     ki = tl.load(ki_ptr + h * (N1 * N2) + t)
@@ -182,10 +197,10 @@ def _fftconv_fwd_kernel(v_ptr, x1_ptr, x2_ptr, y_ptr, add_ptr, kr_ptr, ki_ptr, d
 @triton.jit
 def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
                         dv_ptr, dx1_ptr, dx2_ptr, dkr_ptr, dki_ptr, dd_ptr,
-                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, sc_ptr, sc_s,
+                        f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, sc_ptr, sc_s, seed_ptr, p_drop,
                         B, L, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_gb, s_gh,
                         N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
-                        SC_K: tl.constexpr, PREC: tl.constexpr):
+                        SC_K: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr):
     # One program per channel; dv/dx1/dx2 share the contiguous (B, H, L) strides s_gb, s_gh.
     # Registers are the limit (an (N1, N2) fp32 matrix is N/128 registers per thread at 4 warps), so the
     # loop keeps as little alive across its transforms as it can: the spectrum gradient accumulates in this
@@ -216,10 +231,12 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
     dv_ptr += h * s_gh
     dx1_ptr += h * s_gh
     dx2_ptr += h * s_gh
-    for _ in range(B):
+    seed_ptr += h
+    for bi in range(B):
         u = _load_act(v_ptr, t, m, L, pv, SC_K)
         if GATE_IN:
             u = u * _load_act(x1_ptr, t, m, L, p1, SC_K)
+        u = _dropped(u, seed_ptr, bi, t, L, p_drop, DROP)
         gc = tl.load(dy_ptr + t, mask=m, other=0.0).to(tl.float32)
         if GATE_OUT:
             gc = gc * _load_act(x2_ptr, t, m, L, p2, SC_K)
@@ -237,6 +254,7 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
             tl.store(dx2_ptr + t, (dy * c).to(dx2_ptr.dtype.element_ty), mask=m)
         du = _ifft_real(gr * kr + gi * ki, gi * kr - gr * ki,
                         f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, tr_ptr, ti_ptr, N1, N2, PREC) + d * gc
+        du = _dropped(du, seed_ptr, bi, t, L, p_drop, DROP)   # through the dropout to v ⊙ x1
         if GATE_IN:
             x1 = _load_act(x1_ptr, t, m, L, p1, SC_K)
             tl.store(dv_ptr + t, (du * x1).to(dv_ptr.dtype.element_ty), mask=m)
@@ -327,7 +345,16 @@ def front_args(front: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torc
     return front, front.stride(0), front.shape[-1] - 2
 
 
-def _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend=None, front=None):
+def drop_args(drop: tuple[torch.Tensor, float] | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """(seed tensor, p, DROP) kernel arguments for dropout on v ⊙ x1 inside the kernels: `drop` is (seeds,
+    p), one int64 seed per channel (kernels/fftconv_front.py), None for no dropout."""
+    if drop is None:
+        return stand_in, 0.0, False
+    seeds, p = drop
+    return seeds, float(p), True
+
+
+def _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend=None, front=None, drop=None):
     B, H, L = v.shape
     n = spec_re.shape[-1]
     n1, n2 = split_fft_size(n)
@@ -335,13 +362,14 @@ def _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend=None, front=None):
     y = torch.empty(B, H, L, dtype=v.dtype, device=v.device)
     a1, a2, ad = placeholder(x1, v), placeholder(x2, v), placeholder(addend, v)
     sc, sc_s, sc_k = front_args(front, spec_re)
+    seeds, p_drop, dropping = drop_args(drop, spec_re)
     with on_device_of(v):
         _fftconv_fwd_kernel[(B, H)](
-            v, a1, a2, y, ad, spec_re, spec_im, skip, *factors, sc, sc_s,
+            v, a1, a2, y, ad, spec_re, spec_im, skip, *factors, sc, sc_s, seeds, p_drop,
             L, v.stride(0), v.stride(1), a1.stride(0), a1.stride(1), a2.stride(0), a2.stride(1),
             y.stride(0), y.stride(1), ad.stride(0), ad.stride(1),
             N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, ADD=addend is not None,
-            SC_K=sc_k, PREC=_precision(v.dtype),
+            SC_K=sc_k, DROP=dropping, PREC=_precision(v.dtype),
             num_warps=one_program_warps(n), num_stages=NUM_STAGES)
     return y
 
@@ -360,7 +388,7 @@ def input_grads(v, x1, x2, grads=None):
     return dv, torch.empty_like(dv) if x1 is not None else None, torch.empty_like(dv) if x2 is not None else None
 
 
-def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=None, grads=None):
+def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=None, grads=None, drop=None):
     B, H, L = v.shape
     n = spec_re.shape[-1]
     n1, n2 = split_fft_size(n)
@@ -370,14 +398,15 @@ def _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=None, grads=None):
     dd = torch.empty(H, dtype=torch.float32, device=v.device)
     a1, a2 = placeholder(x1, v), placeholder(x2, v)
     sc, sc_s, sc_k = front_args(front, spec_re)
+    seeds, p_drop, dropping = drop_args(drop, spec_re)
     with on_device_of(v):
         _fftconv_bwd_kernel[(H,)](
             dy, v, a1, a2, spec_re, spec_im, skip,
             dv, placeholder(dx1, dv), placeholder(dx2, dv), dkr, dki, dd,
-            *dft_factors(n, v.device), sc, sc_s,
+            *dft_factors(n, v.device), sc, sc_s, seeds, p_drop,
             B, L, dy.stride(0), dy.stride(1), v.stride(0), v.stride(1), a1.stride(0), a1.stride(1),
             a2.stride(0), a2.stride(1), dv.stride(0), dv.stride(1),
-            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, SC_K=sc_k,
+            N1=n1, N2=n2, GATE_IN=x1 is not None, GATE_OUT=x2 is not None, SC_K=sc_k, DROP=dropping,
             PREC=_precision(v.dtype), num_warps=one_program_warps(n), num_stages=NUM_STAGES)
     return dv, dx1, dx2, dkr, dki, dd.to(skip.dtype)
 

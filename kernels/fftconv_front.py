@@ -12,6 +12,11 @@ position instead of 6). The in_linear bias b_in is folded into those loads, so t
 bias-free channels-first GEMM (its output then has the unit time stride the FFT kernels read; the torch
 path's channels-last output would not).
 
+Dropout (the mixer's, on v ⊙ x1, in training) runs inside the kernels too (fftconv._dropped): one int64
+seed per channel is drawn from torch's generator per call, and every kernel, forward and backward, draws
+the keep decision of element (b, h, t) as tl.rand(seed_h, b·L + t), so the mask is never stored or read.
+`dropout_scale` writes the same mask out (tests and the fallback backward).
+
 Backward: the FFT-conv backward kernels, reading z through the same loads, write the gradients of x1, x2, v
 into one (B, 3H, L) buffer; the short conv's backward kernel (kernels/shortconv.py, with the input bias)
 turns it into dz, dw, db and d b_in. Every kernel layout of kernels/fftconv.py and kernels/fftconv_long.py
@@ -23,8 +28,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from .fftconv import (_RESOURCE_ERRORS, _TOO_LARGE, _device_name, _give_up_on, _launch_bwd, _launch_fwd,
+from ._common import on_device_of
+from .fftconv import (_RESOURCE_ERRORS, _TOO_LARGE, _device_name, _dropped, _give_up_on, _launch_bwd, _launch_fwd,
                       _one_program, _seq_view, gated_fft_conv_reference)
 from .fftconv import unsupported_reason as conv_unsupported_reason
 from .shortconv import MAX_KERNEL, short_conv_backward
@@ -39,11 +48,37 @@ def pack_front(weight: torch.Tensor, in_bias: torch.Tensor, bias: torch.Tensor) 
     return packed.view(3, C // 3, -1).contiguous()
 
 
+@triton.jit
+def _dropout_scale_kernel(out_ptr, seed_ptr, p, L, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    out_ptr += (b * tl.num_programs(1) + h) * L
+    for t0 in range(0, L, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        ones = tl.full((BLOCK,), 1.0, dtype=tl.float32)
+        tl.store(out_ptr + t, _dropped(ones, seed_ptr + h, b, t, L, p, True), mask=t < L)
+
+
+def dropout_scale(seeds: torch.Tensor, B: int, L: int, p: float) -> torch.Tensor:
+    """The in-kernel dropout's (B, H, L) fp32 factors (0 or 1 / (1 - p)) for per-channel `seeds` (H,)."""
+    out = torch.empty(B, seeds.shape[0], L, dtype=torch.float32, device=seeds.device)
+    with on_device_of(seeds):
+        _dropout_scale_kernel[(B, seeds.shape[0])](out, seeds, float(p), L, BLOCK=min(1024, triton.next_power_of_2(L)))
+    return out
+
+
+def draw_seeds(H: int, device) -> torch.Tensor:
+    """One seed per channel for the in-kernel dropout, from torch's generator on `device` (so
+    torch.manual_seed and activation checkpointing's RNG replay reproduce the mask); no host sync."""
+    return torch.randint(0, 2 ** 31 - 1, (H,), device=device, dtype=torch.int64)
+
+
 class _FrontGatedFFTConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted):
+    def forward(ctx, z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted, dropout_p):
         z = _seq_view(z)
         H = z.shape[1] // 3
+        drop = (draw_seeds(H, z.device), dropout_p) if dropout_p > 0 else None
         x1, x2, v = z[:, :H], z[:, H:2 * H], z[:, 2 * H:]
         front = pack_front(weight, in_bias, bias)
         spec_re, spec_im, skip = spec_re.contiguous(), spec_im.contiguous(), skip.contiguous()
@@ -51,13 +86,14 @@ class _FrontGatedFFTConv(torch.autograd.Function):
         ctx.one_program = _one_program(spec_re.shape[-1])
         conv = None
         if ctx.one_program:
-            y = _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend, front=front)
+            y = _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend, front=front, drop=drop)
         else:
             from . import fftconv_long
             y, conv = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend, save_conv=grad_wanted,
-                                           front=front)
+                                           front=front, drop=drop)
         ctx.meta = (weight.shape, weight.dtype, in_bias.dtype, bias.dtype,
                     addend.dtype if addend is not None else None)
+        ctx.drop = drop
         if grad_wanted:
             ctx.save_for_backward(z, front, spec_re, spec_im, skip, conv)
         return y
@@ -69,7 +105,8 @@ class _FrontGatedFFTConv(torch.autograd.Function):
         d_addend = dy.to(add_dtype) if add_dtype is not None else None
         n = spec_re.shape[-1]
         if (n, _device_name(z)) in _TOO_LARGE:
-            return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta), d_addend, None)
+            return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta, ctx.drop), d_addend,
+                    None, None)
         dy = _seq_view(dy)
         H = z.shape[1] // 3
         K = front.shape[-1] - 2
@@ -78,22 +115,25 @@ class _FrontGatedFFTConv(torch.autograd.Function):
         grads = (d_post[:, 2 * H:], d_post[:, :H], d_post[:, H:2 * H])
         try:
             if ctx.one_program:
-                *_, dkr, dki, dd = _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=front, grads=grads)
+                *_, dkr, dki, dd = _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=front, grads=grads,
+                                               drop=ctx.drop)
             else:
                 from . import fftconv_long
                 *_, dkr, dki, dd = fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip, conv, front=front,
-                                                         grads=grads)
+                                                         grads=grads, drop=ctx.drop)
         except _RESOURCE_ERRORS as err:
             _give_up_on(n, z, err)
-            return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta), d_addend, None)
+            return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta, ctx.drop), d_addend,
+                    None, None)
         rows = front.view(3 * H, K + 2)
         dz, dw, db, dbin = short_conv_backward(d_post, z, rows[:, :K].contiguous(), in_bias=rows[:, K].contiguous())
         return (dz, dbin.to(bin_dtype), dw.to(w_dtype).reshape(w_shape), db.to(b_dtype), dkr, dki, dd, d_addend,
-                None)
+                None, None)
 
 
-def _reference_backward(dy, z, front, spec_re, spec_im, skip, meta):
-    """Gradients by autograd through the torch reference (when a backward kernel does not fit this GPU)."""
+def _reference_backward(dy, z, front, spec_re, spec_im, skip, meta, drop):
+    """Gradients by autograd through the torch reference (when a backward kernel does not fit this GPU),
+    with the forward's dropout mask (dropout_scale of its seeds)."""
     w_shape, w_dtype, bin_dtype, b_dtype, _ = meta
     K = front.shape[-1] - 2
     rows = front.view(-1, K + 2)
@@ -101,7 +141,8 @@ def _reference_backward(dy, z, front, spec_re, spec_im, skip, meta):
         leaves = [t.detach().requires_grad_() for t in
                   (z, rows[:, K].to(bin_dtype), rows[:, :K].to(w_dtype).reshape(w_shape),
                    rows[:, K + 1].to(b_dtype), spec_re, spec_im, skip)]
-        y = front_gated_fft_conv_reference(*leaves)
+        scale = dropout_scale(drop[0], z.shape[0], z.shape[-1], drop[1]) if drop is not None else None
+        y = front_gated_fft_conv_reference(*leaves, keep_scale=scale)
         return torch.autograd.grad(y, leaves, dy)
 
 
@@ -116,40 +157,53 @@ def unsupported_reason(z: torch.Tensor, weight: torch.Tensor, spec_re: torch.Ten
 
 def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          spec_re: torch.Tensor, spec_im: torch.Tensor, skip: torch.Tensor,
-                         addend: torch.Tensor | None = None) -> torch.Tensor:
-    """y = (conv(v ⊙ x1, k) + skip ⊙ (v ⊙ x1)) ⊙ x2 [+ addend], (B, H, L) in z's dtype, where x1, x2, v =
-    split(short_conv(z + in_bias)) along the channels: z (B, 3H, L) with unit time stride (e.g. a
-    channels-first projection without its bias), in_bias and the short conv's bias (3H,), its weight (3H, 1, K)
-    or (3H, K); the kernel spectrum as in fftconv.gated_fft_conv. Differentiable in every tensor argument.
-    Falls back to the torch reference, with a warning naming why, for inputs the kernels do not take."""
+                         addend: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """y = (conv(u, k) + skip ⊙ u) ⊙ x2 [+ addend] with u = dropout(v ⊙ x1, dropout_p), (B, H, L) in z's
+    dtype, where x1, x2, v = split(short_conv(z + in_bias)) along the channels: z (B, 3H, L) with unit time
+    stride (e.g. a channels-first projection without its bias), in_bias and the short conv's bias (3H,), its
+    weight (3H, 1, K) or (3H, K); the kernel spectrum as in fftconv.gated_fft_conv. Differentiable in every
+    tensor argument. Falls back to the torch reference (torch's dropout), with a warning naming why, for
+    inputs the kernels do not take."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability {dropout_p} is not in [0, 1)")
     H = z.shape[1] // 3 if z.dim() == 3 else 0
     if addend is not None and (addend.shape != (z.shape[0], H, z.shape[-1])
                                or torch.promote_types(addend.dtype, z.dtype) != z.dtype):
         if addend.dim() != 3 or addend.shape != (z.shape[0], H, z.shape[-1]):
             raise ValueError(f"addend shape {tuple(addend.shape)} is not the output's "
                              f"{(z.shape[0], H, z.shape[-1])}")
-        return front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip) + addend
+        return front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=dropout_p) + addend
     reason = unsupported_reason(z, weight, spec_re)
     if reason is not None:
         warnings.warn(f"fused short conv + FFT conv falls back to torch: {reason}", stacklevel=2)
-        return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend)
+        return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p)
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (z, in_bias, weight, bias, spec_re, spec_im, skip, addend))
     try:
-        return _FrontGatedFFTConv.apply(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted)
+        return _FrontGatedFFTConv.apply(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted,
+                                        float(dropout_p))
     except _RESOURCE_ERRORS as err:
         _give_up_on(spec_re.shape[-1], z, err)
-        return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend)
+        return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p)
 
 
-def front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend=None) -> torch.Tensor:
-    """The same function from the models' short conv and the gated conv's torch reference."""
+def front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend=None, dropout_p=0.0,
+                                   keep_scale=None) -> torch.Tensor:
+    """The same function from the models' short conv and the gated conv's torch reference. The dropout on
+    v ⊙ x1: the given (B, H, L) factors `keep_scale` (the kernels' mask, dropout_scale), else torch's
+    F.dropout with dropout_p."""
     from m2train.models.short_conv import causal_short_conv
 
     C = z.shape[1]
     x = causal_short_conv(z + in_bias.to(z.dtype)[:, None], weight.reshape(C, -1), bias)
     x1, x2, v = x.split(C // 3, dim=1)
-    return gated_fft_conv_reference(v, spec_re, spec_im, skip, x1, x2, addend)
+    u = v * x1
+    if keep_scale is not None:
+        u = u * keep_scale.to(u.dtype)
+    elif dropout_p > 0:
+        u = F.dropout(u, dropout_p)
+    return gated_fft_conv_reference(u, spec_re, spec_im, skip, None, x2, addend)
 
 
-__all__ = ["pack_front", "unsupported_reason", "front_gated_fft_conv", "front_gated_fft_conv_reference"]
+__all__ = ["pack_front", "dropout_scale", "draw_seeds", "unsupported_reason", "front_gated_fft_conv",
+           "front_gated_fft_conv_reference"]

@@ -30,12 +30,13 @@ def small_rows(monkeypatch):
     monkeypatch.setattr(fftconv_long, "COLUMN_TILE", 128)
 
 
-def independent_reference(z, in_bias, weight, k_fwd, k_rev, bias, skip, addend=None):
-    """The mixer's math spelled out with the models' functions (not fftconv_front's reference)."""
+def independent_reference(z, in_bias, weight, k_fwd, k_rev, bias, skip, addend=None, keep_scale=None):
+    """The mixer's math spelled out with the models' functions (not fftconv_front's reference); keep_scale:
+    the dropout factors on v ⊙ x1."""
     C = z.shape[1]
     x = causal_short_conv(z + in_bias[:, None], weight.reshape(C, -1), bias)
     x1, x2, v = x.split(C // 3, dim=1)
-    u = v * x1
+    u = v * x1 if keep_scale is None else v * x1 * keep_scale
     y = (long_conv(u, k_fwd, k_rev) + u * skip[:, None]) * x2
     return y + addend if addend is not None else y
 
@@ -188,3 +189,81 @@ def test_mixer_fused_front_keeps_fewer_activations(monkeypatch):
 
 def test_front_kernel_limit_matches_the_short_conv_kernel():
     assert mixer_module.FRONT_MAX_KERNEL == shortconv.MAX_KERNEL
+
+
+def _recording_seeds(monkeypatch) -> list:
+    drawn, draw = [], fftconv_front.draw_seeds
+
+    def record(H, device):
+        drawn.append(draw(H, device))
+        return drawn[-1]
+    monkeypatch.setattr(fftconv_front, "draw_seeds", record)
+    return drawn
+
+
+@pytest.mark.parametrize("L,max_rows", [(100, 4), (300, 4), (600, 4), (300, 0)])
+def test_in_kernel_dropout_matches_reference_with_its_mask(small_rows_if_long, monkeypatch, L, max_rows):
+    """Dropout on v ⊙ x1 inside the kernels (one program, single pass, two passes): forward and every
+    gradient equal the reference computed with the kernels' own mask (dropout_scale of the seeds the call
+    drew), so the backward kernels apply exactly the forward's mask."""
+    monkeypatch.setattr(fftconv_long, "SINGLE_PASS_MAX_ROWS", max_rows)
+    drawn = _recording_seeds(monkeypatch)
+    B, H, p = 2, 2, 0.3
+    mk = lambda *shape: torch.randn(*shape, device=DEVICE, requires_grad=True)  # noqa: E731
+    z, in_bias, weight, bias = mk(B, 3 * H, L), mk(3 * H), mk(3 * H, 1, 3), mk(3 * H)
+    k_fwd, skip = mk(H, L), mk(H)
+    spec_re, spec_im = monarch_kernel_spectrum(k_fwd, None, kernel_fft_size(L))
+    y = fftconv_front.front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=p)
+    assert len(drawn) == 1 and drawn[0].shape == (H,) and drawn[0].dtype == torch.int64
+    scale = fftconv_front.dropout_scale(drawn[0], B, L, p)
+    assert 0.1 < (scale == 0).float().mean().item() < 0.5
+    want = independent_reference(z, in_bias, weight, k_fwd, None, bias, skip, keep_scale=scale)
+    assert rel_err(y, want) < 1e-5
+    inputs = (z, in_bias, weight, bias, k_fwd, skip)
+    dy = torch.randn_like(want)
+    for name, g, e in zip(("z", "in_bias", "weight", "bias", "k_fwd", "skip"), torch.autograd.grad(y, inputs, dy),
+                          torch.autograd.grad(want, inputs, dy)):
+        assert rel_err(g, e) < 1e-5, name
+
+
+@pytest.fixture
+def small_rows_if_long(request, monkeypatch):
+    """small_rows for the parametrized L > 256 (three-level), nothing for one-program lengths."""
+    if request.node.callspec.params["L"] > 256:
+        monkeypatch.setattr(fft_monarch, "ONE_PROGRAM_MAX_FFT", 256)
+        monkeypatch.setattr(fft_monarch, "ROW_FFT_SIZE", 256)
+        monkeypatch.setattr(fftconv_long, "COLUMN_TILE", 128)
+
+
+def test_dropout_mask_statistics_and_determinism():
+    """The in-kernel mask keeps each element with probability 1 - p, scales kept ones by 1 / (1 - p),
+    differs between channels and samples, and is a function of the seeds alone."""
+    p = 0.25
+    seeds = torch.tensor([11, 12, 13], dtype=torch.int64, device=DEVICE)
+    scale = fftconv_front.dropout_scale(seeds, 2, 3000, p)
+    values = torch.unique(scale).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p))
+    assert abs((scale == 0).float().mean().item() - p) < 0.02
+    assert not torch.equal(scale[0, 0], scale[0, 1]) and not torch.equal(scale[0, 0], scale[1, 0])
+    assert torch.equal(scale, fftconv_front.dropout_scale(seeds.clone(), 2, 3000, p))
+    with pytest.raises(ValueError, match="dropout probability"):
+        fftconv_front.front_gated_fft_conv(torch.zeros(1, 3, 8), *[torch.zeros(3)] * 3, *[torch.zeros(1, 256)] * 2,
+                                           torch.zeros(1), dropout_p=1.0)
+
+
+def test_mixer_training_with_dropout_runs_the_fused_front(monkeypatch):
+    """A training mixer with dropout and kernels on keeps the fused front (the dropout on v ⊙ x1 inside
+    the kernel): reproducible under torch.manual_seed and different from the eval-mode output (the
+    op-level tests above check the values against the kernel's own mask)."""
+    L = 40
+    _, fused = _mixer_pair(False, L)
+    fused.dropout.p = 0.2
+    fused.train()
+    u = torch.randn(2, L, 8, device=DEVICE)
+    torch.manual_seed(3)
+    y1 = fused(u)
+    torch.manual_seed(3)
+    y2 = fused(u)
+    assert ran_kernel(y1, "_FrontGatedFFTConv") and torch.equal(y1, y2)
+    fused.eval()
+    assert rel_err(y1, fused(u)) > 1e-2

@@ -55,9 +55,14 @@ def build(fn, act, constexprs, warps):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name == "seed_ptr":
+            sig[name] = "*i64"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             sig[name] = act if name in ACTS else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]          # what a launch with aligned tensors compiles
+        elif name == "p_drop":
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
@@ -75,6 +80,8 @@ def spills(k):
 n = int(sys.argv[1])
 # SC_K > 0: the short conv fused in front (kernels/fftconv_front.py), K = 3 taps as in M2
 SC_K = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+# "drop": the dropout on v ⊙ x1 inside the kernels too (M2-BERT training)
+DROP = len(sys.argv) > 4 and sys.argv[4] == "drop"
 if sys.argv[2] in ("one", "one-bf16"):
     # the one-program kernels, every gate variant: shared memory and register spills
     n1, n2 = split_fft_size(n)
@@ -82,7 +89,8 @@ if sys.argv[2] in ("one", "one-bf16"):
     for act, prec in acts:
         for gates in ((True, True),) if SC_K else ((True, True), (False, False), (False, True)):
             for name, fn in (("fwd", fftconv._fftconv_fwd_kernel), ("bwd", fftconv._fftconv_bwd_kernel)):
-                c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec, "SC_K": SC_K}
+                c = {"N1": n1, "N2": n2, "GATE_IN": gates[0], "GATE_OUT": gates[1], "PREC": prec, "SC_K": SC_K,
+                     "DROP": DROP}
                 if name == "fwd":             # the ungated form is the mixer's residual conv: it adds
                     c["ADD"] = gates == (False, False)
                 k = build(fn, act, c, fftconv.one_program_warps(n))
@@ -98,10 +106,11 @@ else:
     # the three-level kernels at the default row size, bf16 activations (training) and gated (the most live
     # values): shared memory and register spills
     r, m1, m2, bm = fftconv_long._plan(n)
-    gates = {"GATE_IN": True, "GATE_OUT": True, "SC_K": SC_K}
+    gates = {"GATE_IN": True, "GATE_OUT": True, "SC_K": SC_K, "DROP": DROP}
     for name, fn, c, warps in (
             ("rows fwd", fftconv_long._rows_fwd_kernel,
-             {"R": r, "M1": m1, "M2": m2, "GATE_IN": True, "SC_K": SC_K, "PREC": "tf32"}, fftconv_long.ROW_WARPS),
+             {"R": r, "M1": m1, "M2": m2, "GATE_IN": True, "SC_K": SC_K, "DROP": DROP, "PREC": "tf32"},
+             fftconv_long.ROW_WARPS),
             ("rows bwd", fftconv_long._rows_bwd_kernel,
              {"R": r, "M1": m1, "M2": m2, **gates, "SCRATCH": True, "PREC": "tf32"}, fftconv_long.ROW_WARPS),
             ("cols fwd", fftconv_long._cols_fwd_kernel,
@@ -118,7 +127,7 @@ else:
     for name, fn, c in (
             ("single_fwd", fftconv_long._single_pass_fwd_kernel, {**gated, "ADD": False, "SAVE_C": True}),
             ("single_fwd_add", fftconv_long._single_pass_fwd_kernel,
-             {**gated, "GATE_IN": False, "GATE_OUT": False, "ADD": True, "SAVE_C": False, "SC_K": 0}),
+             {**gated, "GATE_IN": False, "GATE_OUT": False, "ADD": True, "SAVE_C": False, "SC_K": 0, "DROP": False}),
             ("single_dx", fftconv_long._single_pass_input_grad_kernel, gated),
             ("single_dk", fftconv_long._rows_bwd_kernel, {**gated, "SCRATCH": False})):
         k = build(fn, "*bf16", c, fftconv_long.ROW_WARPS)
@@ -156,7 +165,8 @@ def test_one_program_kernels_compile_for_h100_without_spilling(tmp_path):
     """The one-program kernels at their largest default size (N = fft_monarch.ONE_PROGRAM_MAX_FFT = 2048,
     L = 1024), bf16, every gate variant, forward and backward: at one_program_warps(N) = 8 ptxas spills no
     registers, except 8 bytes in the output-gate-only backward (OUT_GATE_BWD_SPILL_BUDGET; the backward
-    holding its spectrum gradient and inputs in registers spilled 1.2 KB per thread here; at N = 4096 it still spills ~3 KB, the reason the three-level kernels take over there)."""
+    holding its spectrum gradient and inputs in registers spilled 1.2 KB per thread here; at N = 4096 it
+    still spills ~3 KB, the reason the three-level kernels take over there)."""
     lines, out = _compile_lines(tmp_path, str(fft_monarch.ONE_PROGRAM_MAX_FFT), "one-bf16")
     assert len(lines) == 6 and {line[1] for line in lines} == {"fwd", "bwd"}, out
     for line in lines:
@@ -184,22 +194,29 @@ def test_three_level_kernels_compile_for_h100_without_spilling(tmp_path):
 
 
 # Spill stores per thread allowed in the two-pass column backward with the short conv fused in front (three
-# shifted loads per input): 8 bytes measured on Triton 3.8 (0 without the front). A memory-bound kernel that
-# runs only beyond L = 4096.
-FRONT_COLS_BWD_SPILL_BUDGET = 16
+# shifted loads per input): 4-8 bytes measured on Triton 3.8, and 28 on 3.6 with the in-kernel dropout too
+# (0 without the front). A memory-bound kernel that runs only beyond L = 4096.
+FRONT_COLS_BWD_SPILL_BUDGET = 32
+# ... and in the one-program backward with the in-kernel dropout too (M2-BERT training, L <= 1024): 28 bytes
+# measured on Triton 3.8, 16 on 3.6 (two Philox draws per element and sample; 0 without the dropout).
+FRONT_DROP_ONE_BWD_SPILL_BUDGET = 32
 
 
-@pytest.mark.slow       # 10 sm_90 compiles + ptxas, ~3 min on a 2-core machine
-def test_kernels_with_the_short_conv_in_front_compile_for_h100(tmp_path):
+@pytest.mark.slow       # 20 sm_90 compiles + ptxas, ~6 min on a 2-core machine
+@pytest.mark.parametrize("dropout", [False, True])
+def test_kernels_with_the_short_conv_in_front_compile_for_h100(tmp_path, dropout):
     """The gated FFT-conv kernels computing the short conv inside their loads (SC_K = 3, bf16;
-    kernels/fftconv_front.py) compile for sm_90 within an SM's shared memory and spill no more than the
-    kernels without it: one program at its largest size (N = 2048) forward and backward, and every
-    three-level kernel (rows and columns at N = 32768, the single-pass ones at R = 4)."""
-    lines, out = _compile_lines(tmp_path, str(fft_monarch.ONE_PROGRAM_MAX_FFT), "one-bf16", "3")
+    kernels/fftconv_front.py), with and without the in-kernel dropout, compile for sm_90 within an SM's
+    shared memory and spill no more than the kernels without them, or a small measured budget: one program
+    at its largest size (N = 2048) forward and backward, and every three-level kernel (rows and columns at
+    N = 32768, the single-pass ones at R = 4)."""
+    extra = ["3", "drop"] if dropout else ["3"]
+    lines, out = _compile_lines(tmp_path, str(fft_monarch.ONE_PROGRAM_MAX_FFT), "one-bf16", *extra)
     assert [line[1] for line in lines] == ["fwd", "bwd"], out
     for line in lines:
-        assert int(line[-2]) <= SM90_SHARED_BYTES and int(line[-1]) <= _allowed_spills(), out
-    lines, out = _compile_lines(tmp_path, "32768", "long", "3")
+        budget = FRONT_DROP_ONE_BWD_SPILL_BUDGET if dropout and line[1] == "bwd" else _allowed_spills()
+        assert int(line[-2]) <= SM90_SHARED_BYTES and int(line[-1]) <= budget, out
+    lines, out = _compile_lines(tmp_path, "32768", "long", *extra)
     assert len(lines) == 8, out
     for _, name, shared, spilled in lines:
         budget = {"rows_bwd": ROWS_BWD_SPILL_BUDGET, "single_fwd": SINGLE_PASS_SPILL_BUDGET,

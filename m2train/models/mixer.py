@@ -13,10 +13,11 @@ Three implementations of the same math:
 - `_forward_reference`: whole-tensor ops, used whenever autograd records (training) or under autocast.
   When the fused Triton kernels are on (ModelConfig.kernels / M2TRAIN_KERNELS, kernels.dispatch), the two
   long convolutions with their gates and D skips run as m2train.kernels.fftconv instead (forward and
-  backward), and - without dropout or a pad mask between them - the short conv runs inside the gated
-  conv's kernel (kernels/fftconv_front.py: in_linear becomes a bias-free channels-first GEMM, the kernel
-  adds the bias and computes the short conv in its loads, so the short conv's output is never written and
-  only z is kept for the backward); everything else stays the same torch code.
+  backward), and - without a pad mask between them - the short conv and the dropout on v ⊙ x1 run inside
+  the gated conv's kernel (kernels/fftconv_front.py: in_linear becomes a bias-free channels-first GEMM, the
+  kernel adds the bias and computes the short conv in its loads, so the short conv's output is never
+  written and only z is kept for the backward; the dropout mask is drawn in-kernel from per-channel seeds,
+  so its random stream differs from nn.Dropout's); everything else stays the same torch code.
 - `_forward_fused`: for no-grad fp32/fp64 forwards (inference, evaluation). It walks the channels in
   blocks (CHANNEL_CHUNK), doing in_linear rows → short conv → gating → both FFT convolutions for one block
   while it is in L3, and lets the matmuls absorb the (B, L, H) <-> (B, H, L) transposes. Measured on a
@@ -130,14 +131,16 @@ class LongConv(nn.Module):
         spec_re, spec_im = self.kernel_spectrum(v.shape[-1])
         return gated_fft_conv(v, spec_re, spec_im, self.skip, gate_in, gate_out, addend)
 
-    def gated_front(self, z: torch.Tensor, in_bias: torch.Tensor, short_conv: CausalShortConv) -> torch.Tensor:
-        """(longconv(v ⊙ x1, k) + D ⊙ (v ⊙ x1)) ⊙ x2 with x1, x2, v = split(short_conv(z + in_bias)), z (B, 3H,
-        L), the short conv computed inside the fused kernel (forward and backward). Call only when
-        `use_kernel` is True for a (B, H, L) input."""
+    def gated_front(self, z: torch.Tensor, in_bias: torch.Tensor, short_conv: CausalShortConv,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+        """(longconv(u, k) + D ⊙ u) ⊙ x2 with u = dropout(v ⊙ x1, dropout_p) and x1, x2, v =
+        split(short_conv(z + in_bias)), z (B, 3H, L); the short conv and the dropout run inside the fused
+        kernel (forward and backward). Call only when `use_kernel` is True for a (B, H, L) input."""
         from ..kernels.fftconv_front import front_gated_fft_conv
 
         spec_re, spec_im = self.kernel_spectrum(z.shape[-1])
-        return front_gated_fft_conv(z, in_bias, short_conv.weight, short_conv.bias, spec_re, spec_im, self.skip)
+        return front_gated_fft_conv(z, in_bias, short_conv.weight, short_conv.bias, spec_re, spec_im, self.skip,
+                                    dropout_p=dropout_p)
 
 
 def _snapshot(tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
@@ -234,11 +237,12 @@ class M2SequenceMixer(nn.Module):
         return self._forward_reference(u, keep)
 
     def _forward_reference(self, u: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        if keep is None and not (self.training and self.dropout.p > 0) and self._fused_front(u):
-            # The short conv runs inside the FFT-conv kernels' loads; in_linear is a channels-first GEMM
-            # whose bias those loads add (kernels/fftconv_front.py).
+        if keep is None and self._fused_front(u):
+            # The short conv runs inside the FFT-conv kernels' loads, and so does the dropout on v ⊙ x1;
+            # in_linear is a channels-first GEMM whose bias those loads add (kernels/fftconv_front.py).
             z = self.in_linear(u, out_channels_first=True, add_bias=False)
-            y = self.long_conv.gated_front(z, self.in_linear.bias, self.short_conv)
+            p = self.dropout.p if self.training else 0.0
+            y = self.long_conv.gated_front(z, self.in_linear.bias, self.short_conv, dropout_p=p)
             return self._residual_and_out(u, y, keep)
         z = self.in_linear(u).transpose(1, 2)                      # (B, 3H, L)
         if keep is not None:
