@@ -201,7 +201,8 @@ def _fftconv_bwd_kernel(dy_ptr, v_ptr, x1_ptr, x2_ptr, kr_ptr, ki_ptr, d_ptr,
                         B, L, s_dyb, s_dyh, s_vb, s_vh, s_x1b, s_x1h, s_x2b, s_x2h, s_gb, s_gh,
                         N1: tl.constexpr, N2: tl.constexpr, GATE_IN: tl.constexpr, GATE_OUT: tl.constexpr,
                         SC_K: tl.constexpr, DROP: tl.constexpr, PREC: tl.constexpr):
-    # One program per channel; dv/dx1/dx2 share the contiguous (B, H, L) strides s_gb, s_gh.
+    # One program per channel; dv/dx1/dx2 share the strides s_gb, s_gh (unit time stride; fresh (B, H, L)
+    # tensors or slices of one (B, 3H, L) buffer, fftconv.input_grads).
     # Registers are the limit (an (N1, N2) fp32 matrix is N/128 registers per thread at 4 warps), so the
     # loop keeps as little alive across its transforms as it can: the spectrum gradient accumulates in this
     # channel's own rows of dkr/dki (global memory, L2-resident: only this program touches them, in program
@@ -302,14 +303,7 @@ class _GatedFFTConv(torch.autograd.Function):
         ctx.addend_dtype = addend.dtype if addend is not None else None
         # The layout is read once, here: the backward must use the one the spectrum was permuted for.
         ctx.one_program = _one_program(spec_re.shape[-1])
-        conv = None
-        if ctx.one_program:
-            y = _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend)
-        else:
-            from . import fftconv_long
-            # The single-pass three-level kernels keep the pre-gate output for dx2 (one (B, H, L)
-            # activation) rather than recompute it through a scratch buffer in the backward.
-            y, conv = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend, save_conv=grad_wanted)
+        y, conv = launch_forward(ctx.one_program, v, x1, x2, spec_re, spec_im, skip, addend, save_conv=grad_wanted)
         ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip, conv)
         return y
 
@@ -322,10 +316,8 @@ class _GatedFFTConv(torch.autograd.Function):
         dy = _seq_view(dy)
         if (n, _device_name(v)) not in _TOO_LARGE:
             try:
-                if ctx.one_program:
-                    return (*_launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip), d_addend, None)
-                from . import fftconv_long
-                return (*fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip, conv), d_addend, None)
+                return (*launch_backward(ctx.one_program, dy, v, x1, x2, spec_re, spec_im, skip, conv), d_addend,
+                        None)
             except _RESOURCE_ERRORS as err:
                 _give_up_on(n, v, err)
         return (*_reference_backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend, None)
@@ -334,6 +326,30 @@ class _GatedFFTConv(torch.autograd.Function):
 def _one_program(n: int) -> bool:
     """Whether FFT size n runs as one program per sequence (here) or in rows (kernels/fftconv_long.py)."""
     return fft_layout(n)[0] == 1
+
+
+def launch_forward(one_program: bool, v, x1, x2, spec_re, spec_im, skip, addend=None, save_conv: bool = False,
+                   front=None, drop=None):
+    """(y, c) from the forward kernels of the layout: one program per sequence (here) or three levels
+    (fftconv_long.forward). c, the pre-gate output, comes only from the single-pass three-level kernels when
+    save_conv: they keep it for dx2 (one (B, H, L) activation) rather than recompute it through a scratch
+    buffer in the backward. `front` / `drop`: the short conv and dropout inside the kernels (front_args,
+    drop_args)."""
+    if one_program:
+        return _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend, front=front, drop=drop), None
+    from . import fftconv_long
+    return fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend, save_conv=save_conv, front=front,
+                                drop=drop)
+
+
+def launch_backward(one_program: bool, dy, v, x1, x2, spec_re, spec_im, skip, conv=None, front=None, grads=None,
+                    drop=None):
+    """(dv, dx1, dx2, d spec_re, d spec_im, d skip) from the backward kernels of the forward's layout; `conv`
+    the forward's c, `grads` optional input-gradient buffers (input_grads)."""
+    if one_program:
+        return _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=front, grads=grads, drop=drop)
+    from . import fftconv_long
+    return fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip, conv, front=front, grads=grads, drop=drop)
 
 
 def front_args(front: torch.Tensor | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, int, int]:

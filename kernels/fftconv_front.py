@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from ._common import on_device_of
-from .fftconv import (_RESOURCE_ERRORS, _TOO_LARGE, _device_name, _dropped, _give_up_on, _launch_bwd, _launch_fwd,
-                      _one_program, _seq_view, gated_fft_conv_reference)
+from .fftconv import (_RESOURCE_ERRORS, _TOO_LARGE, _device_name, _dropped, _give_up_on, _one_program, _seq_view,
+                      gated_fft_conv_reference, launch_backward, launch_forward)
 from .fftconv import unsupported_reason as conv_unsupported_reason
 from .shortconv import MAX_KERNEL, short_conv_backward
 
@@ -84,13 +84,8 @@ class _FrontGatedFFTConv(torch.autograd.Function):
         spec_re, spec_im, skip = spec_re.contiguous(), spec_im.contiguous(), skip.contiguous()
         addend = _seq_view(addend) if addend is not None else None
         ctx.one_program = _one_program(spec_re.shape[-1])
-        conv = None
-        if ctx.one_program:
-            y = _launch_fwd(v, x1, x2, spec_re, spec_im, skip, addend, front=front, drop=drop)
-        else:
-            from . import fftconv_long
-            y, conv = fftconv_long.forward(v, x1, x2, spec_re, spec_im, skip, addend, save_conv=grad_wanted,
-                                           front=front, drop=drop)
+        y, conv = launch_forward(ctx.one_program, v, x1, x2, spec_re, spec_im, skip, addend, save_conv=grad_wanted,
+                                 front=front, drop=drop)
         ctx.meta = (weight.shape, weight.dtype, in_bias.dtype, bias.dtype,
                     addend.dtype if addend is not None else None)
         ctx.drop = drop
@@ -114,13 +109,8 @@ class _FrontGatedFFTConv(torch.autograd.Function):
         d_post = torch.empty_like(z, memory_format=torch.contiguous_format)   # d(x1, x2, v), z's channel order
         grads = (d_post[:, 2 * H:], d_post[:, :H], d_post[:, H:2 * H])
         try:
-            if ctx.one_program:
-                *_, dkr, dki, dd = _launch_bwd(dy, v, x1, x2, spec_re, spec_im, skip, front=front, grads=grads,
-                                               drop=ctx.drop)
-            else:
-                from . import fftconv_long
-                *_, dkr, dki, dd = fftconv_long.backward(dy, v, x1, x2, spec_re, spec_im, skip, conv, front=front,
-                                                         grads=grads, drop=ctx.drop)
+            *_, dkr, dki, dd = launch_backward(ctx.one_program, dy, v, x1, x2, spec_re, spec_im, skip, conv,
+                                               front=front, grads=grads, drop=ctx.drop)
         except _RESOURCE_ERRORS as err:
             _give_up_on(n, z, err)
             return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta, ctx.drop), d_addend,
@@ -166,12 +156,11 @@ def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.T
     inputs the kernels do not take."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability {dropout_p} is not in [0, 1)")
-    H = z.shape[1] // 3 if z.dim() == 3 else 0
-    if addend is not None and (addend.shape != (z.shape[0], H, z.shape[-1])
-                               or torch.promote_types(addend.dtype, z.dtype) != z.dtype):
-        if addend.dim() != 3 or addend.shape != (z.shape[0], H, z.shape[-1]):
-            raise ValueError(f"addend shape {tuple(addend.shape)} is not the output's "
-                             f"{(z.shape[0], H, z.shape[-1])}")
+    out_shape = (z.shape[0], z.shape[1] // 3, z.shape[-1]) if z.dim() == 3 else None
+    if addend is not None and addend.shape != out_shape:
+        raise ValueError(f"addend shape {tuple(addend.shape)} is not the output's {out_shape}")
+    if addend is not None and torch.promote_types(addend.dtype, z.dtype) != z.dtype:
+        # The sum must take the wider dtype, which the kernel (storing in z's dtype) would not.
         return front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=dropout_p) + addend
     reason = unsupported_reason(z, weight, spec_re)
     if reason is not None:

@@ -118,19 +118,16 @@ class _CausalShortConv(torch.autograd.Function):
         return dx, dw.to(w.dtype).reshape(w_shape), db.to(b_dtype)
 
 
-def short_conv_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, in_bias: torch.Tensor | None = None,
-                        dx: torch.Tensor | None = None):
+def short_conv_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, in_bias: torch.Tensor | None = None):
     """Gradients of y = short_conv(x [+ in_bias], w, b) (any bias b) for dy (B, C, L): (dx in x's dtype, dw
-    (C, K) fp32, db fp32, d in_bias fp32 or None). x (B, C, L) any strides, w (C, K) contiguous; `dx` an
-    optional (B, C, L) output buffer with unit time stride. Partial sums per time block are reduced by a
-    torch sum: deterministic, no atomics."""
+    (C, K) fp32, db fp32, d in_bias fp32 or None). x (B, C, L) any strides, w (C, K) contiguous. Partial
+    sums per time block are reduced by a torch sum: deterministic, no atomics."""
     B, C, L = x.shape
     K = w.shape[-1]
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     n_tb = triton.cdiv(L, BLOCK_T)
-    if dx is None:
-        dx = torch.empty(B, C, L, dtype=x.dtype, device=x.device)
+    dx = torch.empty(B, C, L, dtype=x.dtype, device=x.device)
     dw_part = torch.empty(n_tb, C, K, dtype=torch.float32, device=x.device)
     db_part = torch.empty(n_tb, C, dtype=torch.float32, device=x.device)
     dbin_part = torch.empty(n_tb, C, dtype=torch.float32, device=x.device) if in_bias is not None else db_part

@@ -282,7 +282,6 @@ class M2SequenceMixer(nn.Module):
         """The residual long conv runs the Triton kernel, which then adds the main branch's output."""
         return isinstance(self.residual_conv, LongConv) and self.residual_conv.use_kernel(u_t)
 
-
     def _fused_front(self, u: torch.Tensor) -> bool:
         """The short conv fuses into the gated FFT-conv kernel (kernels/fftconv_front.py): the kernels are on
         for both and the FFT-conv kernel takes this input."""
