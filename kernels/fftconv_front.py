@@ -75,10 +75,10 @@ def draw_seeds(H: int, device) -> torch.Tensor:
 
 class _FrontGatedFFTConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted, dropout_p):
+    def forward(ctx, z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted, dropout_p, seeds):
         z = _seq_view(z)
         H = z.shape[1] // 3
-        drop = (draw_seeds(H, z.device), dropout_p) if dropout_p > 0 else None
+        drop = (seeds if seeds is not None else draw_seeds(H, z.device), dropout_p) if dropout_p > 0 else None
         x1, x2, v = z[:, :H], z[:, H:2 * H], z[:, 2 * H:]
         front = pack_front(weight, in_bias, bias)
         spec_re, spec_im, skip = spec_re.contiguous(), spec_im.contiguous(), skip.contiguous()
@@ -101,7 +101,7 @@ class _FrontGatedFFTConv(torch.autograd.Function):
         n = spec_re.shape[-1]
         if (n, _device_name(z)) in _TOO_LARGE:
             return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta, ctx.drop), d_addend,
-                    None, None)
+                    None, None, None)
         dy = _seq_view(dy)
         H = z.shape[1] // 3
         K = front.shape[-1] - 2
@@ -114,11 +114,11 @@ class _FrontGatedFFTConv(torch.autograd.Function):
         except _RESOURCE_ERRORS as err:
             _give_up_on(n, z, err)
             return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta, ctx.drop), d_addend,
-                    None, None)
+                    None, None, None)
         rows = front.view(3 * H, K + 2)
         dz, dw, db, dbin = short_conv_backward(d_post, z, rows[:, :K].contiguous(), in_bias=rows[:, K].contiguous())
         return (dz, dbin.to(bin_dtype), dw.to(w_dtype).reshape(w_shape), db.to(b_dtype), dkr, dki, dd, d_addend,
-                None, None)
+                None, None, None)
 
 
 def _reference_backward(dy, z, front, spec_re, spec_im, skip, meta, drop):
@@ -147,33 +147,49 @@ def unsupported_reason(z: torch.Tensor, weight: torch.Tensor, spec_re: torch.Ten
 
 def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          spec_re: torch.Tensor, spec_im: torch.Tensor, skip: torch.Tensor,
-                         addend: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                         addend: torch.Tensor | None = None, dropout_p: float = 0.0,
+                         dropout_seeds: torch.Tensor | None = None) -> torch.Tensor:
     """y = (conv(u, k) + skip ⊙ u) ⊙ x2 [+ addend] with u = dropout(v ⊙ x1, dropout_p), (B, H, L) in z's
     dtype, where x1, x2, v = split(short_conv(z + in_bias)) along the channels: z (B, 3H, L) with unit time
     stride (e.g. a channels-first projection without its bias), in_bias and the short conv's bias (3H,), its
     weight (3H, 1, K) or (3H, K); the kernel spectrum as in fftconv.gated_fft_conv. Differentiable in every
-    tensor argument. Falls back to the torch reference (torch's dropout), with a warning naming why, for
-    inputs the kernels do not take."""
+    tensor argument. The dropout mask comes from `dropout_seeds`, int64 (H,) on z's device, one per channel
+    (a tensor-parallel rank passes its slice of the whole model's seeds, so its channels get the masks they
+    would get unsharded); fresh ones (draw_seeds) when None. Falls back to the torch reference (with torch's
+    dropout when no seeds are given), with a warning naming why, for inputs the kernels do not take."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability {dropout_p} is not in [0, 1)")
     out_shape = (z.shape[0], z.shape[1] // 3, z.shape[-1]) if z.dim() == 3 else None
+    H = out_shape[1] if out_shape else None
+    if dropout_seeds is not None and (dropout_seeds.shape != (H,) or dropout_seeds.dtype != torch.int64
+                                      or dropout_seeds.device != z.device):
+        raise ValueError(f"dropout_seeds must be int64 of shape ({H},) on {z.device}, got "
+                         f"{dropout_seeds.dtype} {tuple(dropout_seeds.shape)} on {dropout_seeds.device}")
     if addend is not None and addend.shape != out_shape:
         raise ValueError(f"addend shape {tuple(addend.shape)} is not the output's {out_shape}")
     if addend is not None and torch.promote_types(addend.dtype, z.dtype) != z.dtype:
         # The sum must take the wider dtype, which the kernel (storing in z's dtype) would not.
-        return front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=dropout_p) + addend
+        return front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=dropout_p,
+                                    dropout_seeds=dropout_seeds) + addend
     reason = unsupported_reason(z, weight, spec_re)
     if reason is not None:
         warnings.warn(f"fused short conv + FFT conv falls back to torch: {reason}", stacklevel=2)
-        return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p)
+        return _fallback(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p, dropout_seeds)
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (z, in_bias, weight, bias, spec_re, spec_im, skip, addend))
     try:
         return _FrontGatedFFTConv.apply(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted,
-                                        float(dropout_p))
+                                        float(dropout_p), dropout_seeds)
     except _RESOURCE_ERRORS as err:
         _give_up_on(spec_re.shape[-1], z, err)
-        return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p)
+        return _fallback(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p, dropout_seeds)
+
+
+def _fallback(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p, seeds):
+    """The torch reference in place of the kernels; given seeds still decide the dropout mask."""
+    scale = dropout_scale(seeds, z.shape[0], z.shape[-1], dropout_p) if seeds is not None and dropout_p > 0 else None
+    return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p,
+                                          keep_scale=scale)
 
 
 def front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend=None, dropout_p=0.0,

@@ -267,3 +267,35 @@ def test_mixer_training_with_dropout_runs_the_fused_front(monkeypatch):
     assert ran_kernel(y1, "_FrontGatedFFTConv") and torch.equal(y1, y2)
     fused.eval()
     assert rel_err(y1, fused(u)) > 1e-2
+
+
+def test_given_dropout_seeds_decide_the_mask_per_channel():
+    """Seeds passed in (as a tensor-parallel rank passes its slice of the model's) decide the mask: the op on
+    channels 2..3 with seeds[2:4] gives exactly channels 2..3 of the op on all 4 channels with all seeds, the
+    torch fallback (fp64 here) applies the same mask, and malformed seeds are refused."""
+    B, H, L, p = 2, 4, 40, 0.3
+    gen = torch.Generator().manual_seed(0)
+    mk = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
+    z, in_bias, weight, bias = mk(B, 3 * H, L), mk(3 * H), mk(3 * H, 1, 3), mk(3 * H)
+    z.requires_grad_()                                                     # (so ran_kernel can tell)
+    k_fwd, skip = mk(H, L), mk(H)
+    spec_re, spec_im = monarch_kernel_spectrum(k_fwd, None, kernel_fft_size(L))
+    seeds = torch.tensor([5, 6, 7, 8], dtype=torch.int64, device=DEVICE)
+    full = fftconv_front.front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=p,
+                                              dropout_seeds=seeds)
+    assert ran_kernel(full, "_FrontGatedFFTConv")
+    rows = torch.cat([torch.arange(2, 4) + s * H for s in range(3)])       # channels 2..3 of x1, x2, v
+    part = fftconv_front.front_gated_fft_conv(z[:, rows], in_bias[rows], weight[rows], bias[rows], spec_re[2:],
+                                              spec_im[2:], skip[2:], dropout_p=p, dropout_seeds=seeds[2:])
+    assert torch.equal(part, full[:, 2:])
+    scale = fftconv_front.dropout_scale(seeds, B, L, p)
+    assert 0.1 < (scale == 0).float().mean().item() < 0.5
+    assert rel_err(full, independent_reference(z, in_bias, weight, k_fwd, None, bias, skip, keep_scale=scale)) < 1e-5
+    with pytest.warns(UserWarning, match="falls back to torch"):
+        fallback = fftconv_front.front_gated_fft_conv(*(t.double() for t in (z, in_bias, weight, bias)), spec_re,
+                                                      spec_im, skip.double(), dropout_p=p, dropout_seeds=seeds)
+    assert rel_err(fallback.float(), full) < 1e-5
+    for bad in (seeds[:3], seeds.int()):
+        with pytest.raises(ValueError, match="dropout_seeds must be int64 of shape \\(4,\\)"):
+            fftconv_front.front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=p,
+                                               dropout_seeds=bad)

@@ -173,6 +173,82 @@ def test_tp2_forward_backward_equal_single_process():
             assert len(r["zero_grads"]) < r["n_params"] // 4, r["zero_grads"]
 
 
+def _kernel_equivalence(rank, world, arch, overrides, L=24, pad=False):
+    """TP=2 with the fused Triton kernels forced on (interpreted here) against the single-process model with
+    the same kernels, in training mode with the mixer's dropout on: the TP mixer takes the same fused paths
+    (short conv + dropout inside the gated FFT-conv kernel, residual conv adding the main branch) on its
+    channels, and its dropout masks are its channels' slice of the unsharded ones, so losses, logits and
+    every gradient agree."""
+    from unittest import mock
+
+    import m2train.kernels.fftconv_front as front
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.tensor_parallel import apply_tensor_parallel, gather_logits, gather_tensors, shard_rules
+
+    groups.init_model_parallel(tp=world)
+    torch.manual_seed(0)
+    # Half the usual width and one sequence: the interpreter runs one program per (sequence, channel).
+    cfg = _cfg(arch, max_seq_len=L, kernels="triton", mixer_dropout=0.1, hidden_size=16, intermediate_size=32,
+               **overrides)
+    ref = build_model(cfg).train()
+    batch = _batch(cfg, 1, L, arch)
+    if pad:
+        batch["attention_mask"] = (torch.arange(L) < L - 5).long()[None]
+    tp = apply_tensor_parallel(copy.deepcopy(ref), groups.tp_group())
+    calls = []
+    real = front.front_gated_fft_conv
+
+    def counted(z, *args, **kwargs):
+        calls.append((tuple(z.shape), kwargs.get("dropout_p")))
+        return real(z, *args, **kwargs)
+
+    outs = []
+    with mock.patch.object(front, "front_gated_fft_conv", counted):
+        for model in (ref, tp):
+            torch.manual_seed(5)                            # the same RNG stream for both forwards
+            out = model(**batch)
+            out.loss.backward()
+            outs.append(out)
+    (ref_out, out) = outs
+    errs = {"loss": rel_err(out.loss.detach(), ref_out.loss),
+            "logits": rel_err(gather_logits(out.logits.detach(), groups.tp_group()), ref_out.logits.detach())}
+    rules = shard_rules(tp, world)
+    full_grads = gather_tensors({n: p.grad for n, p in tp.named_parameters()}, rules, groups.tp_group())
+    ref_params = dict(ref.named_parameters())
+    grads = {n: rel_err(g, ref_params[n].grad) for n, g in full_grads.items()}
+    # The same loss without dropout: the masks above really dropped something.
+    with torch.no_grad():
+        ref.eval()
+        undropped = ref(**batch).loss.item()
+    groups.destroy_model_parallel()
+    return {"errs": errs, "grads": grads, "n_params": len(ref_params), "calls": calls,
+            "dropped": abs(undropped - ref_out.loss.item())}
+
+
+@pytest.mark.slow  # two spawned processes, every mixer kernel interpreted: ~1 min on 2 cores
+def test_tp2_with_fused_kernels_and_dropout_equals_single_process():
+    results = run_distributed(_kernel_cases, 2)
+    for case in zip(*results):
+        for r in case:
+            assert all(e < REL_TOL for e in r["errs"].values()), r["errs"]
+            bad = {n: e for n, e in r["grads"].items() if not e < REL_TOL}
+            assert not bad, f"gradients off (relative error): {bad}"
+            assert len(r["grads"]) == r["n_params"]
+            assert r["dropped"] > 1e-4                    # dropout was on and changed the loss
+    gpt, bert, bert_masked = results[0]
+    # The fused front ran in every layer, single-process on 3H = 48 channels, under TP on 3H/2 = 24.
+    assert [c[0][1] for c in gpt["calls"]] == [48, 48, 24, 24] and all(c[1] == 0.1 for c in gpt["calls"])
+    assert [c[0][1] for c in bert["calls"]] == [48, 48, 24, 24]
+    assert bert_masked["calls"] == []                    # a pad mask keeps the short conv outside
+
+
+def _kernel_cases(rank, world):
+    return [_kernel_equivalence(rank, world, "m2_gpt", {}),
+            _kernel_equivalence(rank, world, "m2_bert", {}),
+            _kernel_equivalence(rank, world, "m2_bert", {"pad_masking": True}, pad=True)]
+
+
 def test_shard_and_merge_state_dict_round_trip_for_tp_1_2_4():
     from m2train.models import build_model
     from m2train.parallel.tensor_parallel import merge_state_dicts, shard_rules, shard_state_dict

@@ -132,15 +132,16 @@ class LongConv(nn.Module):
         return gated_fft_conv(v, spec_re, spec_im, self.skip, gate_in, gate_out, addend)
 
     def gated_front(self, z: torch.Tensor, in_bias: torch.Tensor, short_conv: CausalShortConv,
-                    dropout_p: float = 0.0) -> torch.Tensor:
+                    dropout_p: float = 0.0, dropout_seeds: torch.Tensor | None = None) -> torch.Tensor:
         """(longconv(u, k) + D ⊙ u) ⊙ x2 with u = dropout(v ⊙ x1, dropout_p) and x1, x2, v =
-        split(short_conv(z + in_bias)), z (B, 3H, L); the short conv and the dropout run inside the fused
-        kernel (forward and backward). Call only when `use_kernel` is True for a (B, H, L) input."""
+        split(short_conv(z + in_bias)), z (B, 3H, L); the short conv and the dropout (its mask drawn from the
+        per-channel `dropout_seeds`, fresh ones when None) run inside the fused kernel (forward and backward).
+        Call only when `use_kernel` is True for a (B, H, L) input."""
         from ..kernels.fftconv_front import front_gated_fft_conv
 
         spec_re, spec_im = self.kernel_spectrum(z.shape[-1])
         return front_gated_fft_conv(z, in_bias, short_conv.weight, short_conv.bias, spec_re, spec_im, self.skip,
-                                    dropout_p=dropout_p)
+                                    dropout_p=dropout_p, dropout_seeds=dropout_seeds)
 
 
 def _snapshot(tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
@@ -192,12 +193,19 @@ class ChannelsFirstLinear(nn.Linear):
         out = torch.bmm(x.mT, self.weight.t().expand(x.shape[0], -1, -1))
         return out.add_(self.bias) if self.bias is not None else out
 
+    # The output can be channels-first (`_fused_front` asks; so does the TP column-parallel in_linear).
+    channels_first_output = True
+
     def _to_channels_first(self, x: torch.Tensor, add_bias: bool) -> torch.Tensor:
-        """x (B, L, H_in) -> contiguous (B, H_out, L) = W @ x[b]ᵀ, one batched GEMM (torch.matmul would fold
-        the batch and return a transposed view, not a unit time stride). add_bias=False leaves the bias to a
-        consumer that folds it in (the fused short conv + FFT conv, kernels/fftconv_front.py)."""
-        out = torch.bmm(self.weight.expand(x.shape[0], -1, -1), x.mT)
-        return out + self.bias[:, None] if add_bias and self.bias is not None else out
+        return linear_to_channels_first(x, self.weight, self.bias if add_bias else None)
+
+
+def linear_to_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (B, L, H_in) -> contiguous (B, H_out, L) = W @ x[b]ᵀ (+ b), one batched GEMM (torch.matmul would
+    fold the batch and return a transposed view, not a unit time stride). A caller passes no bias when a
+    consumer folds it in (the fused short conv + FFT conv, kernels/fftconv_front.py)."""
+    out = torch.bmm(weight.expand(x.shape[0], -1, -1), x.mT)
+    return out + bias[:, None] if bias is not None else out
 
 
 class M2SequenceMixer(nn.Module):
@@ -242,7 +250,8 @@ class M2SequenceMixer(nn.Module):
             # in_linear is a channels-first GEMM whose bias those loads add (kernels/fftconv_front.py).
             z = self.in_linear(u, out_channels_first=True, add_bias=False)
             p = self.dropout.p if self.training else 0.0
-            y = self.long_conv.gated_front(z, self.in_linear.bias, self.short_conv, dropout_p=p)
+            seeds = self._dropout_seeds(z.device) if p > 0 else None
+            y = self.long_conv.gated_front(z, self.in_linear.bias, self.short_conv, dropout_p=p, dropout_seeds=seeds)
             return self._residual_and_out(u, y, keep)
         z = self.in_linear(u).transpose(1, 2)                      # (B, 3H, L)
         if keep is not None:
@@ -255,12 +264,12 @@ class M2SequenceMixer(nn.Module):
             if keep is None and not (self.training and self.dropout.p > 0):
                 y = self.long_conv.gated(v, x1, x2)
             else:
-                v = self.dropout(v * x1)
+                v = self._drop_channels(v * x1)
                 if keep is not None:
                     v = v * keep
                 y = self.long_conv.gated(v, None, x2)
         else:
-            v = self.dropout(v * x1)
+            v = self._drop_channels(v * x1)
             if keep is not None:
                 v = v * keep
             y = self.long_conv(v) * x2
@@ -269,14 +278,34 @@ class M2SequenceMixer(nn.Module):
     def _residual_and_out(self, u: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """y + the residual long conv of u (when there is one), then out_linear: the mixer's last steps."""
         if self.residual_conv is not None:
-            u_t = u.transpose(1, 2)
+            u_t = self._own_channels(u.transpose(1, 2))
             if keep is not None:
                 u_t = u_t * keep
             if self._fused_residual(u_t):
                 y = self.residual_conv.gated(u_t, addend=y)       # the sum is formed as the kernel stores
             else:
                 y = y + self.residual_conv(u_t)
-        return self.out_linear(self.dropout(y), channels_first=True)
+        return self._project_out(self._drop_channels(y))
+
+    # The steps a channel-sharded mixer (m2train.parallel.tensor_parallel.TensorParallelMixer) overrides; the
+    # rest of `_forward_reference` is the same on H channels or on a rank's H/T.
+    def _drop_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer's dropout on a channels-first (B, H, L) activation."""
+        return self.dropout(x)
+
+    def _dropout_seeds(self, device) -> torch.Tensor:
+        """The in-kernel dropout's per-channel seeds (kernels/fftconv_front.py draw_seeds)."""
+        from ..kernels.fftconv_front import draw_seeds
+
+        return draw_seeds(self.hidden_size, device)
+
+    def _own_channels(self, u_t: torch.Tensor) -> torch.Tensor:
+        """The channels of the (B, H, L) mixer input that this mixer's long convs hold."""
+        return u_t
+
+    def _project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """out_linear on the channels-first y (B, H, L) -> (B, L, H)."""
+        return self.out_linear(y, channels_first=True)
 
     def _fused_residual(self, u_t: torch.Tensor) -> bool:
         """The residual long conv runs the Triton kernel, which then adds the main branch's output."""
@@ -287,7 +316,7 @@ class M2SequenceMixer(nn.Module):
         for both and the FFT-conv kernel takes this input."""
         from ..kernels.dispatch import use_triton
 
-        return (isinstance(self.short_conv, CausalShortConv) and isinstance(self.in_linear, ChannelsFirstLinear)
+        return (isinstance(self.short_conv, CausalShortConv) and getattr(self.in_linear, "channels_first_output", False)
                 and self.short_conv.kernel_size <= FRONT_MAX_KERNEL and u.dim() == 3
                 and use_triton(u, kernel_mode(self.short_conv)) and self._fused_gates(u.transpose(1, 2)))
 

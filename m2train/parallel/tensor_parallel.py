@@ -31,7 +31,15 @@ megatron TP; activations stay replicated between layers (no sequence parallelism
 
 Dropout: TP peers share one RNG stream (the trainer seeds them alike), so replicated activations get the
 same masks on every rank; dropout on sharded activations (`sharded_dropout`) draws the unsharded mask and
-keeps this rank's slice, so channels on different ranks are not dropped in lockstep.
+keeps this rank's slice, so channels on different ranks are not dropped in lockstep. The fused Triton
+mixer's in-kernel dropout likewise draws the seeds of all H channels and keeps this rank's H/T: a rank's
+channels get exactly the masks they would get unsharded.
+
+Fused kernels (model.kernels, m2train.kernels): the sharded mixer runs M2SequenceMixer's own
+`_forward_reference` on its H/T channels, so whatever that path fuses (the short conv and the dropout inside
+the gated FFT-conv kernel, the residual conv adding the main branch as it stores) is fused under TP too; only
+the steps that touch other ranks (`_drop_channels`, `_dropout_seeds`, `_own_channels`, `_project_out`) are
+its own.
 
 State dicts (m2train.parallel.tp_plan): `shard_rules(model, T)` describes how every sharded tensor of the
 full model is split; `shard_state_dict` / `merge_state_dicts` / `gather_state_dict` convert exactly between
@@ -49,7 +57,7 @@ import torch.nn.functional as F
 from ..models.blockdiag import blockdiag_matmul
 from ..models.glu import MonarchGLU
 from ..models.heads import mlm_forward
-from ..models.mixer import M2SequenceMixer
+from ..models.mixer import M2SequenceMixer, linear_to_channels_first
 from ..models.outputs import ModelOutput, upcast
 # The plan and the state-dict conversions live in tp_plan; re-exported here, where callers look for them.
 from .tp_plan import (GLUOutShard, Shard, check_tensor_parallel, gather_state_dict,  # noqa: F401
@@ -103,8 +111,9 @@ def sharded_dropout(x: torch.Tensor, dropout: nn.Dropout, dim: int, rank: int, s
     shape = list(x.shape)
     width = shape[dim]
     shape[dim] = width * size
-    keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
-    return x * keep.narrow(dim, rank * width, width) / (1.0 - p)
+    # Scaled before the product, as torch's CPU dropout does: for TP = 1 this is bit for bit F.dropout.
+    keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p).div_(1.0 - p)
+    return x * keep.narrow(dim, rank * width, width)
 
 
 def _copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -127,7 +136,10 @@ def _mark_parallel(p: torch.Tensor, dim: int) -> None:
 # --------------------------------------------------------------------------------------------------
 class ColumnParallelLinear(nn.Module):
     """y_r = copy_to_tp(x) @ W_r^T (+ b_r): output features sharded. Pass copy_input=False when the caller
-    already copied x into the TP region (one backward all-reduce for several consumers)."""
+    already copied x into the TP region (one backward all-reduce for several consumers). Like the mixer's
+    ChannelsFirstLinear it can give its output channels-first (out_channels_first, add_bias)."""
+
+    channels_first_output = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, copy_input: bool = True):
         super().__init__()
@@ -138,10 +150,11 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             _mark_parallel(self.bias, 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_channels_first: bool = False, add_bias: bool = True) -> torch.Tensor:
         if self.copy_input:
             x = _copy_to_tp(x, self.group)
-        return F.linear(x, self.weight, self.bias)
+        bias = self.bias if add_bias else None
+        return linear_to_channels_first(x, self.weight, bias) if out_channels_first else F.linear(x, self.weight, bias)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -165,9 +178,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class TensorParallelMixer(M2SequenceMixer):
-    """The M2 sequence mixer on H/T channels (the reference path of M2SequenceMixer with TP communication).
-    Holds the original mixer's submodules under the same names; still an M2SequenceMixer, so activation
-    checkpointing's "mixer" mode finds it."""
+    """The M2 sequence mixer on H/T channels: M2SequenceMixer's `_forward_reference` (with its fused Triton
+    paths when the kernels are on) plus the TP communication and channel-sharded dropout. Holds the original
+    mixer's submodules under the same names; still an M2SequenceMixer, so activation checkpointing's "mixer"
+    mode finds it."""
 
     def __init__(self, mixer: M2SequenceMixer, lo: int, hi: int, group):
         nn.Module.__init__(self)                 # adopt the built submodules instead of building new ones
@@ -176,31 +190,33 @@ class TensorParallelMixer(M2SequenceMixer):
         self.input_norm = mixer.input_norm               # optional ones may be None (not children then)
         self.residual_conv = mixer.residual_conv
         self.pad_masking, self.bidirectional = mixer.pad_masking, mixer.bidirectional
+        self.kernels = mixer.kernels
         self.hidden_size = hi - lo
         self.lo, self.hi, self.group = lo, hi, group
         self.tp_rank, self.tp_size = dist.get_rank(group), dist.get_world_size(group)
 
     def forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Never the CPU no-grad fast path (M2SequenceMixer._forward_fused): it reads the weights as H x H.
         if self.input_norm is not None:
             u = self.input_norm(u)
         u = _copy_to_tp(u, self.group)           # one backward all-reduce for in_linear + residual conv
         keep = pad_mask.to(u.dtype)[:, None, :] if self.pad_masking and pad_mask is not None else None
-        z = self.in_linear(u).transpose(1, 2)    # (B, 3H/T, L)
-        if keep is not None:
-            z = z * keep
-        z = self.short_conv(z)
-        x1, x2, v = z.chunk(3, dim=1)
-        v = sharded_dropout(v * x1, self.dropout, 1, self.tp_rank, self.tp_size)
-        if keep is not None:
-            v = v * keep
-        y = self.long_conv(v) * x2
-        if self.residual_conv is not None:
-            u_t = u.transpose(1, 2)[:, self.lo:self.hi]
-            if keep is not None:
-                u_t = u_t * keep
-            y = y + self.residual_conv(u_t)
-        y = sharded_dropout(y.transpose(1, 2), self.dropout, 2, self.tp_rank, self.tp_size)
-        out = _reduce_from_tp(F.linear(y, self.out_linear.weight), self.group)
+        return self._forward_reference(u, keep)
+
+    def _drop_channels(self, x: torch.Tensor) -> torch.Tensor:
+        return sharded_dropout(x, self.dropout, 1, self.tp_rank, self.tp_size)
+
+    def _dropout_seeds(self, device) -> torch.Tensor:
+        from ..kernels.fftconv_front import draw_seeds    # imports Triton: only once the fused path runs
+
+        return draw_seeds(self.hidden_size * self.tp_size, device)[self.lo:self.hi]
+
+    def _own_channels(self, u_t: torch.Tensor) -> torch.Tensor:
+        return u_t[:, self.lo:self.hi]
+
+    def _project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """Row-parallel out_linear: this rank's partial product, all-reduced, then the (replicated) bias."""
+        out = _reduce_from_tp(F.linear(y.transpose(1, 2), self.out_linear.weight), self.group)
         return out + self.out_linear.bias if self.out_linear.bias is not None else out
 
 
