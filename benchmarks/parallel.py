@@ -11,7 +11,10 @@
     memory    per-rank memory of M2-GPT-360M at L = 2048 ... 131,072 and CP = 1 ... 8: parameters,
               gradients, optimizer state (ZeRO over the dp x cp ranks), activations per layer from the
               model's shapes, with and without activation checkpointing; then a measured check on the tiny
-              model (bytes autograd saves for backward, CP=1 in this process and CP=2 on 2 gloo ranks).
+              model (bytes autograd saves for backward, CP=1 in this process and CP=2 on 2 gloo ranks);
+              the same with the fused Triton kernels (model.kernels, the GPU default: no per-sequence FFT
+              buffers, the short conv inside the gated conv), measured on a narrowed tiny model (in
+              Triton's interpreter without a GPU).
     all       all three (the default).
 
     python benchmarks/parallel.py                       # everything, Markdown on stdout
@@ -373,12 +376,15 @@ def check_report(config: str, B: int, L: int) -> tuple[str, bool]:
 # =====================================================================================================
 # Memory
 # =====================================================================================================
-def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> dict:
+def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int, kernels: bool = False) -> dict:
     """Bytes autograd keeps for backward in one M2-GPT block on one CP rank (chunk Lc = L/P), by part.
 
     From the shapes of the context-parallel forward (m2train.parallel.context_parallel), counting each
     storage once; e bytes per activation element, FFT spectra complex fp32 (8 bytes). With P = 1 the same
-    formula describes the reference forward: only the chunk is the whole sequence."""
+    formula describes the reference forward: only the chunk is the whole sequence. kernels=True: the fused
+    Triton kernels' forward instead (`kernel_activation_bytes_per_layer`)."""
+    if kernels:
+        return kernel_activation_bytes_per_layer(cfg, B, L, P, e)
     H, I, O, K = cfg.hidden_size, cfg.intermediate_size, cfg.filter_order, cfg.short_conv_kernel
     Lc = L // P
     convs = 1 + int(cfg.residual_long_conv)
@@ -406,6 +412,50 @@ def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> dict:
     return parts
 
 
+def kernel_activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> dict:
+    """`activation_bytes_per_layer` with the fused Triton kernels (model.kernels; the default on a GPU), same
+    parts. The FFT convolutions keep no padded input or spectrum per sequence: the kernels keep their
+    inputs and, only where the backward cannot recompute it cheaply (the three-level layout, N >
+    ONE_PROGRAM_MAX_FFT, with an output gate), the gated conv's pre-gate output; the kernel spectrum is
+    (channels, N) fp32 real + imaginary per conv (N = kernel_fft_size(L), the smallest power of two >= 2L,
+    at least 256), shared by the batch. Without CP the short conv runs inside the gated conv's loads
+    (kernels/fftconv_front.py), so its output is never kept; under CP it runs with its halo as in the torch
+    path, and the long convs (ungated there) keep their channel-sharded inputs."""
+    from m2train.kernels import fft_monarch
+
+    H, I, O, K = cfg.hidden_size, cfg.intermediate_size, cfg.filter_order, cfg.short_conv_kernel
+    Lc, Hc = L // P, cfg.hidden_size // P
+    convs = 1 + int(cfg.residual_long_conv)
+    mlps = 2 if cfg.bidirectional else 1
+    n = fft_monarch.kernel_fft_size(L)
+    tok = B * Lc
+    if P == 1:
+        # z = in_linear(u) without its bias (B, 3H, L), and the packed short-conv rows (3, H, K + 2) fp32
+        short_conv = B * 3 * H * L * e + 3 * H * (K + 2) * 4
+        # the gated conv's pre-gate output in the three-level layout (the residual conv has no output gate);
+        # the residual conv's input as a channels-first copy (the kernels read unit-stride time rows; u is
+        # channels-last)
+        long_convs = (B * H * L * e if n > fft_monarch.ONE_PROGRAM_MAX_FFT else 0) \
+            + (tok * H * e if cfg.residual_long_conv else 0)
+        # the residual conv adds the gated one's output as it stores: only the sum (out_linear's input)
+        outputs = tok * H * e
+    else:
+        short_conv = 2 * B * 3 * H * (Lc + K - 1) * e
+        long_convs = convs * B * Hc * L * e
+        outputs = 2 * tok * H * e
+    return {
+        "norms + linear inputs": 4 * tok * H * e + 2 * 2 * tok * 4,
+        "short conv": short_conv,
+        "long convs": long_convs,
+        "mixer outputs": outputs,
+        # per conv: the MLP stages and decay as in the torch path, and the spectrum (re, im) the kernels keep
+        "filters": convs * (mlps * 9 * L * O * e + L * Hc * e + 2 * Hc * n * 4),
+        # GLU kernels: the input (counted above), the (2I) up-projection and the product fed to Wo; GELU(gate)
+        # is recomputed in the backward
+        "GLU": tok * (2 * I + I) * e,
+    }
+
+
 def head_bytes(cfg, B: int, L: int, P: int, e: int) -> int:
     """Final norm input and output (+ fp32 stats), the int64 token ids and labels, and what the loss keeps:
     the fp32 log-softmax of the (B, L/P, V) logits, or with model.loss_chunk_tokens (m2train.models.
@@ -420,14 +470,14 @@ def head_bytes(cfg, B: int, L: int, P: int, e: int) -> int:
 
 
 def memory_per_rank(cfg, n_params: int, B: int, L: int, P: int, zero_stage: int, checkpointing: bool,
-                    e: int = 2) -> dict:
+                    e: int = 2, kernels: bool = False) -> dict:
     """Per-rank bytes under bf16 mixed precision with ZeRO over D = P ranks (dp = 1): bf16 parameters and
     gradients, fp32 master weights + Adam moments (12 bytes/parameter), each sharded by the ZeRO stage."""
     D = P
     params = 2 * n_params / (D if zero_stage >= 3 else 1)
     grads = 2 * n_params / (D if zero_stage >= 2 else 1)
     optim = 12 * n_params / (D if zero_stage >= 1 else 1)
-    layer = sum(activation_bytes_per_layer(cfg, B, L, P, e).values())
+    layer = sum(activation_bytes_per_layer(cfg, B, L, P, e, kernels).values())
     if checkpointing:
         # every_block: each block keeps only its input; one block's activations live during its recompute
         acts = cfg.num_layers * B * (L // P) * cfg.hidden_size * e + layer
@@ -446,18 +496,23 @@ def memory_report(cfg, B: int, zero_stage: int) -> str:
              "params / grads / optimizer: sharded by ZeRO over dp x cp; act/layer: one block's saved tensors; "
              "'no ckpt' / 'ckpt': all activations (blocks + embedding/head) without / with every-block "
              "activation checkpointing; totals include params, grads and optimizer; 'chunked loss': "
-             "model.loss_chunk_tokens=4096 (the logits' log-softmax is not kept).", "",
+             "model.loss_chunk_tokens=4096 (the logits' log-softmax is not kept); 'kernels': the same with the "
+             "fused Triton kernels (model.kernels, the default on a GPU; kernel_activation_bytes_per_layer).", "",
              "| L | CP | params | grads | optim | act/layer | act (no ckpt) | act (ckpt) | total no ckpt | "
-             "total ckpt | total ckpt + chunked loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "total ckpt | total ckpt + chunked loss | kernels: act/layer | kernels: total no ckpt | "
+             "kernels: total ckpt + chunked loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for L in (2048, 8192, 32768, 131072):
         c = replace(cfg, max_seq_len=max(cfg.max_seq_len, L))
         for P in (1, 2, 4, 8):
             a = memory_per_rank(c, n, B, L, P, zero_stage, False)
             b = memory_per_rank(c, n, B, L, P, zero_stage, True)
             ch = memory_per_rank(replace(c, loss_chunk_tokens=4096), n, B, L, P, zero_stage, True)
+            ka = memory_per_rank(c, n, B, L, P, zero_stage, False, kernels=True)
+            kch = memory_per_rank(replace(c, loss_chunk_tokens=4096), n, B, L, P, zero_stage, True, kernels=True)
             lines.append(f"| {L} | {P} | {_gb(a['params'])} | {_gb(a['grads'])} | {_gb(a['optim'])} | "
                          f"{_gb(a['per_layer'])} | {_gb(a['activations'])} | {_gb(b['activations'])} | "
-                         f"{_gb(a['total'])} | {_gb(b['total'])} | {_gb(ch['total'])} |")
+                         f"{_gb(a['total'])} | {_gb(b['total'])} | {_gb(ch['total'])} | "
+                         f"{_gb(ka['per_layer'])} | {_gb(ka['total'])} | {_gb(kch['total'])} |")
     return "\n".join(lines)
 
 
@@ -486,8 +541,45 @@ def measured_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str
     return "\n".join(lines)
 
 
+# The kernels' measured check runs a narrow one-layer model: in Triton's interpreter (no GPU) every
+# (sequence, channel) program runs in Python.
+KERNEL_CHECK_MODEL = dict(num_layers=1, hidden_size=32, intermediate_size=128)
+
+
+def kernel_memory_check(config, B: int, L: int) -> list[tuple[int, int, int]]:
+    """(P, measured saved bytes on rank 0, formula) for the fused Triton kernels (model.kernels=triton) at
+    CP = 1 (this process) and CP = 2 (2 gloo ranks), on `config` narrowed to KERNEL_CHECK_MODEL. Without a
+    GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by `main` before Triton loads)."""
+    from dataclasses import replace
+    from m2train.models import build_model
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+    base = load_model_config(config) if isinstance(config, str) else config
+    cfg = replace(base, kernels="triton", max_seq_len=max(base.max_seq_len, L), **KERNEL_CHECK_MODEL)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = _step_batch(cfg, B, L)
+    m1 = saved_activation_bytes(model, lambda: model(**batch).loss)
+    m2 = measure(cfg, 1, 2, B, L)[0]["saved"]
+    formula = lambda P: cfg.num_layers * sum(activation_bytes_per_layer(cfg, B, L, P, 4, True).values()) \
+        + head_bytes(cfg, B, L, P, 4)                                               # noqa: E731
+    return [(1, m1, formula(1)), (2, m2, formula(2))]
+
+
+def kernel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
+    lines = [f"### Measured activation bytes vs formula with the fused kernels: {config} narrowed to "
+             f"{KERNEL_CHECK_MODEL}, micro-batch {B}, fp32", "",
+             "| L | CP | measured saved bytes (rank 0) | formula | measured / formula |", "|---|---|---|---|---|"]
+    for L in lengths:
+        for P, m, f in kernel_memory_check(config, B, L):
+            lines.append(f"| {L} | {P} | {m:,} | {f:,.0f} | {m / f:.3f} |")
+    return "\n".join(lines)
+
+
 # =====================================================================================================
 def main(argv=None) -> int:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")     # the kernels' memory check, before Triton loads
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="?", default="all", choices=("all", "traffic", "check", "memory"),
                     help="which report (default: all)")
@@ -520,6 +612,7 @@ def main(argv=None) -> int:
     if args.what in ("all", "memory"):
         print(memory_report(cfg, args.micro_batch, args.zero_stage), "\n")
         print(measured_memory_report(args.check_config, args.check_batch, (256, 1024, 4096)), "\n")
+        print(kernel_memory_report(args.check_config, args.check_batch, (32, 256)), "\n")
     if not ok:
         print("FAILED: the traffic formula does not match the measured traffic", file=sys.stderr)
         return 1

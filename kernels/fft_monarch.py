@@ -157,7 +157,9 @@ def monarch_kernel_spectrum(k_fwd: torch.Tensor, k_rev: torch.Tensor | None, n: 
         if k_rev is not None:
             pad = torch.zeros(H, n - 2 * L, dtype=torch.float32, device=k_fwd.device)
             kernel = torch.cat([kernel, pad, k_rev.to(torch.float32).flip(-1)], dim=-1)
-        spec = permuted_spectrum(torch.fft.fft(kernel, n=n), n)
+        # A complex input: the real-input FFT's autograd node would keep its zero-padded (H, n) fp32 input
+        # for the backward (only its size is used), as much memory as one of the two spectra themselves.
+        spec = permuted_spectrum(torch.fft.fft(kernel.to(torch.complex64), n=n), n)
         # Contiguous once here: the kernels need it, and a cached spectrum would otherwise be copied again
         # (two (H, n) fp32 copies) by every forward that uses it.
         return spec.real.contiguous(), spec.imag.contiguous()

@@ -80,3 +80,41 @@ def test_chunked_loss_memory_formula_equals_saved_bytes():
         formula[chunk] = bench.head_bytes(cfg, B, L, 1, 4)
     assert abs((saved[0] - saved[16]) - (formula[0] - formula[16])) <= 8, (saved, formula)
     assert formula[0] - formula[16] > B * L * cfg.vocab_size * 4 * 0.99
+
+
+@pytest.mark.slow  # interpreted kernels: a one-layer model here and on 2 gloo ranks, ~1 min on 2 cores
+def test_kernel_memory_formula_equals_saved_bytes(monkeypatch):
+    """With the fused Triton kernels (model.kernels=triton) the activation formula equals what autograd saves:
+    CP=1 with the short conv fused in front, in the one-program layout and (shrunk thresholds) the
+    three-level one, which also keeps the gated conv's pre-gate output; CP=2 on 2 gloo ranks. The token ids
+    are views of the whole batch under CP (as in the torch-path check); 4 bytes are the loss."""
+    from m2train.kernels import fft_monarch, fftconv_long
+
+    B = 2
+    (_, m1, f1), (_, m2, f2) = bench.kernel_memory_check(TINY, B, 32)
+    assert m1 - f1 == 4, (m1, f1)
+    assert 0 <= m2 - f2 <= B * 32 * 8 // 2 + 16, (m2, f2)
+    # M2-GPT-360M, 8 x 2048 tokens: the kernels keep about half of what the torch path does (no FFT buffers
+    # per sequence, the short conv inside the gated conv, GELU recomputed).
+    cfg = replace(bench.load_model_config(TINY), **bench.KERNEL_CHECK_MODEL)
+    big = replace(bench.load_model_config(str(Path(TINY).parents[0] / "m2_gpt_360m.yaml")), max_seq_len=32768)
+    assert sum(bench.activation_bytes_per_layer(big, 8, 2048, 1, 2, True).values()) < \
+        0.55 * sum(bench.activation_bytes_per_layer(big, 8, 2048, 1, 2).values())
+
+    import torch
+
+    from m2train.models import build_model
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+    monkeypatch.setattr(fft_monarch, "ONE_PROGRAM_MAX_FFT", 256)
+    monkeypatch.setattr(fft_monarch, "ROW_FFT_SIZE", 256)
+    monkeypatch.setattr(fftconv_long, "COLUMN_TILE", 128)
+    L = 130                                                # N = 512: three levels, 2 rows of 256
+    cfg = replace(cfg, kernels="triton", max_seq_len=256)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = bench._step_batch(cfg, B, L)
+    saved = saved_activation_bytes(model, lambda: model(**batch).loss)
+    layer = bench.activation_bytes_per_layer(cfg, B, L, 1, 4, True)
+    assert saved - (sum(layer.values()) + bench.head_bytes(cfg, B, L, 1, 4)) == 4
+    assert layer["long convs"] == 2 * B * L * cfg.hidden_size * 4     # pre-gate output + residual input copy
