@@ -416,9 +416,9 @@ def kernel_activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> di
     """`activation_bytes_per_layer` with the fused Triton kernels (model.kernels; the default on a GPU), same
     parts. The FFT convolutions keep no padded input or spectrum per sequence: the kernels keep their
     inputs and, only where the backward cannot recompute it cheaply (the three-level layout, N >
-    ONE_PROGRAM_MAX_FFT, with an output gate), the gated conv's pre-gate output; the kernel spectrum is
+    ONE_PROGRAM_MAX_FFT, with an output gate), the gated conv's pre-gate output; of the kernel spectrum,
     (channels, N) fp32 real + imaginary per conv (N = kernel_fft_size(L), the smallest power of two >= 2L,
-    at least 256), shared by the batch. Without CP the short conv runs inside the gated conv's loads
+    at least 256), only the filter taps it is made from (the backward recomputes it). Without CP the short conv runs inside the gated conv's loads
     (kernels/fftconv_front.py), so its output is never kept; under CP it runs with its halo as in the torch
     path, and the long convs (ungated there) keep their channel-sharded inputs."""
     from m2train.kernels import fft_monarch
@@ -448,8 +448,9 @@ def kernel_activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> di
         "short conv": short_conv,
         "long convs": long_convs,
         "mixer outputs": outputs,
-        # per conv: the MLP stages and decay as in the torch path, and the spectrum (re, im) the kernels keep
-        "filters": convs * (mlps * 9 * L * O * e + L * Hc * e + 2 * Hc * n * 4),
+        # per conv: the MLP stages and decay as in the torch path, and the taps (Hc, L) per direction the
+        # kernels keep to recompute the spectrum in the backward (fp32: the decay is)
+        "filters": convs * (mlps * 9 * L * O * e + L * Hc * e + mlps * Hc * L * 4),
         # GLU kernels: the input (counted above), the (2I) up-projection and the product fed to Wo; GELU(gate)
         # is recomputed in the backward
         "GLU": tok * (2 * I + I) * e,

@@ -291,9 +291,40 @@ def _seq_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def save_spectrum(ctx, spec_re: torch.Tensor, spec_im: torch.Tensor, taps) -> tuple:
+    """What a kernel op keeps of its spectrum for the backward: the spectrum itself, or - given the filter
+    taps (k_fwd, k_rev) it was computed from (monarch_kernel_spectrum) - only those, (H, L) each instead of
+    2 x (H, N) fp32 with N >= 2L, at the cost of one more kernel FFT in the backward. Returns the tensors for
+    save_for_backward; `saved_spectrum` undoes it."""
+    ctx.fft_size = spec_re.shape[-1]
+    if taps is None:
+        return spec_re, spec_im, None, None
+    k_fwd, k_rev = taps
+    return None, None, k_fwd.detach(), (k_rev.detach() if k_rev is not None else None)
+
+
+def saved_spectrum(ctx, spec_re, spec_im, k_fwd, k_rev) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spectrum `save_spectrum` kept, or recomputed from the taps (the same values: the same FFT)."""
+    if spec_re is not None:
+        return spec_re, spec_im
+    with torch.no_grad():
+        return monarch_kernel_spectrum(k_fwd, k_rev, ctx.fft_size)
+
+
+def check_taps(taps, spec_re: torch.Tensor) -> None:
+    """Taps must be the (H, L) filter the (H, N) spectrum was made from (shape-checked; values trusted)."""
+    if taps is None:
+        return
+    k_fwd, k_rev = taps
+    H, n = spec_re.shape
+    for k in (k_fwd, k_rev):
+        if k is not None and (k.dim() != 2 or k.shape[0] != H or 2 * k.shape[1] > n):
+            raise ValueError(f"taps of shape {tuple(k.shape)} cannot have made a ({H}, {n}) kernel spectrum")
+
+
 class _GatedFFTConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, x1, x2, spec_re, spec_im, skip, addend, grad_wanted):
+    def forward(ctx, v, x1, x2, spec_re, spec_im, skip, addend, grad_wanted, taps):
         v = _seq_view(v)
         x1 = _seq_view(x1) if x1 is not None else None
         x2 = _seq_view(x2) if x2 is not None else None
@@ -304,12 +335,13 @@ class _GatedFFTConv(torch.autograd.Function):
         # The layout is read once, here: the backward must use the one the spectrum was permuted for.
         ctx.one_program = _one_program(spec_re.shape[-1])
         y, conv = launch_forward(ctx.one_program, v, x1, x2, spec_re, spec_im, skip, addend, save_conv=grad_wanted)
-        ctx.save_for_backward(v, x1, x2, spec_re, spec_im, skip, conv)
+        ctx.save_for_backward(v, x1, x2, skip, conv, *save_spectrum(ctx, spec_re, spec_im, taps))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        v, x1, x2, spec_re, spec_im, skip, conv = ctx.saved_tensors
+        v, x1, x2, skip, conv, *kept = ctx.saved_tensors
+        spec_re, spec_im = saved_spectrum(ctx, *kept)
         n = spec_re.shape[-1]
         # The addend passes straight through: its gradient is dy itself (no copy).
         d_addend = dy.to(ctx.addend_dtype) if ctx.addend_dtype is not None else None
@@ -317,10 +349,10 @@ class _GatedFFTConv(torch.autograd.Function):
         if (n, _device_name(v)) not in _TOO_LARGE:
             try:
                 return (*launch_backward(ctx.one_program, dy, v, x1, x2, spec_re, spec_im, skip, conv), d_addend,
-                        None)
+                        None, None)
             except _RESOURCE_ERRORS as err:
                 _give_up_on(n, v, err)
-        return (*_reference_backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend, None)
+        return (*_reference_backward(dy, v, x1, x2, spec_re, spec_im, skip), d_addend, None, None)
 
 
 def _one_program(n: int) -> bool:
@@ -471,18 +503,21 @@ def unsupported_reason(v: torch.Tensor, spec_re: torch.Tensor | None = None) -> 
 
 def gated_fft_conv(v: torch.Tensor, spec_re: torch.Tensor, spec_im: torch.Tensor, skip: torch.Tensor,
                    gate_in: torch.Tensor | None = None, gate_out: torch.Tensor | None = None,
-                   addend: torch.Tensor | None = None) -> torch.Tensor:
+                   addend: torch.Tensor | None = None, taps: tuple | None = None) -> torch.Tensor:
     """y = (conv(u, k) + skip ⊙ u) [⊙ gate_out] [+ addend] with u = v [⊙ gate_in], all (B, H, L); the
     kernel given by its permuted fp32 spectrum (spec_re, spec_im), each (H, kernel_fft_size(L)) from
     fft_monarch.monarch_kernel_spectrum. `addend` (a second branch's output, e.g. the mixer's other long
     conv) is added as the result is stored, saving a separate read-read-write pass; the result has v's
-    dtype. Differentiable in every tensor argument. Falls back to the torch reference
-    (`gated_fft_conv_reference`) for inputs the kernel does not take, with a warning naming why."""
+    dtype. `taps`: the (k_fwd, k_rev) the spectrum was computed from; then the backward recomputes the
+    spectrum from them instead of keeping it (`save_spectrum`). Differentiable in every tensor argument.
+    Falls back to the torch reference (`gated_fft_conv_reference`) for inputs the kernel does not take,
+    with a warning naming why."""
     if addend is not None and addend.shape != v.shape:
         raise ValueError(f"addend shape {tuple(addend.shape)} differs from the input's {tuple(v.shape)}")
+    check_taps(taps, spec_re)
     if addend is not None and torch.promote_types(addend.dtype, v.dtype) != v.dtype:
         # The sum must take the wider dtype, which the kernel (storing in v's dtype) would not.
-        return gated_fft_conv(v, spec_re, spec_im, skip, gate_in, gate_out) + addend
+        return gated_fft_conv(v, spec_re, spec_im, skip, gate_in, gate_out, taps=taps) + addend
     reason = unsupported_reason(v, spec_re)
     if reason is not None:
         warnings.warn(f"fused FFT conv falls back to torch: {reason}", stacklevel=2)
@@ -492,7 +527,7 @@ def gated_fft_conv(v: torch.Tensor, spec_re: torch.Tensor, spec_im: torch.Tensor
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (v, gate_in, gate_out, spec_re, spec_im, skip, addend))
     try:
-        return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip, addend, grad_wanted)
+        return _GatedFFTConv.apply(v, gate_in, gate_out, spec_re, spec_im, skip, addend, grad_wanted, taps)
     except _RESOURCE_ERRORS as err:
         _give_up_on(spec_re.shape[-1], v, err)
         return gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in, gate_out, addend)
@@ -518,7 +553,7 @@ def fused_long_conv(v: torch.Tensor, k_fwd: torch.Tensor, k_rev: torch.Tensor | 
     both (H, L); the spectrum is computed here with torch (see monarch_kernel_spectrum)."""
     n = kernel_fft_size(v.shape[-1])
     spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, n)
-    return gated_fft_conv(v, spec_re, spec_im, skip, gate_in, gate_out)
+    return gated_fft_conv(v, spec_re, spec_im, skip, gate_in, gate_out, taps=(k_fwd, k_rev))
 
 
 __all__ = ["KERNEL_DTYPES", "unsupported_reason", "gated_fft_conv", "gated_fft_conv_reference",

@@ -34,7 +34,8 @@ import triton.language as tl
 
 from ._common import on_device_of
 from .fftconv import (_RESOURCE_ERRORS, _TOO_LARGE, _device_name, _dropped, _give_up_on, _one_program, _seq_view,
-                      gated_fft_conv_reference, launch_backward, launch_forward)
+                      check_taps, gated_fft_conv_reference, launch_backward, launch_forward, save_spectrum,
+                      saved_spectrum)
 from .fftconv import unsupported_reason as conv_unsupported_reason
 from .shortconv import MAX_KERNEL, short_conv_backward
 
@@ -75,7 +76,7 @@ def draw_seeds(H: int, device) -> torch.Tensor:
 
 class _FrontGatedFFTConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted, dropout_p, seeds):
+    def forward(ctx, z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted, dropout_p, seeds, taps):
         z = _seq_view(z)
         H = z.shape[1] // 3
         drop = (seeds if seeds is not None else draw_seeds(H, z.device), dropout_p) if dropout_p > 0 else None
@@ -90,18 +91,19 @@ class _FrontGatedFFTConv(torch.autograd.Function):
                     addend.dtype if addend is not None else None)
         ctx.drop = drop
         if grad_wanted:
-            ctx.save_for_backward(z, front, spec_re, spec_im, skip, conv)
+            ctx.save_for_backward(z, front, skip, conv, *save_spectrum(ctx, spec_re, spec_im, taps))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        z, front, spec_re, spec_im, skip, conv = ctx.saved_tensors
+        z, front, skip, conv, *kept = ctx.saved_tensors
+        spec_re, spec_im = saved_spectrum(ctx, *kept)
         w_shape, w_dtype, bin_dtype, b_dtype, add_dtype = ctx.meta
         d_addend = dy.to(add_dtype) if add_dtype is not None else None
         n = spec_re.shape[-1]
         if (n, _device_name(z)) in _TOO_LARGE:
             return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta, ctx.drop), d_addend,
-                    None, None, None)
+                    None, None, None, None)
         dy = _seq_view(dy)
         H = z.shape[1] // 3
         K = front.shape[-1] - 2
@@ -114,11 +116,11 @@ class _FrontGatedFFTConv(torch.autograd.Function):
         except _RESOURCE_ERRORS as err:
             _give_up_on(n, z, err)
             return (*_reference_backward(dy, z, front, spec_re, spec_im, skip, ctx.meta, ctx.drop), d_addend,
-                    None, None, None)
+                    None, None, None, None)
         rows = front.view(3 * H, K + 2)
         dz, dw, db, dbin = short_conv_backward(d_post, z, rows[:, :K].contiguous(), in_bias=rows[:, K].contiguous())
         return (dz, dbin.to(bin_dtype), dw.to(w_dtype).reshape(w_shape), db.to(b_dtype), dkr, dki, dd, d_addend,
-                None, None, None)
+                None, None, None, None)
 
 
 def _reference_backward(dy, z, front, spec_re, spec_im, skip, meta, drop):
@@ -148,7 +150,7 @@ def unsupported_reason(z: torch.Tensor, weight: torch.Tensor, spec_re: torch.Ten
 def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          spec_re: torch.Tensor, spec_im: torch.Tensor, skip: torch.Tensor,
                          addend: torch.Tensor | None = None, dropout_p: float = 0.0,
-                         dropout_seeds: torch.Tensor | None = None) -> torch.Tensor:
+                         dropout_seeds: torch.Tensor | None = None, taps: tuple | None = None) -> torch.Tensor:
     """y = (conv(u, k) + skip ⊙ u) ⊙ x2 [+ addend] with u = dropout(v ⊙ x1, dropout_p), (B, H, L) in z's
     dtype, where x1, x2, v = split(short_conv(z + in_bias)) along the channels: z (B, 3H, L) with unit time
     stride (e.g. a channels-first projection without its bias), in_bias and the short conv's bias (3H,), its
@@ -156,7 +158,9 @@ def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.T
     tensor argument. The dropout mask comes from `dropout_seeds`, int64 (H,) on z's device, one per channel
     (a tensor-parallel rank passes its slice of the whole model's seeds, so its channels get the masks they
     would get unsharded); fresh ones (draw_seeds) when None. Falls back to the torch reference (with torch's
-    dropout when no seeds are given), with a warning naming why, for inputs the kernels do not take."""
+    dropout when no seeds are given), with a warning naming why, for inputs the kernels do not take. `taps`:
+    the (k_fwd, k_rev) the spectrum was computed from, so that the backward recomputes it instead of keeping
+    it (fftconv.save_spectrum)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability {dropout_p} is not in [0, 1)")
     out_shape = (z.shape[0], z.shape[1] // 3, z.shape[-1]) if z.dim() == 3 else None
@@ -165,12 +169,13 @@ def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.T
                                       or dropout_seeds.device != z.device):
         raise ValueError(f"dropout_seeds must be int64 of shape ({H},) on {z.device}, got "
                          f"{dropout_seeds.dtype} {tuple(dropout_seeds.shape)} on {dropout_seeds.device}")
+    check_taps(taps, spec_re)
     if addend is not None and addend.shape != out_shape:
         raise ValueError(f"addend shape {tuple(addend.shape)} is not the output's {out_shape}")
     if addend is not None and torch.promote_types(addend.dtype, z.dtype) != z.dtype:
         # The sum must take the wider dtype, which the kernel (storing in z's dtype) would not.
         return front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=dropout_p,
-                                    dropout_seeds=dropout_seeds) + addend
+                                    dropout_seeds=dropout_seeds, taps=taps) + addend
     reason = unsupported_reason(z, weight, spec_re)
     if reason is not None:
         warnings.warn(f"fused short conv + FFT conv falls back to torch: {reason}", stacklevel=2)
@@ -179,7 +184,7 @@ def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.T
         t is not None and t.requires_grad for t in (z, in_bias, weight, bias, spec_re, spec_im, skip, addend))
     try:
         return _FrontGatedFFTConv.apply(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, grad_wanted,
-                                        float(dropout_p), dropout_seeds)
+                                        float(dropout_p), dropout_seeds, taps)
     except _RESOURCE_ERRORS as err:
         _give_up_on(spec_re.shape[-1], z, err)
         return _fallback(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p, dropout_seeds)

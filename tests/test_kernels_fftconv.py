@@ -494,3 +494,39 @@ def test_short_conv_kernel_matches_reference(B, C, L, K, transposed):
     dy = torch.randn_like(want)
     for g, e in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
         assert g.shape == e.shape and rel(g, e) < 1e-5
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_taps_instead_of_the_spectrum_for_the_backward(bidirectional):
+    """Given the filter taps the spectrum came from, the gated conv and the fused front keep those ((H, L)
+    each) instead of the two (H, N) fp32 spectrum halves, recompute the spectrum in the backward, and give
+    the very same gradients; taps that cannot have made the spectrum are refused."""
+    from m2train.kernels import fftconv_front
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+    B, H, L = 2, 3, 40
+    n = kernel_fft_size(L)
+    gen = torch.Generator().manual_seed(0)
+    mk = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()  # noqa: E731
+    v, x1, x2, k_fwd, k_rev, skip = mk(B, H, L), mk(B, H, L), mk(B, H, L), mk(H, L), mk(H, L), mk(H)
+    z, in_bias, w_sc, b_sc = mk(B, 3 * H, L), mk(3 * H), mk(3 * H, 1, 3), mk(3 * H)
+    k_rev = k_rev if bidirectional else None
+    leaves = [t for t in (v, x1, x2, k_fwd, k_rev, skip, z, in_bias, w_sc, b_sc) if t is not None]
+    ops = {"gated": lambda s, taps: fftconv.gated_fft_conv(v, *s, skip, x1, x2, taps=taps),
+           "front": lambda s, taps: fftconv_front.front_gated_fft_conv(z, in_bias, w_sc, b_sc, *s, skip, taps=taps)}
+    for name, op in ops.items():
+        grads, saved = [], []
+        for use_taps in (False, True):
+            def step():
+                spec = monarch_kernel_spectrum(k_fwd, k_rev, n)
+                return op(spec, (k_fwd, k_rev) if use_taps else None)
+            saved.append(saved_activation_bytes(torch.nn.Module(), lambda: step().square().sum()))
+            y = step()
+            wanted = [t for t in leaves if t.requires_grad]
+            grads.append(torch.autograd.grad(y, wanted, torch.ones_like(y), allow_unused=True))
+        for a, b in zip(*grads):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+        taps_bytes = H * L * 4 * (2 if bidirectional else 1)
+        assert saved[0] - saved[1] == 2 * H * n * 4 - taps_bytes, (name, saved)
+    with pytest.raises(ValueError, match="cannot have made"):
+        fftconv.gated_fft_conv(v, *monarch_kernel_spectrum(k_fwd, None, n), skip, taps=(k_fwd[:2], None))

@@ -83,6 +83,17 @@ class LongConv(nn.Module):
         n = kernel_fft_size(L)
         return self._cached("monarch", L, n, lambda: monarch_kernel_spectrum(*self.filter(L), n))
 
+    def kernel_inputs(self, L: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """`kernel_spectrum`, plus - when autograd records - the filter taps (k_fwd, k_rev) it was made from:
+        given those, the kernels' backward recomputes the spectrum instead of keeping 2 x (H, N) fp32 per
+        conv (kernels/fftconv.py save_spectrum)."""
+        if not torch.is_grad_enabled():
+            return (*self.kernel_spectrum(L), None)
+        from ..kernels.fft_monarch import kernel_fft_size, monarch_kernel_spectrum
+
+        taps = self.filter(L)
+        return (*monarch_kernel_spectrum(*taps, kernel_fft_size(L)), taps)
+
     def _cached(self, kind: str, L: int, n: int, compute):
         if torch.is_grad_enabled() or not self.cache_spectrum:
             return compute()
@@ -128,8 +139,8 @@ class LongConv(nn.Module):
         (forward and backward). Call only when `use_kernel(v)` is True."""
         from ..kernels.fftconv import gated_fft_conv
 
-        spec_re, spec_im = self.kernel_spectrum(v.shape[-1])
-        return gated_fft_conv(v, spec_re, spec_im, self.skip, gate_in, gate_out, addend)
+        spec_re, spec_im, taps = self.kernel_inputs(v.shape[-1])
+        return gated_fft_conv(v, spec_re, spec_im, self.skip, gate_in, gate_out, addend, taps=taps)
 
     def gated_front(self, z: torch.Tensor, in_bias: torch.Tensor, short_conv: CausalShortConv,
                     dropout_p: float = 0.0, dropout_seeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,9 +150,9 @@ class LongConv(nn.Module):
         Call only when `use_kernel` is True for a (B, H, L) input."""
         from ..kernels.fftconv_front import front_gated_fft_conv
 
-        spec_re, spec_im = self.kernel_spectrum(z.shape[-1])
+        spec_re, spec_im, taps = self.kernel_inputs(z.shape[-1])
         return front_gated_fft_conv(z, in_bias, short_conv.weight, short_conv.bias, spec_re, spec_im, self.skip,
-                                    dropout_p=dropout_p, dropout_seeds=dropout_seeds)
+                                    dropout_p=dropout_p, dropout_seeds=dropout_seeds, taps=taps)
 
 
 def _snapshot(tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
