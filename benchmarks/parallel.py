@@ -413,48 +413,47 @@ def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int, kernels: boo
 
 
 def kernel_activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> dict:
-    """`activation_bytes_per_layer` with the fused Triton kernels (model.kernels; the default on a GPU), same
-    parts. The FFT convolutions keep no padded input or spectrum per sequence: the kernels keep their
-    inputs and, only where the backward cannot recompute it cheaply (the three-level layout, N >
-    ONE_PROGRAM_MAX_FFT, with an output gate), the gated conv's pre-gate output; of the kernel spectrum,
-    (channels, N) fp32 real + imaginary per conv (N = kernel_fft_size(L), the smallest power of two >= 2L,
-    at least 256), only the filter taps it is made from (the backward recomputes it). Without CP the short conv runs inside the gated conv's loads
-    (kernels/fftconv_front.py), so its output is never kept; under CP it runs with its halo as in the torch
-    path, and the long convs (ungated there) keep their channel-sharded inputs."""
+    """`activation_bytes_per_layer` with the fused Triton kernels (model.kernels; the default on a GPU): the
+    torch path's parts, with those the kernels change replaced. The FFT convolutions keep no padded input
+    or spectrum per sequence: the kernels keep their inputs and, only where the backward cannot recompute it
+    cheaply (the three-level layout, N > ONE_PROGRAM_MAX_FFT, with an output gate), the gated conv's
+    pre-gate output; of the kernel spectrum, (channels, N) fp32 real + imaginary per conv (N =
+    kernel_fft_size(L)), only the filter taps it is made from (the backward recomputes it). Without CP the
+    short conv runs inside the gated conv's loads (kernels/fftconv_front.py), so its output is never kept;
+    under CP it runs with its halo as in the torch path, and the long convs (ungated there) keep their
+    channel-sharded inputs."""
     from m2train.kernels import fft_monarch
 
+    parts = activation_bytes_per_layer(cfg, B, L, P, e)
     H, I, O, K = cfg.hidden_size, cfg.intermediate_size, cfg.filter_order, cfg.short_conv_kernel
-    Lc, Hc = L // P, cfg.hidden_size // P
+    Hc = H // P
     convs = 1 + int(cfg.residual_long_conv)
     mlps = 2 if cfg.bidirectional else 1
-    n = fft_monarch.kernel_fft_size(L)
-    tok = B * Lc
+    tok = B * (L // P)
+    parts["long convs"] = convs * B * Hc * L * e
     if P == 1:
         # z = in_linear(u) without its bias (B, 3H, L), and the packed short-conv rows (3, H, K + 2) fp32
-        short_conv = B * 3 * H * L * e + 3 * H * (K + 2) * 4
+        parts["short conv"] = B * 3 * H * L * e + 3 * H * (K + 2) * 4
         # the gated conv's pre-gate output in the three-level layout (the residual conv has no output gate);
         # the residual conv's input as a channels-first copy (the kernels read unit-stride time rows; u is
         # channels-last)
-        long_convs = (B * H * L * e if n > fft_monarch.ONE_PROGRAM_MAX_FFT else 0) \
-            + (tok * H * e if cfg.residual_long_conv else 0)
+        long_layout = fft_monarch.kernel_fft_size(L) > fft_monarch.ONE_PROGRAM_MAX_FFT
+        parts["long convs"] = (B * H * L * e if long_layout else 0) + (tok * H * e if cfg.residual_long_conv else 0)
         # the residual conv adds the gated one's output as it stores: only the sum (out_linear's input)
-        outputs = tok * H * e
-    else:
-        short_conv = 2 * B * 3 * H * (Lc + K - 1) * e
-        long_convs = convs * B * Hc * L * e
-        outputs = 2 * tok * H * e
-    return {
-        "norms + linear inputs": 4 * tok * H * e + 2 * 2 * tok * 4,
-        "short conv": short_conv,
-        "long convs": long_convs,
-        "mixer outputs": outputs,
-        # per conv: the MLP stages and decay as in the torch path, and the taps (Hc, L) per direction the
-        # kernels keep to recompute the spectrum in the backward (fp32: the decay is)
-        "filters": convs * (mlps * 9 * L * O * e + L * Hc * e + mlps * Hc * L * 4),
-        # GLU kernels: the input (counted above), the (2I) up-projection and the product fed to Wo; GELU(gate)
-        # is recomputed in the backward
-        "GLU": tok * (2 * I + I) * e,
-    }
+        parts["mixer outputs"] = tok * H * e
+    # per conv: the MLP stages and decay as in the torch path, and the taps (Hc, L) per direction the
+    # kernels keep to recompute the spectrum in the backward (fp32: the decay is)
+    parts["filters"] = convs * (mlps * 9 * L * O * e + L * Hc * e + mlps * Hc * L * 4)
+    # GLU kernels: the input (counted above), the (2I) up-projection and the product fed to Wo; GELU(gate)
+    # is recomputed in the backward
+    parts["GLU"] = tok * (2 * I + I) * e
+    return parts
+
+
+def model_activation_bytes(cfg, B: int, L: int, P: int, e: int, kernels: bool = False) -> int:
+    """All layers' activation bytes plus the head's, on one CP rank (no activation checkpointing)."""
+    return cfg.num_layers * sum(activation_bytes_per_layer(cfg, B, L, P, e, kernels).values()) \
+        + head_bytes(cfg, B, L, P, e)
 
 
 def head_bytes(cfg, B: int, L: int, P: int, e: int) -> int:
@@ -517,29 +516,36 @@ def memory_report(cfg, B: int, zero_stage: int) -> str:
     return "\n".join(lines)
 
 
-def measured_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
-    """Bytes autograd saves in one forward of the tiny model (fp32), CP=1 here and CP=2 on 2 gloo ranks,
-    against the formula (all layers + head)."""
-    from dataclasses import replace
+def memory_check(cfg, B: int, L: int) -> list[tuple[int, int, int]]:
+    """(P, bytes autograd saves in one forward on rank 0, formula) at CP = 1 (this process) and CP = 2 (2 gloo
+    ranks), fp32; the formula of the kernels' path when cfg.kernels is "triton"."""
     from m2train.models import build_model
     from m2train.parallel.activation_checkpointing import saved_activation_bytes
 
-    base = load_model_config(config)
-    lines = [f"### Measured activation bytes vs formula: {config}, micro-batch {B}, fp32", "",
-             "| L | CP | measured saved bytes (rank 0) | formula | measured / formula |", "|---|---|---|---|---|"]
-    for L in lengths:
-        cfg = replace(base, max_seq_len=max(base.max_seq_len, L))
-        formula = lambda P: cfg.num_layers * sum(activation_bytes_per_layer(cfg, B, L, P, 4).values()) \
-            + head_bytes(cfg, B, L, P, 4)                                       # noqa: E731
-        torch.manual_seed(0)
-        model = build_model(cfg).train()
-        batch = _step_batch(cfg, B, L)
-        m1 = saved_activation_bytes(model, lambda: model(**batch).loss)
-        m2 = measure(cfg, 1, 2, B, L)[0]["saved"]
-        for P, m in ((1, m1), (2, m2)):
-            f = formula(P)
-            lines.append(f"| {L} | {P} | {m:,} | {f:,.0f} | {m / f:.3f} |")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = _step_batch(cfg, B, L)
+    m1 = saved_activation_bytes(model, lambda: model(**batch).loss)
+    m2 = measure(cfg, 1, 2, B, L)[0]["saved"]
+    kernels = cfg.kernels == "triton"
+    return [(P, m, model_activation_bytes(cfg, B, L, P, 4, kernels)) for P, m in ((1, m1), (2, m2))]
+
+
+def _memory_check_table(title: str, checks: dict) -> str:
+    lines = [title, "", "| L | CP | measured saved bytes (rank 0) | formula | measured / formula |",
+             "|---|---|---|---|---|"]
+    for L, rows in checks.items():
+        lines += [f"| {L} | {P} | {m:,} | {f:,.0f} | {m / f:.3f} |" for P, m, f in rows]
     return "\n".join(lines)
+
+
+def measured_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
+    """The torch path's formula against what autograd saves in the tiny model (all layers + head)."""
+    from dataclasses import replace
+
+    base = load_model_config(config)
+    checks = {L: memory_check(replace(base, max_seq_len=max(base.max_seq_len, L)), B, L) for L in lengths}
+    return _memory_check_table(f"### Measured activation bytes vs formula: {config}, micro-batch {B}, fp32", checks)
 
 
 # The kernels' measured check runs a narrow one-layer model: in Triton's interpreter (no GPU) every
@@ -548,33 +554,20 @@ KERNEL_CHECK_MODEL = dict(num_layers=1, hidden_size=32, intermediate_size=128)
 
 
 def kernel_memory_check(config, B: int, L: int) -> list[tuple[int, int, int]]:
-    """(P, measured saved bytes on rank 0, formula) for the fused Triton kernels (model.kernels=triton) at
-    CP = 1 (this process) and CP = 2 (2 gloo ranks), on `config` narrowed to KERNEL_CHECK_MODEL. Without a
-    GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by `main` before Triton loads)."""
+    """`memory_check` with the fused Triton kernels (model.kernels=triton), on `config` narrowed to
+    KERNEL_CHECK_MODEL. Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+    `main` before Triton loads)."""
     from dataclasses import replace
-    from m2train.models import build_model
-    from m2train.parallel.activation_checkpointing import saved_activation_bytes
 
     base = load_model_config(config) if isinstance(config, str) else config
-    cfg = replace(base, kernels="triton", max_seq_len=max(base.max_seq_len, L), **KERNEL_CHECK_MODEL)
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    batch = _step_batch(cfg, B, L)
-    m1 = saved_activation_bytes(model, lambda: model(**batch).loss)
-    m2 = measure(cfg, 1, 2, B, L)[0]["saved"]
-    formula = lambda P: cfg.num_layers * sum(activation_bytes_per_layer(cfg, B, L, P, 4, True).values()) \
-        + head_bytes(cfg, B, L, P, 4)                                               # noqa: E731
-    return [(1, m1, formula(1)), (2, m2, formula(2))]
+    return memory_check(replace(base, kernels="triton", max_seq_len=max(base.max_seq_len, L), **KERNEL_CHECK_MODEL),
+                        B, L)
 
 
 def kernel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
-    lines = [f"### Measured activation bytes vs formula with the fused kernels: {config} narrowed to "
-             f"{KERNEL_CHECK_MODEL}, micro-batch {B}, fp32", "",
-             "| L | CP | measured saved bytes (rank 0) | formula | measured / formula |", "|---|---|---|---|---|"]
-    for L in lengths:
-        for P, m, f in kernel_memory_check(config, B, L):
-            lines.append(f"| {L} | {P} | {m:,} | {f:,.0f} | {m / f:.3f} |")
-    return "\n".join(lines)
+    return _memory_check_table(f"### Measured activation bytes vs formula with the fused kernels: {config} narrowed "
+                               f"to {KERNEL_CHECK_MODEL}, micro-batch {B}, fp32",
+                               {L: kernel_memory_check(config, B, L) for L in lengths})
 
 
 # =====================================================================================================

@@ -37,8 +37,7 @@ def test_traffic_formula_equals_measured_and_catches_errors():
             # CP activation memory: the formula from the shapes equals what autograd saved (the token ids
             # are views of the whole batch's storage: that batch-sized int64 difference is all).
             saved = measured[0]["saved"]
-            f = cfg.num_layers * sum(bench.activation_bytes_per_layer(cfg, B, L, cp, 4).values()) \
-                + bench.head_bytes(cfg, B, L, cp, 4)
+            f = bench.model_activation_bytes(cfg, B, L, cp, 4)
             assert abs(saved - f) <= B * L * 8 + 16, (saved, f)
 
 
