@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import fftconv
 from ._common import on_device_of
 from .fftconv import (_RESOURCE_ERRORS, _TOO_LARGE, _device_name, _dropped, _give_up_on, _one_program, _seq_view,
                       check_taps, gated_fft_conv_reference, launch_backward, launch_forward, save_spectrum,
@@ -191,8 +192,14 @@ def front_gated_fft_conv(z: torch.Tensor, in_bias: torch.Tensor, weight: torch.T
 
 
 def _fallback(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p, seeds):
-    """The torch reference in place of the kernels; given seeds still decide the dropout mask."""
-    scale = dropout_scale(seeds, z.shape[0], z.shape[-1], dropout_p) if seeds is not None and dropout_p > 0 else None
+    """The torch reference in place of the kernels; given seeds still decide the dropout mask (drawn by a
+    Triton kernel, so they need a GPU or the interpreter: without either they are refused, not ignored)."""
+    scale = None
+    if seeds is not None and dropout_p > 0:
+        if not (z.is_cuda or fftconv.INTERPRET):
+            raise ValueError("dropout_seeds draw their mask with a Triton kernel: pass a CUDA tensor (or set "
+                             "TRITON_INTERPRET=1), or no seeds for torch's dropout")
+        scale = dropout_scale(seeds, z.shape[0], z.shape[-1], dropout_p)
     return front_gated_fft_conv_reference(z, in_bias, weight, bias, spec_re, spec_im, skip, addend, dropout_p,
                                           keep_scale=scale)
 

@@ -299,3 +299,26 @@ def test_given_dropout_seeds_decide_the_mask_per_channel():
         with pytest.raises(ValueError, match="dropout_seeds must be int64 of shape \\(4,\\)"):
             fftconv_front.front_gated_fft_conv(z, in_bias, weight, bias, spec_re, spec_im, skip, dropout_p=p,
                                                dropout_seeds=bad)
+
+
+
+def test_dropout_seeds_without_triton_are_refused(monkeypatch):
+    """Seeds on a CPU tensor without the interpreter: the torch fallback cannot draw their mask, so it says
+    so instead of silently using torch's dropout (without seeds it runs torch's dropout, as before)."""
+    from m2train.kernels import fftconv
+
+    monkeypatch.setattr(fftconv, "INTERPRET", False)
+    B, H, L = 1, 2, 16
+    z, in_bias, weight = torch.randn(B, 3 * H, L), torch.randn(3 * H), torch.randn(3 * H, 1, 3)
+    bias = torch.randn(3 * H)
+    spec_re, spec_im = monarch_kernel_spectrum(torch.randn(H, L), None, kernel_fft_size(L))
+    args = (z, in_bias, weight, bias, spec_re, spec_im, torch.randn(H))
+    seeds = torch.tensor([1, 2], dtype=torch.int64)
+    with pytest.warns(UserWarning, match="without TRITON_INTERPRET"), pytest.raises(ValueError, match="Triton kernel"):
+        fftconv_front.front_gated_fft_conv(*args, dropout_p=0.5, dropout_seeds=seeds)
+    with pytest.warns(UserWarning, match="without TRITON_INTERPRET"):
+        y = fftconv_front.front_gated_fft_conv(*args, dropout_p=0.5)
+    assert y.shape == (B, H, L)
+    with pytest.warns(UserWarning, match="without TRITON_INTERPRET"):        # seeds mean nothing at p = 0
+        assert torch.equal(fftconv_front.front_gated_fft_conv(*args, dropout_seeds=seeds),
+                           fftconv_front.front_gated_fft_conv_reference(*args))
