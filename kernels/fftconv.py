@@ -548,12 +548,13 @@ def gated_fft_conv_reference(v, spec_re, spec_im, skip, gate_in=None, gate_out=N
 
 
 def fused_long_conv(v: torch.Tensor, k_fwd: torch.Tensor, k_rev: torch.Tensor | None, skip: torch.Tensor,
-                    gate_in: torch.Tensor | None = None, gate_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Convenience: the gated long convolution from the filter taps k_fwd (and k_rev when bidirectional),
-    both (H, L); the spectrum is computed here with torch (see monarch_kernel_spectrum)."""
+                    gate_in: torch.Tensor | None = None, gate_out: torch.Tensor | None = None,
+                    addend: torch.Tensor | None = None) -> torch.Tensor:
+    """Convenience: `gated_fft_conv` from the filter taps k_fwd (and k_rev when bidirectional), both (H, L);
+    the spectrum is computed here with torch (see monarch_kernel_spectrum)."""
     n = kernel_fft_size(v.shape[-1])
     spec_re, spec_im = monarch_kernel_spectrum(k_fwd, k_rev, n)
-    return gated_fft_conv(v, spec_re, spec_im, skip, gate_in, gate_out, taps=(k_fwd, k_rev))
+    return gated_fft_conv(v, spec_re, spec_im, skip, gate_in, gate_out, addend, taps=(k_fwd, k_rev))
 
 
 __all__ = ["KERNEL_DTYPES", "unsupported_reason", "gated_fft_conv", "gated_fft_conv_reference",

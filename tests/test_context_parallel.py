@@ -41,7 +41,9 @@ def _equivalence(rank, world, arch, overrides, grad_reduction, L, checkpointing=
     from m2train.models import build_model
     from m2train.parallel.context_parallel import apply_context_parallel, gather_sequence, shard_batch
 
-    kernel_calls = _count_fused_conv_calls() if overrides.get("kernels") == "triton" else None
+    kernels = overrides.get("kernels") == "triton"
+    kernel_calls = _count_fused_conv_calls() if kernels else None
+    exchanges = _count_all_to_alls() if kernels else None
     torch.manual_seed(0)                                   # same weights and batch on both ranks
     cfg = tiny_model_cfg(arch, max_seq_len=L, **overrides)
     ref = build_model(cfg).train()
@@ -55,12 +57,24 @@ def _equivalence(rank, world, arch, overrides, grad_reduction, L, checkpointing=
         from m2train.parallel.activation_checkpointing import apply_activation_checkpointing
         cp = apply_activation_checkpointing(cp, checkpointing)
     cp.zero_grad(set_to_none=True)
-    if kernel_calls is not None:
+    if kernels:
         kernel_calls.clear()
+        exchanges.clear()
     out = cp(**shard_batch(batch, group))
+    if kernels:
+        # The CP long convs ran the fused kernel on whole sequences of H/P channels. With a residual conv
+        # both convs share one all-to-all there and one back: the first gates its output with x2, the
+        # second adds the first's; without one, x2 stays local (an ungated conv between two exchanges).
+        H = cfg.hidden_size
+        if cfg.residual_long_conv:
+            per_layer = [((2, H // world, L), "gate_out"), ((2, H // world, L), "addend")]
+            shapes = [(3, 2, H, L // world), (2, H // world, L)]
+        else:
+            per_layer = [((2, H // world, L), "")]
+            shapes = [(2, H, L // world), (2, H // world, L)]
+        assert kernel_calls == per_layer * cfg.num_layers, kernel_calls
+        assert exchanges == shapes * cfg.num_layers, exchanges
     out.loss.backward()
-    if kernel_calls is not None:                           # the CP long convs ran the fused kernel
-        assert len(kernel_calls) == 2 * cfg.num_layers and all(s[-1] == L for s in kernel_calls), kernel_calls
     errs = {"loss": rel_err(out.loss.detach(), ref_out.loss)}
     if overrides.get("loss_chunk_tokens"):               # training forwards without logits, on both sides
         assert out.logits is None and ref_out.logits is None
@@ -90,10 +104,25 @@ def _count_fused_conv_calls() -> list:
 
     calls, original = [], fftconv.gated_fft_conv
 
-    def counted(v, *args, **kwargs):
-        calls.append(tuple(v.shape))
-        return original(v, *args, **kwargs)
+    def counted(v, spec_re, spec_im, skip, gate_in=None, gate_out=None, addend=None, **kwargs):
+        fused = [name for name, t in (("gate_in", gate_in), ("gate_out", gate_out), ("addend", addend))
+                 if t is not None]
+        calls.append((tuple(v.shape), ",".join(fused)))
+        return original(v, spec_re, spec_im, skip, gate_in, gate_out, addend, **kwargs)
     fftconv.gated_fft_conv = counted
+    return calls
+
+
+def _count_all_to_alls() -> list:
+    """Record the input shape of every all-to-all of m2train.parallel.context_parallel from now on."""
+    from m2train.parallel import context_parallel
+
+    calls, original = [], context_parallel._all_to_all
+
+    def counted(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return original(x, *args, **kwargs)
+    context_parallel._all_to_all = counted
     return calls
 
 
@@ -215,6 +244,8 @@ def _equivalence_cases(rank, world):
         _equivalence(rank, world, "m2_gpt", {"loss_chunk_tokens": 5}, "sum", 32),
         # Kernels forced (interpreted here): the CP long convs run kernels.fftconv on whole sequences.
         _equivalence(rank, world, "m2_gpt", {"kernels": "triton"}, "sum", 32),
+        _equivalence(rank, world, "m2_bert", {"kernels": "triton", "pad_masking": True}, "mean", 32),
+        _equivalence(rank, world, "m2_bert", {"kernels": "triton", "residual_long_conv": False}, "sum", 24),
     ]
 
 

@@ -18,6 +18,9 @@ inverse exchange, so a plain loss.backward() is correct:
   whole sequences, causal or bidirectional, for its H/P channels with those channels' kernel (only those
   channels' rows of the filter's output layer are evaluated), D skip included; a second all-to-all swaps
   back. The implicit filter is evaluated at the GLOBAL length L, so the kernel is the unsharded model's.
+  With the fused Triton kernels on (model.kernels) and a residual conv, both convs share the exchanges:
+  v ⊙ x1, x2 and u go over in one all-to-all, the gated kernel and the residual kernel (which adds the
+  gated result) run channel-sharded, and their sum comes back in one (`context_parallel_gated_convs`).
 
 Nothing is O(L²) and no rank ever holds a (.., H, L) activation: per rank the long-conv activations are
 (B, H/P, L), the same size as the (B, H, L/P) chunk.
@@ -256,6 +259,42 @@ def context_parallel_long_conv(conv: LongConv, x: torch.Tensor, group) -> torch.
     return _AllToAll.apply(y, group, 2, 1)                           # (B, H, L/P)
 
 
+def _kernels_take_channel_shards(mixer: M2SequenceMixer, like: torch.Tensor, size: int) -> bool:
+    """Whether both long convs run the fused kernels on this rank's channel shard (B, H/P, L) of the
+    sequence-sharded `like` (B, H, L/P). Decided before the exchange, from a stand-in of that shape and
+    dtype (a 0-dim tensor expanded: no memory), so every rank decides the same."""
+    convs = (mixer.long_conv, mixer.residual_conv)
+    if not all(isinstance(c, LongConv) for c in convs):
+        return False
+    B, H, Lc = like.shape
+    shard = like.new_empty(()).expand(B, H // size, Lc * size)
+    return all(c.use_kernel(shard) for c in convs)
+
+
+def context_parallel_gated_convs(mixer: M2SequenceMixer, v: torch.Tensor, x2: torch.Tensor, u_t: torch.Tensor,
+                                 group) -> torch.Tensor:
+    """(longconv(v, k) + D ⊙ v) ⊙ x2 + longconv(u, k2) + D2 ⊙ u of the unsharded sequence for this rank's
+    chunks v (the gated input v ⊙ x1), x2, u_t, each (B, H, L/P) -> (B, H, L/P), with the fused kernels.
+
+    One all-to-all brings this rank's H/P channels of all three over the whole sequence; the gated kernel
+    (output gate x2 applied as it stores) and the residual kernel (adding the gated result as it stores)
+    run on them; one all-to-all brings the sum back. That moves the same bytes as an exchange there and
+    back around each conv (3 + 1 chunks instead of 2 + 2), with half the collectives, and the output gate
+    and the sum never take a pass of their own."""
+    rank, size = _rank_size(group)
+    H = v.shape[1]
+    parts = _AllToAll.apply(torch.stack([v, x2, u_t]), group, 2, 3)      # (3, B, H/P, L)
+    vc, x2c, uc = parts.unbind(0)                                      # each contiguous
+    c = slice(rank * H // size, (rank + 1) * H // size)
+    from ..kernels.fftconv import fused_long_conv
+
+    y = fused_long_conv(vc, *_channel_kernels(mixer.long_conv, vc.shape[-1], c), mixer.long_conv.skip[c],
+                        gate_out=x2c)
+    conv = mixer.residual_conv
+    y = fused_long_conv(uc, *_channel_kernels(conv, uc.shape[-1], c), conv.skip[c], addend=y)
+    return _AllToAll.apply(y, group, 2, 1)                             # (B, H, L/P)
+
+
 # --- the model pieces, by class swap -----------------------------------------------------------------
 class _ContextParallelMixer:
     """Mixin in front of the mixer's class: the reference mixer math (M2SequenceMixer._forward_reference)
@@ -279,12 +318,17 @@ class _ContextParallelMixer:
         v = self.dropout(v * x1)
         if keep is not None:
             v = v * keep
-        y = context_parallel_long_conv(self.long_conv, v, group) * x2
         if self.residual_conv is not None:
             u_t = u.transpose(1, 2)
             if keep is not None:
                 u_t = u_t * keep
-            y = y + context_parallel_long_conv(self.residual_conv, u_t, group)
+        if self.residual_conv is not None and _kernels_take_channel_shards(self, v, dist.get_world_size(group)):
+            y = context_parallel_gated_convs(self, v, x2, u_t, group)
+        else:
+            # Without a residual conv, sending x2 along would cost a third more bytes than gating here.
+            y = context_parallel_long_conv(self.long_conv, v, group) * x2
+            if self.residual_conv is not None:
+                y = y + context_parallel_long_conv(self.residual_conv, u_t, group)
         y = self.dropout(y.transpose(1, 2))
         return self.out_linear(y)
 
@@ -405,4 +449,5 @@ def is_context_parallel(model: nn.Module) -> bool:
 
 
 __all__ = ["apply_context_parallel", "shard_sequence", "shard_batch", "gather_sequence", "global_token_mean",
-           "halo_short_conv", "context_parallel_long_conv", "is_context_parallel"]
+           "halo_short_conv", "context_parallel_long_conv", "context_parallel_gated_convs",
+           "is_context_parallel"]
