@@ -420,8 +420,9 @@ def kernel_activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> di
     pre-gate output; of the kernel spectrum, (channels, N) fp32 real + imaginary per conv (N =
     kernel_fft_size(L)), only the filter taps it is made from (the backward recomputes it). Without CP the
     short conv runs inside the gated conv's loads (kernels/fftconv_front.py), so its output is never kept;
-    under CP it runs with its halo as in the torch path, and the long convs (ungated there) keep their
-    channel-sharded inputs."""
+    under CP it runs with its halo as in the torch path, and the long convs keep their channel-sharded
+    inputs: with a residual conv v ⊙ x1, x2 and u (one exchange, both convs gated in the kernels), without
+    one only v ⊙ x1 (the output gate then acts on the chunk, as in the torch path)."""
     from m2train.kernels import fft_monarch
 
     parts = activation_bytes_per_layer(cfg, B, L, P, e)
@@ -430,23 +431,29 @@ def kernel_activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> di
     convs = 1 + int(cfg.residual_long_conv)
     mlps = 2 if cfg.bidirectional else 1
     tok = B * (L // P)
-    parts["long convs"] = convs * B * Hc * L * e
+    long_layout = fft_monarch.kernel_fft_size(L) > fft_monarch.ONE_PROGRAM_MAX_FFT
+    if P > 1 and cfg.residual_long_conv:
+        # context_parallel_gated_convs: the exchanged (3, B, H/P, L) v ⊙ x1, x2, u, the gated conv's pre-gate
+        # output in the three-level layout, and the returned sum (out_linear's input)
+        parts["long convs"] = 3 * B * Hc * L * e + (B * Hc * L * e if long_layout else 0)
+        parts["mixer outputs"] = tok * H * e
+    else:
+        parts["long convs"] = convs * B * Hc * L * e
     if P == 1:
         # z = in_linear(u) without its bias (B, 3H, L), and the packed short-conv rows (3, H, K + 2) fp32
         parts["short conv"] = B * 3 * H * L * e + 3 * H * (K + 2) * 4
         # the gated conv's pre-gate output in the three-level layout (the residual conv has no output gate);
         # the residual conv's input as a channels-first copy (the kernels read unit-stride time rows; u is
         # channels-last)
-        long_layout = fft_monarch.kernel_fft_size(L) > fft_monarch.ONE_PROGRAM_MAX_FFT
         parts["long convs"] = (B * H * L * e if long_layout else 0) + (tok * H * e if cfg.residual_long_conv else 0)
         # the residual conv adds the gated one's output as it stores: only the sum (out_linear's input)
         parts["mixer outputs"] = tok * H * e
     # per conv: the MLP stages and decay as in the torch path, and the taps (Hc, L) per direction the
     # kernels keep to recompute the spectrum in the backward (fp32: the decay is)
     parts["filters"] = convs * (mlps * 9 * L * O * e + L * Hc * e + mlps * Hc * L * 4)
-    # GLU kernels: the input (counted above), the (2I) up-projection and the product fed to Wo; GELU(gate)
-    # is recomputed in the backward
-    parts["GLU"] = tok * (2 * I + I) * e
+    # GLU kernels (kernels/glu.py GLUMLPFunction): the input (counted above) and the (2I) up-projection; the
+    # product fed to Wo and GELU(gate) are recomputed in the backward
+    parts["GLU"] = tok * 2 * I * e
     return parts
 
 

@@ -59,7 +59,9 @@ def kernel_specs(dtype_name: str) -> list[KernelSpec]:
                    {"CAST_FP32": False, "PRECISION": prec}, ("x_elem", "dy_elem", "stride_wk")),
         KernelSpec("glu forward", glu._glu_fwd_kernel, (),
                    {"STORE_H": True, "CAST_FP32": False, "PRECISION": prec}, ("stride_wk",)),
-        KernelSpec("glu backward", glu._glu_bwd_kernel, (), {}),
+        KernelSpec("glu backward", glu._glu_bwd_kernel, (), {"STORE_ACT": False}),
+        # the training MLP's backward (GLUMLPFunction): the activation recomputed in the same pass
+        KernelSpec("glu backward + act", glu._glu_bwd_kernel, (), {"STORE_ACT": True}),
         # the inference MLP in one kernel; BLOCK_O = 256 holds an M2-BERT-80M Wo block (H/4 = 192 outputs)
         KernelSpec("glu mlp (inference)", glu_mlp._glu_mlp_fwd_kernel, (),
                    {"HAS_BIAS": True, "HAS_RES": True, "CAST_FP32": False, "PRECISION": prec, "BLOCK_O": 256},

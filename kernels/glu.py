@@ -7,6 +7,10 @@ back for the forward. Under autograd it is written too (the backward needs it, a
 autograd graph does). Backward: one elementwise kernel turns d(act) into d[A·y; B·y], then the
 block-diagonal input/weight-gradient kernels (kernels/blockdiag.py) finish dX and dW.
 
+Training the whole MLP (`GLUMLPFunction`, what MonarchGLU runs under autograd without dropout between the
+layers): the same kernels plus Wo's block-diagonal kernel, but the activation Wo's weight gradient needs is
+not kept: the backward's elementwise pass writes it again next to d[A·y; B·y] (STORE_ACT).
+
 Supported (`supported_shape`): the layer's blocks tile the features exactly and nblocks is even, so gate
 block k pairs with value block k + nblocks/2 (every released M2 size); other shapes take the reference.
 """
@@ -94,9 +98,11 @@ def _glu_fwd_kernel(x_ptr, w_ptr, h_ptr, act_ptr, M, stride_xm, stride_hm, strid
 
 
 @triton.jit
-def _glu_bwd_kernel(dact_ptr, h_ptr, dh_ptr, M, INTER, stride_dm, stride_hm, stride_dhm,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """d gate = d act · value · gelu'(gate); d value = d act · gelu(gate)."""
+def _glu_bwd_kernel(dact_ptr, h_ptr, dh_ptr, act_ptr, M, INTER, stride_dm, stride_hm, stride_dhm, stride_am,
+                    STORE_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """d gate = d act · value · gelu'(gate); d value = d act · gelu(gate). STORE_ACT: also the activation
+    gelu(gate) ⊙ value itself, recomputed from the same rounded pre-activations as the forward (the same
+    bits), for Wo's weight gradient when the forward did not keep it (GLUMLPFunction)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm < M)[:, None] & (rn < INTER)[None, :]
@@ -109,6 +115,8 @@ def _glu_bwd_kernel(dact_ptr, h_ptr, dh_ptr, M, INTER, stride_dm, stride_hm, str
     out_ty = dh_ptr.dtype.element_ty
     tl.store(dh_ptr + rows64 * stride_dhm + rn[None, :], (g * b * (cdf + a * pdf)).to(out_ty), mask=mask)
     tl.store(dh_ptr + rows64 * stride_dhm + (INTER + rn)[None, :], (g * a * cdf).to(out_ty), mask=mask)
+    if STORE_ACT:
+        tl.store(act_ptr + rows64 * stride_am + rn[None, :], gelu_gate(a, b).to(act_ptr.dtype.element_ty), mask=mask)
 
 
 def glu_up_forward(x: torch.Tensor, w: torch.Tensor, intermediate_size: int, store_h: bool):
@@ -125,14 +133,18 @@ def glu_up_forward(x: torch.Tensor, w: torch.Tensor, intermediate_size: int, sto
     return act, (h if store_h else None)
 
 
-def glu_grad_preactivation(dact: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def glu_grad_preactivation(dact: torch.Tensor, h: torch.Tensor, recompute_act: bool = False):
+    """d[A·x; B·x] (rows, 2I) from d act (rows, I) and the saved pre-activation h; with `recompute_act`,
+    (that, the activation (rows, I)) from the same pass."""
     rows, inter = dact.shape
     dh = torch.empty_like(h)
+    act = torch.empty_like(dact) if recompute_act else dh
     bm, bn = elementwise_block()
     with on_device_of(h):
         _glu_bwd_kernel[(triton.cdiv(rows, bm), triton.cdiv(inter, bn))](
-            dact, h, dh, rows, inter, dact.stride(0), h.stride(0), dh.stride(0), BLOCK_M=bm, BLOCK_N=bn)
-    return dh
+            dact, h, dh, act, rows, inter, dact.stride(0), h.stride(0), dh.stride(0), act.stride(0),
+            STORE_ACT=recompute_act, BLOCK_M=bm, BLOCK_N=bn)
+    return (dh, act) if recompute_act else dh
 
 
 class GLUBlockdiagFunction(torch.autograd.Function):
@@ -147,15 +159,77 @@ class GLUBlockdiagFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dact):
         x, w, h = ctx.saved_tensors
-        _, out_blk, in_blk = w.shape
         dh = glu_grad_preactivation(dact.contiguous(), h)
-        x_lay, h_lay = contiguous_layout(in_blk), contiguous_layout(out_blk)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = blockdiag_forward(dh, w, None, h_lay, x_lay, h.shape[1], x.shape[1], x.shape[1], transpose_w=True)
-        if ctx.needs_input_grad[1]:
-            dw = blockdiag_weight_grad(dh, x, w.shape, x_lay, h_lay, x.shape[1], h.shape[1]).to(w.dtype)
-        return dx, dw, None
+        return (*up_projection_grads(dh, x, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1]), None)
+
+
+def up_projection_grads(dh: torch.Tensor, x: torch.Tensor, w: torch.Tensor, want_dx: bool, want_dw: bool):
+    """(dx, dw) of the block-diagonal up-projection h = [A; B]·x from dh (None where not wanted)."""
+    _, out_blk, in_blk = w.shape
+    x_lay, h_lay = contiguous_layout(in_blk), contiguous_layout(out_blk)
+    dx = dw = None
+    if want_dx:
+        dx = blockdiag_forward(dh, w, None, h_lay, x_lay, dh.shape[1], x.shape[1], x.shape[1], transpose_w=True)
+    if want_dw:
+        dw = blockdiag_weight_grad(dh, x, w.shape, x_lay, h_lay, x.shape[1], dh.shape[1]).to(w.dtype)
+    return dx, dw
+
+
+class GLUMLPFunction(torch.autograd.Function):
+    """The whole GLU MLP for training, Wo·(gelu(A·x) ⊙ (B·x)) + bo [+ r], keeping x and the (rows, 2I)
+    pre-activation only: the (rows, I) activation Wo's weight gradient needs is recomputed in the backward by
+    the pass that forms d[A·x; B·x] anyway (one more (rows, I) store there), instead of being kept from the
+    forward - I activations per token and layer less (a third of the GLU's, ~14 % of an M2-GPT-360M layer's
+    with the kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_out, bias, residual, intermediate_size):
+        act, h = glu_up_forward(x, w_up, intermediate_size, store_h=True)
+        ctx.save_for_backward(x, w_up, w_out, h)
+        ctx.has_bias = bias is not None
+        nblocks, out_blk, act_blk = w_out.shape
+        out_features = nblocks * out_blk
+        return blockdiag_forward(act, w_out, bias, contiguous_layout(act_blk), contiguous_layout(out_blk),
+                                 intermediate_size, out_features, out_features, residual=residual)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_up, w_out, h = ctx.saved_tensors
+        dy = dy.contiguous()
+        _, out_blk, act_blk = w_out.shape
+        inter = h.shape[1] // 2
+        act_lay, y_lay = contiguous_layout(act_blk), contiguous_layout(out_blk)
+        dact = blockdiag_forward(dy, w_out, None, y_lay, act_lay, dy.shape[1], inter, inter, transpose_w=True)
+        dw_out = None
+        if ctx.needs_input_grad[2]:
+            dh, act = glu_grad_preactivation(dact, h, recompute_act=True)
+            del dact
+            dw_out = blockdiag_weight_grad(dy, act, w_out.shape, act_lay, y_lay, inter, dy.shape[1]).to(w_out.dtype)
+            del act
+        else:
+            dh = glu_grad_preactivation(dact, h)
+        db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        dx, dw_up = up_projection_grads(dh, x, w_up, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        # The residual passes straight through: its gradient is dy.
+        return dx, dw_up, dw_out, db, (dy if ctx.needs_input_grad[4] else None), None
+
+
+def glu_mlp_train(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
+                  intermediate_size: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`GLUMLPFunction` on x (..., H): w_up (nblocks, 2I/nblocks, H/nblocks) with [A; B] stacked
+    (`supported_shape`), w_out (nblocks, out/nblocks, I/nblocks); residual (..., out) or None."""
+    dtype = compute_dtype(x)
+    out_features = w_out.shape[0] * w_out.shape[1]
+    if residual is not None and residual.dtype != dtype:
+        # The sum takes torch's promoted dtype, which the kernel (storing in `dtype`) would not.
+        return glu_mlp_train(x, w_up, w_out, bias, intermediate_size) + residual
+    batch_shape = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    r2 = residual.reshape(-1, out_features).contiguous() if residual is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        y = GLUMLPFunction.apply(x2, w_up.to(dtype).contiguous(), w_out.to(dtype).contiguous(),
+                                 bias.to(dtype) if bias is not None else None, r2, intermediate_size)
+    return y.view(*batch_shape, out_features)
 
 
 def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int) -> torch.Tensor:

@@ -113,6 +113,24 @@ def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int,
     return F.gelu(gate) * value
 
 
+def glu_mlp(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
+            intermediate_size: int, mode: str = "auto", residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The block-diagonal GLU MLP Wo·(gelu(A·x) ⊙ (B·x)) + bo [+ residual] as one autograd op whose backward
+    recomputes the (tokens, I) activation instead of keeping it (kernels/glu.py GLUMLPFunction); None when
+    the kernels cannot take the call (kernels off, blocks that do not tile H, 2I, I and the output exactly,
+    dtype or device), and the caller runs the two-step path (whose ops fall back, and warn, for the same
+    reason)."""
+    nblocks, out_blk, act_blk = w_out.shape
+    out_features = nblocks * out_blk
+    _check_residual(residual, x, out_features)
+    if not use_triton(x, mode) or nblocks != w_up.shape[0] or nblocks * act_blk != intermediate_size:
+        return None
+    from .glu import glu_mlp_train, supported_shape
+    if not supported_shape(w_up, x.shape[-1], intermediate_size) or unsupported_reason(x, w_up, w_out, bias):
+        return None
+    return glu_mlp_train(x, w_up, w_out, bias, intermediate_size, residual)
+
+
 def glu_mlp_inference(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
                       intermediate_size: int, mode: str = "auto",
                       residual: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -132,5 +150,5 @@ def glu_mlp_inference(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, 
     return glu_mlp_forward(x, w_up, w_out, bias, residual)
 
 
-__all__ = ["blockdiag_linear", "monarch_linear", "glu_blockdiag", "glu_mlp_inference", "kernels_enabled",
+__all__ = ["blockdiag_linear", "monarch_linear", "glu_blockdiag", "glu_mlp", "glu_mlp_inference", "kernels_enabled",
            "unsupported_reason"]

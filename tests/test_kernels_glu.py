@@ -76,7 +76,7 @@ def test_monarch_glu_module_with_kernels_on_equals_reference(kind, monkeypatch):
     grads_ref = torch.autograd.grad(y_ref, [x, *params], g)
     monkeypatch.setenv(ENV_VAR, "triton")
     y = glu(x)
-    expected = {"blockdiag": "GLUBlockdiagFunction", "monarch": "MonarchFunction"}.get(kind)
+    expected = {"blockdiag": "GLUMLPFunction", "monarch": "MonarchFunction"}.get(kind)
     if expected:
         assert ran_kernel(y, expected)
     assert rel_err(y, y_ref) < TOL
@@ -120,9 +120,39 @@ def test_one_kernel_glu_mlp_matches_reference(hidden, inter, nb, rows, bias, res
     assert rel_err(fused, want) < 2e-2 and rel_err(fused, two_step) < 4e-3
 
 
+@pytest.mark.parametrize("hidden,inter,nb,rows", MLP_CASES)
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
+def test_training_glu_mlp_recomputes_the_activation(hidden, inter, nb, rows, bias, residual):
+    """ops.glu_mlp (kernels/glu.py GLUMLPFunction): the MLP with its (rows, I) activation recomputed in the
+    backward instead of kept equals the reference forward and backward (fp32, every input's gradient), and
+    what it keeps for the backward is exactly x and the (rows, 2I) pre-activation."""
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+    glu = MonarchGLU(hidden, inter, "blockdiag", nb)
+    if not bias:
+        glu.wo.bias = None
+    g, o = glu.gated_layers.weight, glu.wo.weight
+    x = torch.randn(rows, hidden, requires_grad=True)
+    r = torch.randn(rows, hidden, requires_grad=True) if residual else None
+    want = glu._glu(x) + (r if residual else 0)
+    y = ops.glu_mlp(x, g, o, glu.wo.bias, inter, "triton", r)
+    assert ran_kernel(y, "GLUMLPFunction") and not ran_kernel(y, "GLUBlockdiagFunction")
+    assert rel_err(y, want) < TOL
+    inputs = [x, *glu.parameters(), *([r] if residual else [])]
+    dy = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+        assert a.shape == b.shape and rel_err(a, b) < TOL
+    kept = saved_activation_bytes(glu, lambda: ops.glu_mlp(x, g, o, glu.wo.bias, inter, "triton", r).sum())
+    assert kept == rows * (hidden + 2 * inter) * 4, kept
+    # Blocks that do not tile the output exactly (the layer truncates) are not this op's: the caller's
+    # two-step path runs instead.
+    assert ops.glu_mlp(x, g, o[:, :, :-1], glu.wo.bias, inter, "triton") is None
+
+
 def test_glu_module_runs_the_one_kernel_mlp_only_without_autograd(monkeypatch):
-    """MonarchGLU (kernels forced, block-diagonal) takes the one-kernel MLP for no-grad forwards and the
-    two differentiable kernels under autograd; both equal the torch path, residual included."""
+    """MonarchGLU (kernels forced, block-diagonal) takes the one-kernel MLP for no-grad forwards, the
+    training MLP op (activation recomputed in its backward) under autograd, and the two differentiable
+    kernels when dropout acts between the layers; all equal the torch path, residual included."""
     from m2train.kernels import glu_mlp
 
     calls = []
@@ -134,7 +164,13 @@ def test_glu_module_runs_the_one_kernel_mlp_only_without_autograd(monkeypatch):
     want = glu(x, residual=r)
     monkeypatch.setenv(ENV_VAR, "triton")
     got = glu(x, residual=r)
-    assert calls == [] and ran_kernel(got, "BlockdiagFunction") and rel_err(got, want) < TOL
+    assert calls == [] and ran_kernel(got, "GLUMLPFunction") and rel_err(got, want) < TOL
+    glu.train()
+    glu.dropout.p = 0.5
+    dropped = glu(x, residual=r)
+    assert ran_kernel(dropped, "GLUBlockdiagFunction") and ran_kernel(dropped, "BlockdiagFunction")
+    glu.dropout.p = 0.0
+    glu.eval()
     with torch.no_grad():
         assert rel_err(glu(x, residual=r), want) < TOL and calls == [1]
         glu.train()
@@ -186,6 +222,34 @@ def test_gpu_one_kernel_glu_mlp(hidden):
         two_step = ops.blockdiag_linear(ops.glu_blockdiag(xb, g.bfloat16(), inter, "triton"), o.bfloat16(),
                                         b.bfloat16(), inter, hidden, "triton", rb)
     assert fused.dtype == torch.bfloat16 and rel_err(fused, two_step) < 4e-3 and rel_err(fused, want) < 2e-2
+
+
+@on_gpu
+def test_gpu_training_glu_mlp_recomputes_the_activation():
+    """The training MLP op (GLUMLPFunction) at M2-GPT-360M's width, compiled: fp32 forward and every gradient
+    equal the torch path, bf16 under autocast stays close; it keeps x and the pre-activation only."""
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+    torch.manual_seed(0)
+    hidden, rows = 1280, 4096
+    inter = 4 * hidden
+    glu = MonarchGLU(hidden, inter, "blockdiag", 4).cuda()
+    g, o, b = glu.gated_layers.weight, glu.wo.weight, glu.wo.bias
+    x = torch.randn(rows, hidden, device="cuda", requires_grad=True)
+    r = torch.randn(rows, hidden, device="cuda", requires_grad=True)
+    want = glu._glu(x) + r
+    dy = torch.randn_like(want)
+    inputs = [x, g, o, b, r]
+    grads_ref = torch.autograd.grad(want, inputs, dy)
+    y = ops.glu_mlp(x, g, o, b, inter, "triton", r)
+    assert ran_kernel(y, "GLUMLPFunction") and rel_err(y, want) < 1e-4
+    assert all(rel_err(a, c) < 1e-4 for a, c in zip(torch.autograd.grad(y, inputs, dy), grads_ref))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        yb = ops.glu_mlp(x, g, o, b, inter, "triton", r.bfloat16())
+    assert yb.dtype == torch.bfloat16 and rel_err(yb, want) < 2e-2
+    assert all(rel_err(a, c) < 3e-2 for a, c in zip(torch.autograd.grad(yb, inputs, dy.bfloat16()), grads_ref))
+    kept = saved_activation_bytes(glu, lambda: ops.glu_mlp(x, g, o, b, inter, "triton", r).sum())
+    assert kept == rows * (hidden + 2 * inter) * 4, kept
 
 
 def test_bf16_fused_glu_close_to_fp32():

@@ -50,8 +50,7 @@ def _assert_equal_models(ref, ref_grads, out, grads, tol=TOL):
 def test_tiny_model_with_all_kernels_forced_on_equals_reference(arch, monkeypatch):
     cfg = tiny_model_cfg(arch, hidden_size=32, intermediate_size=64, max_seq_len=16)
     ref, ref_grads, out, grads = _compare(cfg, monkeypatch, batch=1)
-    assert ran_kernel(out.loss, "GLUBlockdiagFunction") and ran_kernel(out.loss, "BlockdiagFunction")
-    assert not ran_kernel(ref.loss, "GLUBlockdiagFunction") and not ran_kernel(ref.loss, "BlockdiagFunction")
+    assert ran_kernel(out.loss, "GLUMLPFunction") and not ran_kernel(ref.loss, "GLUMLPFunction")
     _assert_equal_models(ref, ref_grads, out, grads)
 
 
@@ -80,9 +79,9 @@ def test_config_switch_alone_selects_the_kernels(monkeypatch):
     model = build_model(cfg)
     assert {m.kernels for m in model.modules() if isinstance(getattr(type(m), "kernels", None), str)} == {"triton"}
     ids = torch.randint(1, cfg.vocab_size, (1, 16))
-    assert ran_kernel(model(ids, labels=ids).loss, "GLUBlockdiagFunction")
+    assert ran_kernel(model(ids, labels=ids).loss, "GLUMLPFunction")
     cfg_torch = tiny_model_cfg("m2_gpt", kernels="torch", max_seq_len=16)
-    assert not ran_kernel(build_model(cfg_torch)(ids, labels=ids).loss, "GLUBlockdiagFunction")
+    assert not ran_kernel(build_model(cfg_torch)(ids, labels=ids).loss, "GLUMLPFunction")
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from kernel_helpers import ran_kernel
 from test_checkpoint_helpers import run_distributed
 
 REL_TOL = 1e-5
@@ -203,11 +204,13 @@ def _kernel_equivalence(rank, world, arch, overrides, L=24, pad=False):
         calls.append((tuple(z.shape), kwargs.get("dropout_p")))
         return real(z, *args, **kwargs)
 
-    outs = []
+    outs, glu_ops = [], []
     with mock.patch.object(front, "front_gated_fft_conv", counted):
         for model in (ref, tp):
             torch.manual_seed(5)                            # the same RNG stream for both forwards
             out = model(**batch)
+            glu_ops.append([name for name in ("GLUMLPFunction", "GLUBlockdiagFunction", "BlockdiagFunction")
+                            if ran_kernel(out.loss, name)])
             out.loss.backward()
             outs.append(out)
     (ref_out, out) = outs
@@ -223,7 +226,7 @@ def _kernel_equivalence(rank, world, arch, overrides, L=24, pad=False):
         undropped = ref(**batch).loss.item()
     groups.destroy_model_parallel()
     return {"errs": errs, "grads": grads, "n_params": len(ref_params), "calls": calls,
-            "dropped": abs(undropped - ref_out.loss.item())}
+            "dropped": abs(undropped - ref_out.loss.item()), "glu_ops": glu_ops}
 
 
 @pytest.mark.slow  # two spawned processes, every mixer kernel interpreted: ~1 min on 2 cores
@@ -241,6 +244,10 @@ def test_tp2_with_fused_kernels_and_dropout_equals_single_process():
     assert [c[0][1] for c in gpt["calls"]] == [48, 48, 24, 24] and all(c[1] == 0.1 for c in gpt["calls"])
     assert [c[0][1] for c in bert["calls"]] == [48, 48, 24, 24]
     assert bert_masked["calls"] == []                    # a pad mask keeps the short conv outside
+    # The GLU kernels ran: single-process the training MLP op, under TP on each rank's slices the GLU
+    # up-projection kernel and the block-diagonal kernel for Wo's columns.
+    for r in results[0] + results[1]:
+        assert r["glu_ops"] == [["GLUMLPFunction"], ["GLUBlockdiagFunction", "BlockdiagFunction"]], r["glu_ops"]
 
 
 def _kernel_cases(rank, world):

@@ -39,7 +39,9 @@ Fused kernels (model.kernels, m2train.kernels): the sharded mixer runs M2Sequenc
 `_forward_reference` on its H/T channels, so whatever that path fuses (the short conv and the dropout inside
 the gated FFT-conv kernel, the residual conv adding the main branch as it stores) is fused under TP too; only
 the steps that touch other ranks (`_drop_channels`, `_dropout_seeds`, `_own_channels`, `_project_out`) are
-its own.
+its own. A block-diagonal GLU's slices run the GLU up-projection kernel (GELU and gate fused) and the
+block-diagonal kernel for Wo's kept columns; the partial output is scattered into its blocks and all-reduced
+as on the torch path.
 
 State dicts (m2train.parallel.tp_plan): `shard_rules(model, T)` describes how every sharded tensor of the
 full model is split; `shard_state_dict` / `merge_state_dicts` / `gather_state_dict` convert exactly between
@@ -54,6 +56,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import ops
+from ..models.base import kernel_mode
 from ..models.blockdiag import blockdiag_matmul
 from ..models.glu import MonarchGLU
 from ..models.heads import mlm_forward
@@ -227,6 +231,7 @@ class TensorParallelGLU(MonarchGLU):
         nn.Module.__init__(self)
         self.intermediate_size = glu.intermediate_size // dist.get_world_size(group)
         self.gated_layers, self.wo, self.dropout = glu.gated_layers, glu.wo, glu.dropout
+        self.kernels = glu.kernels
         self.out_blocks = out_blocks             # blockdiag: the Wo blocks (output chunks) this rank feeds
         self.group = group
         self.tp_rank, self.tp_size = dist.get_rank(group), dist.get_world_size(group)
@@ -245,10 +250,19 @@ class TensorParallelGLU(MonarchGLU):
             partial = F.linear(self._dropout(F.gelu(gate) * value), self.wo.weight)
         else:
             wg, wo = self.gated_layers.weight, self.wo.weight
-            gate, value = blockdiag_matmul(y, wg).chunk(2, dim=-1)
-            act = self._dropout(F.gelu(gate) * value)
             nb, out_chunk = 2 * wo.shape[0], wo.shape[1]
-            part = blockdiag_matmul(act, wo).unflatten(-1, (nb // 2, out_chunk))
+            mode = kernel_mode(self)
+            if ops.kernels_enabled(y, mode):
+                # The GLU kernels on this rank's slices: they are themselves an aligned block-diagonal GLU of
+                # I/T units (gate block k still pairs with value block k + nb/2), and Wo's kept columns a
+                # block-diagonal layer of nb/2 blocks.
+                act = self._dropout(ops.glu_blockdiag(y, wg, self.intermediate_size, mode))
+                part = ops.blockdiag_linear(act, wo, None, self.intermediate_size, nb // 2 * out_chunk, mode)
+            else:
+                gate, value = blockdiag_matmul(y, wg).chunk(2, dim=-1)
+                act = self._dropout(F.gelu(gate) * value)
+                part = blockdiag_matmul(act, wo)
+            part = part.unflatten(-1, (nb // 2, out_chunk))
             partial = part.new_zeros(*part.shape[:-2], nb, out_chunk)
             partial[..., self.out_blocks, :] = part
             partial = partial.flatten(-2)
