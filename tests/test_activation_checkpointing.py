@@ -82,6 +82,40 @@ def test_every_mode_gives_identical_outputs_and_gradients(arch, head):
     assert not any(is_checkpointed(m) for m in model.modules())
 
 
+@pytest.mark.slow      # the fused kernels interpreted: ~1 min per model on 2 cores
+@pytest.mark.parametrize("arch, head", [("m2_gpt", "causal_lm"), ("m2_bert", "mlm")])
+def test_checkpointing_replays_the_fused_kernels_and_their_dropout(arch, head, monkeypatch):
+    """With the fused Triton kernels forced (the GPU default; interpreted here, fp32) and the mixer's dropout
+    on, a recompute must draw the same in-kernel dropout seeds (checkpoint replays the RNG) and rebuild what
+    the kernel ops keep (the gated conv's inputs and taps, the GLU MLP's pre-activation): every mode gives
+    the same logits, loss and gradients as no checkpointing."""
+    from m2train.kernels.dispatch import ENV_VAR
+
+    from kernel_helpers import ran_kernel
+
+    monkeypatch.setenv(ENV_VAR, "triton")
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(arch, head=head, hidden_size=16, intermediate_size=32, max_seq_len=16, mixer_dropout=0.1)
+    model = build_model(cfg).train()
+    batch = _batch(model)
+    batch = {k: v[:1, :16] for k, v in batch.items()}
+    torch.manual_seed(123)
+    out = model(**batch)
+    assert ran_kernel(out.loss, "_FrontGatedFFTConv") and ran_kernel(out.loss, "GLUMLPFunction")
+    ref_logits, ref_loss, ref_grads = _forward_backward(model, batch)
+    model.eval()
+    assert not torch.equal(model(**batch).loss.detach(), ref_loss)          # the dropout really dropped
+    model.train()
+    for mode in ("every_block", "mixer"):
+        _apply(model, mode)
+        logits, loss, grads = _forward_backward(model, batch)
+        _assert_same(logits, ref_logits, f"{arch} {mode} logits")
+        _assert_same(loss, ref_loss, f"{arch} {mode} loss")
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            assert torch.allclose(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7), f"{arch} {mode} {name}"
+
+
 @pytest.mark.parametrize("arch, head", [("m2_gpt", "causal_lm"), ("m2_bert", "mlm"), ("gpt", "causal_lm")])
 def test_modes_select_the_documented_modules(arch, head):
     model = _model(arch, head)
