@@ -183,9 +183,9 @@ class GLUMLPFunction(torch.autograd.Function):
     with the kernels)."""
 
     @staticmethod
-    def forward(ctx, x, w_up, w_out, bias, residual, intermediate_size):
-        act, h = glu_up_forward(x, w_up, intermediate_size, store_h=True)
-        ctx.save_for_backward(x, w_up, w_out, h)
+    def forward(ctx, x, w_up, w_out, bias, residual, intermediate_size, grad_wanted):
+        act, h = glu_up_forward(x, w_up, intermediate_size, store_h=grad_wanted)
+        ctx.save_for_backward(*((x, w_up, w_out, h) if grad_wanted else ()))
         ctx.has_bias = bias is not None
         nblocks, out_blk, act_blk = w_out.shape
         out_features = nblocks * out_blk
@@ -211,13 +211,14 @@ class GLUMLPFunction(torch.autograd.Function):
         db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
         dx, dw_up = up_projection_grads(dh, x, w_up, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         # The residual passes straight through: its gradient is dy.
-        return dx, dw_up, dw_out, db, (dy if ctx.needs_input_grad[4] else None), None
+        return dx, dw_up, dw_out, db, (dy if ctx.needs_input_grad[4] else None), None, None
 
 
 def glu_mlp_train(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
                   intermediate_size: int, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`GLUMLPFunction` on x (..., H): w_up (nblocks, 2I/nblocks, H/nblocks) with [A; B] stacked
-    (`supported_shape`), w_out (nblocks, out/nblocks, I/nblocks); residual (..., out) or None."""
+    (`supported_shape`), w_out (nblocks', out/nblocks', I/nblocks') for any nblocks' tiling I exactly (a TP
+    rank's Wo columns have half the blocks); residual (..., out) or None."""
     dtype = compute_dtype(x)
     out_features = w_out.shape[0] * w_out.shape[1]
     if residual is not None and residual.dtype != dtype:
@@ -226,9 +227,13 @@ def glu_mlp_train(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias
     batch_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
     r2 = residual.reshape(-1, out_features).contiguous() if residual is not None else None
+    # Whether a backward will come: decided here, since inside forward grad mode is off (a no-grad forward
+    # must not write and keep the pre-activation).
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_up, w_out, bias, residual))
     with torch.autocast(x.device.type, enabled=False):
         y = GLUMLPFunction.apply(x2, w_up.to(dtype).contiguous(), w_out.to(dtype).contiguous(),
-                                 bias.to(dtype) if bias is not None else None, r2, intermediate_size)
+                                 bias.to(dtype) if bias is not None else None, r2, intermediate_size, grad_wanted)
     return y.view(*batch_shape, out_features)
 
 

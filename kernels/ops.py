@@ -119,11 +119,11 @@ def glu_mlp(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torc
     recomputes the (tokens, I) activation instead of keeping it (kernels/glu.py GLUMLPFunction); None when
     the kernels cannot take the call (kernels off, blocks that do not tile H, 2I, I and the output exactly,
     dtype or device), and the caller runs the two-step path (whose ops fall back, and warn, for the same
-    reason)."""
+    reason). The output is nblocks(w_out) x its block height wide."""
     nblocks, out_blk, act_blk = w_out.shape
     out_features = nblocks * out_blk
     _check_residual(residual, x, out_features)
-    if not use_triton(x, mode) or nblocks != w_up.shape[0] or nblocks * act_blk != intermediate_size:
+    if not use_triton(x, mode) or nblocks * act_blk != intermediate_size:
         return None
     from .glu import glu_mlp_train, supported_shape
     if not supported_shape(w_up, x.shape[-1], intermediate_size) or unsupported_reason(x, w_up, w_out, bias):

@@ -244,15 +244,18 @@ def test_tp2_with_fused_kernels_and_dropout_equals_single_process():
     assert [c[0][1] for c in gpt["calls"]] == [48, 48, 24, 24] and all(c[1] == 0.1 for c in gpt["calls"])
     assert [c[0][1] for c in bert["calls"]] == [48, 48, 24, 24]
     assert bert_masked["calls"] == []                    # a pad mask keeps the short conv outside
-    # The GLU kernels ran: single-process the training MLP op, under TP on each rank's slices the GLU
-    # up-projection kernel and the block-diagonal kernel for Wo's columns.
-    for r in results[0] + results[1]:
-        assert r["glu_ops"] == [["GLUMLPFunction"], ["GLUBlockdiagFunction", "BlockdiagFunction"]], r["glu_ops"]
+    # The GLU kernels ran, single-process and on each TP rank's slices: the training MLP op, or with dropout
+    # between the layers (the M2-BERT case, hidden_dropout 0.1) the up-projection and block-diagonal kernels.
+    for rank in results:
+        gpt, bert, bert_masked = rank
+        for r in (gpt, bert_masked):
+            assert r["glu_ops"] == [["GLUMLPFunction"]] * 2, r["glu_ops"]
+        assert bert["glu_ops"] == [["GLUBlockdiagFunction", "BlockdiagFunction"]] * 2, bert["glu_ops"]
 
 
 def _kernel_cases(rank, world):
     return [_kernel_equivalence(rank, world, "m2_gpt", {}),
-            _kernel_equivalence(rank, world, "m2_bert", {}),
+            _kernel_equivalence(rank, world, "m2_bert", {"hidden_dropout": 0.1}),
             _kernel_equivalence(rank, world, "m2_bert", {"pad_masking": True}, pad=True)]
 
 
@@ -306,3 +309,12 @@ def test_sharded_dropout_draws_independent_slices_of_one_mask():
     assert torch.equal(torch.cat(masks, dim=1), full)       # rank r keeps slice r of the unsharded mask
     assert not torch.equal(masks[0], masks[1])
     assert torch.equal(sharded_dropout(x, drop.eval(), 1, 0, 2), x)
+    # groups=2 (a block-diagonal GLU's gate blocks): rank r keeps slice r of each of the 2 chunks of dim 1.
+    grouped = []
+    drop.train()
+    for rank in range(2):
+        torch.manual_seed(7)
+        grouped.append(sharded_dropout(x, drop, 1, rank, 2, groups=2))
+    chunks = full.view(3, 2, 2, 4, 5)                       # (.., group, rank, 4 channels, ..)
+    for rank in range(2):
+        assert torch.equal(grouped[rank], chunks[:, :, rank].reshape(3, 8, 5))

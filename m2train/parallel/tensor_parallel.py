@@ -39,9 +39,9 @@ Fused kernels (model.kernels, m2train.kernels): the sharded mixer runs M2Sequenc
 `_forward_reference` on its H/T channels, so whatever that path fuses (the short conv and the dropout inside
 the gated FFT-conv kernel, the residual conv adding the main branch as it stores) is fused under TP too; only
 the steps that touch other ranks (`_drop_channels`, `_dropout_seeds`, `_own_channels`, `_project_out`) are
-its own. A block-diagonal GLU's slices run the GLU up-projection kernel (GELU and gate fused) and the
-block-diagonal kernel for Wo's kept columns; the partial output is scattered into its blocks and all-reduced
-as on the torch path.
+its own. A block-diagonal GLU's slices run the GLU kernels as one (the training MLP op of kernels/glu.py,
+or with dropout between the layers the up-projection kernel and the block-diagonal kernel for Wo's kept
+columns); the partial output is scattered into its blocks and all-reduced as on the torch path.
 
 State dicts (m2train.parallel.tp_plan): `shard_rules(model, T)` describes how every sharded tensor of the
 full model is split; `shard_state_dict` / `merge_state_dicts` / `gather_state_dict` convert exactly between
@@ -102,11 +102,15 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def sharded_dropout(x: torch.Tensor, dropout: nn.Dropout, dim: int, rank: int, size: int) -> torch.Tensor:
+def sharded_dropout(x: torch.Tensor, dropout: nn.Dropout, dim: int, rank: int, size: int,
+                    groups: int = 1) -> torch.Tensor:
     """Dropout of a tensor sharded along `dim` over TP ranks that share one RNG stream (the trainer seeds
     TP peers alike so replicated activations get equal masks). Plain dropout would give every rank the SAME
     mask on its different channels; instead each rank draws the mask of the whole unsharded tensor (the
-    RNG advances alike everywhere) and keeps its own slice, so masks are independent across channels."""
+    RNG advances alike everywhere) and keeps its own channels' part, so masks are independent across
+    channels and each channel gets exactly its unsharded mask. `groups`: the unsharded `dim` is that many
+    equal chunks, each split over the ranks (a block-diagonal GLU's gate blocks); 1 = one contiguous slice
+    per rank."""
     p = dropout.p
     if not dropout.training or p == 0.0:
         return x
@@ -117,7 +121,10 @@ def sharded_dropout(x: torch.Tensor, dropout: nn.Dropout, dim: int, rank: int, s
     shape[dim] = width * size
     # Scaled before the product, as torch's CPU dropout does: for TP = 1 this is bit for bit F.dropout.
     keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p).div_(1.0 - p)
-    return x * keep.narrow(dim, rank * width, width)
+    if groups == 1:
+        return x * keep.narrow(dim, rank * width, width)
+    dim = dim % x.dim()
+    return x * keep.unflatten(dim, (groups, size, width // groups)).select(dim + 1, rank).flatten(dim, dim + 1)
 
 
 def _copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -237,7 +244,9 @@ class TensorParallelGLU(MonarchGLU):
         self.tp_rank, self.tp_size = dist.get_rank(group), dist.get_world_size(group)
 
     def _dropout(self, act: torch.Tensor) -> torch.Tensor:
-        return sharded_dropout(act, self.dropout, act.dim() - 1, self.tp_rank, self.tp_size)
+        # Block-diagonal: this rank's units are its slice of each of the nb/2 gate blocks; dense: one slice.
+        groups = 1 if self.out_blocks is None else len(self.out_blocks)
+        return sharded_dropout(act, self.dropout, act.dim() - 1, self.tp_rank, self.tp_size, groups)
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """GLU(y) [+ residual], as MonarchGLU (the residual is added after the all-reduce)."""
@@ -255,9 +264,14 @@ class TensorParallelGLU(MonarchGLU):
             if ops.kernels_enabled(y, mode):
                 # The GLU kernels on this rank's slices: they are themselves an aligned block-diagonal GLU of
                 # I/T units (gate block k still pairs with value block k + nb/2), and Wo's kept columns a
-                # block-diagonal layer of nb/2 blocks.
-                act = self._dropout(ops.glu_blockdiag(y, wg, self.intermediate_size, mode))
-                part = ops.blockdiag_linear(act, wo, None, self.intermediate_size, nb // 2 * out_chunk, mode)
+                # block-diagonal layer of nb/2 blocks. Without dropout between them, the MLP op that
+                # recomputes the activation in its backward; with it, the two steps.
+                part = None
+                if not (self.training and self.dropout.p > 0):
+                    part = ops.glu_mlp(y, wg, wo, None, self.intermediate_size, mode)
+                if part is None:
+                    act = self._dropout(ops.glu_blockdiag(y, wg, self.intermediate_size, mode))
+                    part = ops.blockdiag_linear(act, wo, None, self.intermediate_size, nb // 2 * out_chunk, mode)
             else:
                 gate, value = blockdiag_matmul(y, wg).chunk(2, dim=-1)
                 act = self._dropout(F.gelu(gate) * value)
