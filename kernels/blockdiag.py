@@ -161,6 +161,26 @@ def blockdiag_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape: torch.Size
     return partial[0] if splits == 1 else partial.sum(0)
 
 
+def contiguous_input_grad(dy: torch.Tensor, w: torch.Tensor, in_features: int) -> torch.Tensor:
+    """dx = dy·W for y = blockdiag(W)·x with contiguous blocks on both sides: dy (rows, out) -> (rows,
+    in_features)."""
+    _, out_blk, in_blk = w.shape
+    return blockdiag_forward(dy, w, None, contiguous_layout(out_blk), contiguous_layout(in_blk), dy.shape[1],
+                             in_features, in_features, transpose_w=True)
+
+
+def contiguous_weight_grad(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """dW (w's dtype) for y = blockdiag(W)·x with contiguous blocks on both sides."""
+    _, out_blk, in_blk = w.shape
+    return blockdiag_weight_grad(dy, x, w.shape, contiguous_layout(in_blk), contiguous_layout(out_blk),
+                                 x.shape[1], dy.shape[1]).to(w.dtype)
+
+
+def bias_grad(dy: torch.Tensor) -> torch.Tensor:
+    """Σ_rows dy, accumulated in fp32."""
+    return dy.sum(0, dtype=torch.float32).to(dy.dtype)
+
+
 class BlockdiagFunction(torch.autograd.Function):
     """y = blockdiag(W)·x (+ bias) on 2-D x (rows, in_features) -> (rows, out_features), the reference
     layer's zero-padding / truncation semantics when the features do not divide by nblocks."""
@@ -178,17 +198,10 @@ class BlockdiagFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        _, out_blk, in_blk = w.shape
-        dy = dy.contiguous()
-        x_lay, y_lay = contiguous_layout(in_blk), contiguous_layout(out_blk)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = blockdiag_forward(dy, w, None, y_lay, x_lay, ctx.out_features, x.shape[1], x.shape[1],
-                                   transpose_w=True)
-        if ctx.needs_input_grad[1]:
-            dw = blockdiag_weight_grad(dy, x, w.shape, x_lay, y_lay, x.shape[1], ctx.out_features).to(w.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        dy = dy.contiguous()                       # (rows, out_features)
+        dx = contiguous_input_grad(dy, w, x.shape[1]) if ctx.needs_input_grad[0] else None
+        dw = contiguous_weight_grad(dy, x, w) if ctx.needs_input_grad[1] else None
+        db = bias_grad(dy) if ctx.has_bias and ctx.needs_input_grad[2] else None
         # The residual passes straight through: its gradient is dy.
         return dx, dw, db, None, (dy if ctx.needs_input_grad[4] else None)
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._common import INTERPRET, compute_dtype, dot_precision, elementwise_block, glu_configs, \
     on_device_of, prune_wide_tiles
-from .blockdiag import blockdiag_forward, blockdiag_weight_grad, contiguous_layout
+from .blockdiag import bias_grad, blockdiag_forward, contiguous_input_grad, contiguous_layout, contiguous_weight_grad
 
 def supported_shape(weight: torch.Tensor, in_features: int, intermediate_size: int) -> bool:
     nblocks, out_blk, in_blk = weight.shape
@@ -160,18 +160,14 @@ class GLUBlockdiagFunction(torch.autograd.Function):
     def backward(ctx, dact):
         x, w, h = ctx.saved_tensors
         dh = glu_grad_preactivation(dact.contiguous(), h)
-        return (*up_projection_grads(dh, x, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1]), None)
+        return (*_up_projection_grads(ctx, dh, x, w), None)
 
 
-def up_projection_grads(dh: torch.Tensor, x: torch.Tensor, w: torch.Tensor, want_dx: bool, want_dw: bool):
-    """(dx, dw) of the block-diagonal up-projection h = [A; B]·x from dh (None where not wanted)."""
-    _, out_blk, in_blk = w.shape
-    x_lay, h_lay = contiguous_layout(in_blk), contiguous_layout(out_blk)
-    dx = dw = None
-    if want_dx:
-        dx = blockdiag_forward(dh, w, None, h_lay, x_lay, dh.shape[1], x.shape[1], x.shape[1], transpose_w=True)
-    if want_dw:
-        dw = blockdiag_weight_grad(dh, x, w.shape, x_lay, h_lay, x.shape[1], dh.shape[1]).to(w.dtype)
+def _up_projection_grads(ctx, dh: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> tuple:
+    """(dx, dw) of the up-projection h = [A; B]·x (inputs 0 and 1 of the Function) from dh; None where not
+    wanted."""
+    dx = contiguous_input_grad(dh, w, x.shape[1]) if ctx.needs_input_grad[0] else None
+    dw = contiguous_weight_grad(dh, x, w) if ctx.needs_input_grad[1] else None
     return dx, dw
 
 
@@ -196,20 +192,17 @@ class GLUMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w_up, w_out, h = ctx.saved_tensors
         dy = dy.contiguous()
-        _, out_blk, act_blk = w_out.shape
-        inter = h.shape[1] // 2
-        act_lay, y_lay = contiguous_layout(act_blk), contiguous_layout(out_blk)
-        dact = blockdiag_forward(dy, w_out, None, y_lay, act_lay, dy.shape[1], inter, inter, transpose_w=True)
+        dact = contiguous_input_grad(dy, w_out, h.shape[1] // 2)
         dw_out = None
         if ctx.needs_input_grad[2]:
             dh, act = glu_grad_preactivation(dact, h, recompute_act=True)
             del dact
-            dw_out = blockdiag_weight_grad(dy, act, w_out.shape, act_lay, y_lay, inter, dy.shape[1]).to(w_out.dtype)
+            dw_out = contiguous_weight_grad(dy, act, w_out)
             del act
         else:
             dh = glu_grad_preactivation(dact, h)
-        db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        dx, dw_up = up_projection_grads(dh, x, w_up, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        db = bias_grad(dy) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        dx, dw_up = _up_projection_grads(ctx, dh, x, w_up)
         # The residual passes straight through: its gradient is dy.
         return dx, dw_up, dw_out, db, (dy if ctx.needs_input_grad[4] else None), None, None
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ._common import compute_dtype
-from .blockdiag import blockdiag_forward, blockdiag_weight_grad, contiguous_layout, transposed_layout
+from .blockdiag import (bias_grad, blockdiag_forward, blockdiag_weight_grad, contiguous_input_grad, contiguous_layout,
+                        contiguous_weight_grad, transposed_layout)
 
 
 class MonarchFunction(torch.autograd.Function):
@@ -45,13 +46,11 @@ class MonarchFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dh = blockdiag_forward(dy, w2, None, t_lay, t_lay, out_features, mid, mid, transpose_w=True)
             if ctx.needs_input_grad[0]:
-                dx = blockdiag_forward(dh, w1, None, contiguous_layout(q), contiguous_layout(p), mid,
-                                       in_features, in_features, transpose_w=True)
+                dx = contiguous_input_grad(dh, w1, in_features)
             if ctx.needs_input_grad[1]:
-                dw1 = blockdiag_weight_grad(dh, x, w1.shape, contiguous_layout(p), contiguous_layout(q),
-                                            in_features, mid).to(w1.dtype)
+                dw1 = contiguous_weight_grad(dh, x, w1)
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+            db = bias_grad(dy)
         return dx, dw1, dw2, db, None
 
 

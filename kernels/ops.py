@@ -113,17 +113,24 @@ def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int,
     return F.gelu(gate) * value
 
 
+def _mlp_out_features(w_out: torch.Tensor, out_features: int | None) -> int:
+    """The MLP's output width: the Wo layer's (which truncates when its blocks overhang it), or by default
+    all of w_out's (nblocks, out_blk, ..) rows."""
+    return out_features if out_features is not None else w_out.shape[0] * w_out.shape[1]
+
+
 def glu_mlp(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
-            intermediate_size: int, mode: str = "auto", residual: torch.Tensor | None = None) -> torch.Tensor | None:
+            intermediate_size: int, mode: str = "auto", residual: torch.Tensor | None = None,
+            out_features: int | None = None) -> torch.Tensor | None:
     """The block-diagonal GLU MLP Wo·(gelu(A·x) ⊙ (B·x)) + bo [+ residual] as one autograd op whose backward
     recomputes the (tokens, I) activation instead of keeping it (kernels/glu.py GLUMLPFunction); None when
-    the kernels cannot take the call (kernels off, blocks that do not tile H, 2I, I and the output exactly,
-    dtype or device), and the caller runs the two-step path (whose ops fall back, and warn, for the same
-    reason). The output is nblocks(w_out) x its block height wide."""
+    the kernels cannot take the call (kernels off, blocks that do not tile H, 2I, I and `out_features`
+    exactly, dtype or device), and the caller runs the two-step path (whose ops fall back, and warn, for the
+    same reason)."""
     nblocks, out_blk, act_blk = w_out.shape
-    out_features = nblocks * out_blk
+    out_features = _mlp_out_features(w_out, out_features)
     _check_residual(residual, x, out_features)
-    if not use_triton(x, mode) or nblocks * act_blk != intermediate_size:
+    if not use_triton(x, mode) or nblocks * act_blk != intermediate_size or nblocks * out_blk != out_features:
         return None
     from .glu import glu_mlp_train, supported_shape
     if not supported_shape(w_up, x.shape[-1], intermediate_size) or unsupported_reason(x, w_up, w_out, bias):
@@ -132,12 +139,13 @@ def glu_mlp(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torc
 
 
 def glu_mlp_inference(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
-                      intermediate_size: int, mode: str = "auto",
-                      residual: torch.Tensor | None = None) -> torch.Tensor | None:
+                      intermediate_size: int, mode: str = "auto", residual: torch.Tensor | None = None,
+                      out_features: int | None = None) -> torch.Tensor | None:
     """The block-diagonal GLU MLP Wo·(gelu(A·x) ⊙ (B·x)) + bo [+ residual] in one kernel (kernels/glu_mlp.py),
     for forwards without autograd; None when that kernel cannot take the call (autograd on, another
-    layout, dtype or device), and the caller runs the two-step path."""
-    out_features = w_out.shape[0] * w_out.shape[1]
+    layout - e.g. a Wo whose blocks overhang `out_features` -, dtype or device), and the caller runs the
+    two-step path."""
+    out_features = _mlp_out_features(w_out, out_features)
     _check_residual(residual, x, out_features)
     if torch.is_grad_enabled() or not use_triton(x, mode):
         return None

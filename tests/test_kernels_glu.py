@@ -182,6 +182,23 @@ def test_glu_module_runs_the_one_kernel_mlp_only_without_autograd(monkeypatch):
     assert calls == [1]
 
 
+def test_glu_module_whose_wo_blocks_overhang_its_output_takes_the_two_step_path(monkeypatch):
+    """H = 30 with 4 blocks: Wo's blocks (4 x 8 rows) overhang its 30 outputs, which the one-kernel MLP and
+    the training MLP op do not take; with a residual of the layer's real shape both step aside (no shape
+    error) and the two-step path equals the torch path, with and without autograd."""
+    glu = MonarchGLU(30, 64, "blockdiag", nblocks=4)
+    x, r = torch.randn(2, 5, 30, requires_grad=True), torch.randn(2, 5, 30)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    want = glu(x, residual=r)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    ops._warn_fallback.cache_clear()
+    with pytest.warns(UserWarning, match="glu_blockdiag runs the PyTorch reference"):
+        got = glu(x, residual=r)
+    assert not ran_kernel(got, "GLUMLPFunction") and rel_err(got, want) < TOL
+    with torch.no_grad():
+        assert rel_err(glu(x, residual=r), want) < TOL
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @on_gpu
 @pytest.mark.parametrize("hidden", [1792])      # M2-GPT-360M-class width; 768 is in the blockdiag GPU test

@@ -58,12 +58,11 @@ class MonarchGLU(nn.Module):
                 if isinstance(self.wo, BlockDiagonalLinear) and not (self.training and self.dropout.p > 0):
                     # Inference: the whole MLP in one kernel, the (tokens, I) activation kept on chip.
                     # Training: one op that recomputes that activation in its backward instead of keeping it.
-                    args = (y, self.gated_layers.weight, self.wo.weight, self.wo.bias, self.intermediate_size,
-                            mode, residual)
-                    if self.wo.out_features == self.wo.nblocks * self.wo.out_blk:
-                        fused = ops.glu_mlp_inference(*args) if not torch.is_grad_enabled() else ops.glu_mlp(*args)
-                        if fused is not None:
-                            return fused
+                    op = ops.glu_mlp if torch.is_grad_enabled() else ops.glu_mlp_inference
+                    fused = op(y, self.gated_layers.weight, self.wo.weight, self.wo.bias, self.intermediate_size,
+                               mode, residual, out_features=self.wo.out_features)
+                    if fused is not None:
+                        return fused
                 act = ops.glu_blockdiag(y, self.gated_layers.weight, self.intermediate_size, mode)
                 if isinstance(self.wo, BlockDiagonalLinear):
                     return self.wo(self.dropout(act), residual)

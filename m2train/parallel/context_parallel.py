@@ -240,23 +240,33 @@ def _channel_kernels(conv: LongConv, L: int, channels: slice) -> tuple[torch.Ten
 def context_parallel_long_conv(conv: LongConv, x: torch.Tensor, group) -> torch.Tensor:
     """longconv(x, k) + D ⊙ x of the unsharded sequence for this rank's chunk x (B, H, L/P) -> (B, H, L/P),
     computed channel-sharded between two all-to-alls."""
-    rank, size = _rank_size(group)
-    H = x.shape[1]
+    c = _own_channels(x.shape[1], group)
     xc = _AllToAll.apply(x, group, 1, 2)                              # (B, H/P, L)
-    L = xc.shape[-1]
-    c = slice(rank * H // size, (rank + 1) * H // size)
-    k_fwd, k_rev = _channel_kernels(conv, L, c)
     if conv.use_kernel(xc):
         # The fused Triton FFT conv (kernels.fftconv, model.kernels): after the all-to-all this rank holds
         # whole sequences of its channels, exactly what the kernel takes. The gates stay outside: x1, x2
         # are sequence-sharded.
-        from ..kernels.fftconv import fused_long_conv
-
-        y = fused_long_conv(xc, k_fwd, k_rev, conv.skip[c])
+        y = _kernel_conv(conv, xc, c)
     else:
+        L = xc.shape[-1]
         n = fft_size(L)
-        y = fft_conv(xc, kernel_spectrum(k_fwd, k_rev, n), n) + xc * conv.skip[c].to(xc.dtype)[:, None]
+        y = fft_conv(xc, kernel_spectrum(*_channel_kernels(conv, L, c), n), n) \
+            + xc * conv.skip[c].to(xc.dtype)[:, None]
     return _AllToAll.apply(y, group, 2, 1)                           # (B, H, L/P)
+
+
+def _own_channels(H: int, group) -> slice:
+    """The channels [r·H/P, (r+1)·H/P) this rank convolves between the all-to-alls."""
+    rank, size = _rank_size(group)
+    return slice(rank * H // size, (rank + 1) * H // size)
+
+
+def _kernel_conv(conv: LongConv, xc: torch.Tensor, c: slice, **fused) -> torch.Tensor:
+    """kernels.fftconv.fused_long_conv on this rank's channels c (xc (B, H/P, L), whole sequences) with those
+    channels' filter taps and skip; `fused`: its gate_out / addend."""
+    from ..kernels.fftconv import fused_long_conv
+
+    return fused_long_conv(xc, *_channel_kernels(conv, xc.shape[-1], c), conv.skip[c], **fused)
 
 
 def _kernels_take_channel_shards(mixer: M2SequenceMixer, like: torch.Tensor, size: int) -> bool:
@@ -281,17 +291,11 @@ def context_parallel_gated_convs(mixer: M2SequenceMixer, v: torch.Tensor, x2: to
     run on them; one all-to-all brings the sum back. That moves the same bytes as an exchange there and
     back around each conv (3 + 1 chunks instead of 2 + 2), with half the collectives, and the output gate
     and the sum never take a pass of their own."""
-    rank, size = _rank_size(group)
-    H = v.shape[1]
+    c = _own_channels(v.shape[1], group)
     parts = _AllToAll.apply(torch.stack([v, x2, u_t]), group, 2, 3)      # (3, B, H/P, L)
     vc, x2c, uc = parts.unbind(0)                                      # each contiguous
-    c = slice(rank * H // size, (rank + 1) * H // size)
-    from ..kernels.fftconv import fused_long_conv
-
-    y = fused_long_conv(vc, *_channel_kernels(mixer.long_conv, vc.shape[-1], c), mixer.long_conv.skip[c],
-                        gate_out=x2c)
-    conv = mixer.residual_conv
-    y = fused_long_conv(uc, *_channel_kernels(conv, uc.shape[-1], c), conv.skip[c], addend=y)
+    y = _kernel_conv(mixer.long_conv, vc, c, gate_out=x2c)
+    y = _kernel_conv(mixer.residual_conv, uc, c, addend=y)
     return _AllToAll.apply(y, group, 2, 1)                             # (B, H, L/P)
 
 
