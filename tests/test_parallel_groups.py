@@ -84,8 +84,9 @@ def test_layout_errors_name_the_keys():
         check_layout(8, 0, 1)
     cfg = Config()
     cfg.parallel.tensor_parallel, cfg.parallel.context_parallel = 2, 2
-    with pytest.raises(ConfigError, match="combining them is not supported"):
-        check_parallel_config(cfg, 4)
+    assert check_parallel_config(cfg, 8) == 2                   # TP and CP together: dp = 8 / (2 x 2)
+    with pytest.raises(ConfigError, match=r"= 4 does not divide the world size 6"):
+        check_parallel_config(cfg, 6)
     cfg.parallel.context_parallel, cfg.parallel.zero_stage = 1, 3
     with pytest.raises(ConfigError, match="zero_stage=3 with parallel.tensor_parallel"):
         check_parallel_config(cfg, 4)

@@ -7,7 +7,8 @@ ZeRO-1 with the m2train mpu, real MDS shards and checkpoints.
 - resuming with another TP layout is refused naming both layouts;
 - `m2train export` of the TP=2 checkpoint gives a single-process model whose logits equal the TP=2
   model's (loaded from the per-rank files in 2 spawned processes); `m2train eval` on the TP=2 checkpoint
-  from one process reproduces the run's own validation loss.
+  from one process reproduces the run's own validation loss;
+- TP=2 and CP=2 together (4 ranks): the same curve, an exact resume, and eval from one process.
 """
 
 from __future__ import annotations
@@ -163,12 +164,53 @@ def test_cp2_zero1_run_matches_single_process(data, single, tmp_path):
     ZeRO averages over dp x cp, the logged loss / norm / validation equal the single-process run's."""
     d = tmp_path / "cp2"
     run(d, data, *TINY, "parallel.zero_stage=1", "parallel.context_parallel=2", nproc=2)
-    ref, got = _records(single), _records(d)
+    _assert_same_curve(d, single)
+
+
+def _assert_same_curve(run_dir: Path, single: Path) -> list[float]:
+    """The run's loss, clipped norm, tokens and validation losses equal the single-process run's (fp32
+    tolerance); returns its validation losses."""
+    ref, got = _records(single), _records(run_dir)
     assert list(got) == list(range(1, STEPS + 1))
     for step in ref:
         assert math.isclose(got[step]["loss"], ref[step]["loss"], rel_tol=1e-4), (step, got[step], ref[step])
         assert math.isclose(got[step]["grad_norm"], ref[step]["grad_norm"], rel_tol=1e-3), step
         assert got[step]["tokens_seen"] == ref[step]["tokens_seen"]
     val_ref = [r["val_loss"] for r in read_metrics(single / "metrics.jsonl") if "val_loss" in r]
-    val_got = [r["val_loss"] for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r]
+    val_got = [r["val_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
     assert len(val_got) == 2 and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(val_got, val_ref))
+    return val_got
+
+
+TP2_CP2 = ["parallel.zero_stage=1", "parallel.tensor_parallel=2", "parallel.context_parallel=2"]
+
+
+@pytest.fixture(scope="module")
+def tp2cp2(data, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tp2cp2")
+    run(d, data, *TINY, *TP2_CP2, nproc=4)
+    return d
+
+
+def test_tp2_cp2_run_matches_single_process_resumes_and_evaluates(data, single, tp2cp2, tmp_path):
+    """TP and CP together, 4 ranks (TP pairs inside each CP pair, dp = 1): the loss curve, clipped norms and
+    validation equal the single-process run's; one module file per TP rank; a resume from step 10 repeats
+    steps 11..20 exactly; `m2train eval` from one process reproduces the run's validation loss."""
+    from m2train.train.evaluate import evaluate_checkpoint
+
+    val_got = _assert_same_curve(tp2cp2, single)
+    ckpt = tp2cp2 / "checkpoints" / f"step_{STEPS:08d}"
+    assert sorted(p.name for p in ckpt.glob("mp_rank_*_model_states.pt")) == \
+        ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
+    world = json.loads((ckpt / "manifest.json").read_text())["world"]
+    assert (world["tp"], world["cp"], world["dp"], world["world"]) == (2, 2, 1, 4)
+
+    metrics = evaluate_checkpoint(ckpt, batches=2, cache_dir=str(tmp_path / "cache"))
+    assert math.isclose(metrics["loss"], val_got[-1], rel_tol=1e-5), (metrics, val_got)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tp2cp2, resumed)
+    _rewind_to(resumed, 10)
+    log = run(resumed, data, *TINY, *TP2_CP2, f"train.run_dir={resumed}", nproc=4)
+    assert "resumed from" in log
+    assert losses(resumed) == losses(tp2cp2)               # == at every step: exact

@@ -37,11 +37,20 @@ class CausalLM(M2TrainModel):
         hidden = self.hidden_states(input_ids)
         if labels is not None and self.chunked_loss:
             return ModelOutput(logits=None, loss=self.lm_loss(hidden, labels, "mean"))
-        logits = F.linear(hidden, self.lm_head_weight)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100)
+        logits = self.lm_logits(hidden)
+        loss = self.token_loss(logits, labels, "mean") if labels is not None else None
         return ModelOutput(logits=logits, loss=loss)
+
+    # The head steps a vocab-sharded model (m2train.parallel.tensor_parallel) overrides; context parallelism
+    # calls them with reduction "sum" to form the loss over all sequence chunks.
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: hidden (B, L, H) -> logits (B, L, V)."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Cross-entropy of logits (B, L, V) against labels (B, L) over positions whose label is not -100."""
+        return F.cross_entropy(upcast(logits.flatten(0, 1)), labels.flatten(), ignore_index=-100,
+                               reduction=reduction)
 
     @property
     def chunked_loss(self) -> bool:

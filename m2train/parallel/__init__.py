@@ -25,9 +25,6 @@ def check_parallel_config(cfg: Config, world_size: int) -> int:
 
     p = cfg.parallel
     dp = check_layout(world_size, p.tensor_parallel, p.context_parallel)
-    if p.tensor_parallel > 1 and p.context_parallel > 1:
-        raise ConfigError(f"parallel.tensor_parallel={p.tensor_parallel} with parallel.context_parallel="
-                          f"{p.context_parallel}: combining them is not supported yet; use one of them")
     if p.tensor_parallel > 1 and p.zero_stage == 3:
         raise ConfigError("parallel.zero_stage=3 with parallel.tensor_parallel>1 is not supported (ZeRO-3 "
                           "would partition the TP shards again); use zero_stage 0, 1 or 2")

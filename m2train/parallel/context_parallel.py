@@ -22,6 +22,12 @@ inverse exchange, so a plain loss.backward() is correct:
   v ⊙ x1, x2 and u go over in one all-to-all, the gated kernel and the residual kernel (which adds the
   gated result) run channel-sharded, and their sum comes back in one (`context_parallel_gated_convs`).
 
+With tensor parallelism (applied first, m2train.parallel.apply_parallelism) each TP rank's mixer holds H/T
+channels; CP runs on top of them through the mixer's own channel hooks, so the exchanges above move H/T
+channels within the CP group (rank r of it convolving H/(T·P)), the filters' output rows stay column-parallel
+(`_output_rows`), and the loss uses the model's vocab-parallel head steps (`lm_logits`, `token_loss`,
+`lm_loss`) summed over the chunk.
+
 Nothing is O(L²) and no rank ever holds a (.., H, L) activation: per rank the long-conv activations are
 (B, H/P, L), the same size as the (B, H, L/P) chunk.
 
@@ -232,15 +238,24 @@ def _channel_kernels(conv: LongConv, L: int, channels: slice) -> tuple[torch.Ten
         z = f.z[:L]
         for lin in mlp.linears:
             z = f.sin(lin(z))
-        return (F.linear(z, mlp.out.weight[channels]) * decay).transpose(0, 1)   # (C, L)
+        return (_output_rows(mlp.out, z, channels) * decay).transpose(0, 1)       # (C, L)
 
     return kernel(f.mlp), (kernel(f.mlp_rev) if f.mlp_rev is not None else None)
+
+
+def _output_rows(linear: nn.Module, z: torch.Tensor, rows: slice) -> torch.Tensor:
+    """linear(z)[..., rows] without the other rows' products.
+    Under tensor parallelism the layer is column-parallel and its `forward_rows` also copies z into the TP
+    region, so the replicated filter trunk gets the gradients of every TP rank's channels."""
+    if hasattr(linear, "forward_rows"):
+        return linear.forward_rows(z, rows)
+    return F.linear(z, linear.weight[rows], linear.bias[rows] if linear.bias is not None else None)
 
 
 def context_parallel_long_conv(conv: LongConv, x: torch.Tensor, group) -> torch.Tensor:
     """longconv(x, k) + D ⊙ x of the unsharded sequence for this rank's chunk x (B, H, L/P) -> (B, H, L/P),
     computed channel-sharded between two all-to-alls."""
-    c = _own_channels(x.shape[1], group)
+    c = _channel_slice(x.shape[1], group)
     xc = _AllToAll.apply(x, group, 1, 2)                              # (B, H/P, L)
     if conv.use_kernel(xc):
         # The fused Triton FFT conv (kernels.fftconv, model.kernels): after the all-to-all this rank holds
@@ -255,7 +270,7 @@ def context_parallel_long_conv(conv: LongConv, x: torch.Tensor, group) -> torch.
     return _AllToAll.apply(y, group, 2, 1)                           # (B, H, L/P)
 
 
-def _own_channels(H: int, group) -> slice:
+def _channel_slice(H: int, group) -> slice:
     """The channels [r·H/P, (r+1)·H/P) this rank convolves between the all-to-alls."""
     rank, size = _rank_size(group)
     return slice(rank * H // size, (rank + 1) * H // size)
@@ -291,7 +306,7 @@ def context_parallel_gated_convs(mixer: M2SequenceMixer, v: torch.Tensor, x2: to
     run on them; one all-to-all brings the sum back. That moves the same bytes as an exchange there and
     back around each conv (3 + 1 chunks instead of 2 + 2), with half the collectives, and the output gate
     and the sum never take a pass of their own."""
-    c = _own_channels(v.shape[1], group)
+    c = _channel_slice(v.shape[1], group)
     parts = _AllToAll.apply(torch.stack([v, x2, u_t]), group, 2, 3)      # (3, B, H/P, L)
     vc, x2c, uc = parts.unbind(0)                                      # each contiguous
     y = _kernel_conv(mixer.long_conv, vc, c, gate_out=x2c)
@@ -301,40 +316,42 @@ def context_parallel_gated_convs(mixer: M2SequenceMixer, v: torch.Tensor, x2: to
 
 # --- the model pieces, by class swap -----------------------------------------------------------------
 class _ContextParallelMixer:
-    """Mixin in front of the mixer's class: the reference mixer math (M2SequenceMixer._forward_reference)
-    with the short conv and both long convs replaced by their context-parallel versions. The fused
-    inference path is never taken: it convolves the local chunk as if it were the whole sequence."""
+    """Mixin in front of the mixer's class: M2SequenceMixer's `_forward_reference` with the short conv and both
+    long convs replaced by their context-parallel versions. The per-channel steps are the mixer's own hooks
+    (`_drop_channels`, `_own_channels`, `_project_out`), so in front of a tensor-parallel mixer (TP applied
+    first) this runs on its H/T channels with its channel-sharded dropout and row-parallel out_linear: the CP
+    exchanges then move H/T channels within the CP group. The CPU no-grad fast path and the kernel with the
+    short conv fused in front are never taken: both convolve the local chunk as if it were the whole
+    sequence."""
 
     _cp_group = None
 
-    def forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _can_fuse(self, u: torch.Tensor) -> bool:
+        return False
+
+    def _forward_reference(self, u: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         group = self._cp_group
-        if self.input_norm is not None:
-            u = self.input_norm(u)
-        keep = None
-        if self.pad_masking and pad_mask is not None:
-            keep = pad_mask.to(u.dtype)[:, None, :]                 # (B, 1, L/P)
         z = self.in_linear(u).transpose(1, 2)                       # (B, 3H, L/P)
         if keep is not None:
             z = z * keep
         z = halo_short_conv(z, self.short_conv.weight[:, 0, :], self.short_conv.bias, group)
         x1, x2, v = z.split(self.hidden_size, dim=1)
-        v = self.dropout(v * x1)
+        v = self._drop_channels(v * x1)
         if keep is not None:
             v = v * keep
-        if self.residual_conv is not None:
-            u_t = u.transpose(1, 2)
-            if keep is not None:
-                u_t = u_t * keep
-        if self.residual_conv is not None and _kernels_take_channel_shards(self, v, dist.get_world_size(group)):
+        if self.residual_conv is None:
+            # Sending x2 along would cost a third more bytes than gating here.
+            y = context_parallel_long_conv(self.long_conv, v, group) * x2
+            return self._project_out(self._drop_channels(y))
+        u_t = self._own_channels(u.transpose(1, 2))
+        if keep is not None:
+            u_t = u_t * keep
+        if _kernels_take_channel_shards(self, v, dist.get_world_size(group)):
             y = context_parallel_gated_convs(self, v, x2, u_t, group)
         else:
-            # Without a residual conv, sending x2 along would cost a third more bytes than gating here.
             y = context_parallel_long_conv(self.long_conv, v, group) * x2
-            if self.residual_conv is not None:
-                y = y + context_parallel_long_conv(self.residual_conv, u_t, group)
-        y = self.dropout(y.transpose(1, 2))
-        return self.out_linear(y)
+            y = y + context_parallel_long_conv(self.residual_conv, u_t, group)
+        return self._project_out(self._drop_channels(y))
 
 
 class _ContextParallelBertEmbeddings:
@@ -355,14 +372,14 @@ class _ContextParallelCausalLM:
     _cp_grad_scale = 1.0
 
     def forward(self, input_ids, labels=None, attention_mask=None) -> ModelOutput:
+        # The model's own head steps (vocab-parallel ones under tensor parallelism), summed over this chunk.
         if labels is not None and self.chunked_loss:          # model.loss_chunk_tokens: no logits kept
             out = ModelOutput(logits=None)
             local_sum = self.lm_loss(self.hidden_states(input_ids), labels, "sum")
         else:
             out = super().forward(input_ids, None, attention_mask)
             if labels is not None:
-                local_sum = F.cross_entropy(upcast(out.logits.flatten(0, 1)), labels.flatten(),
-                                            ignore_index=-100, reduction="sum")
+                local_sum = self.token_loss(out.logits, labels, "sum")
         if labels is not None:
             out.loss = global_token_mean(local_sum, (labels != -100).sum(), self._cp_group,
                                          self._cp_grad_scale)
@@ -417,8 +434,11 @@ def _check_supported(model: nn.Module, size: int) -> list[M2SequenceMixer]:
                 raise ValueError(f"context parallelism: model.sequence_mixer must be 'fft' "
                                  f"(got a {type(conv).__name__})")
         if m.hidden_size % size:
-            raise ValueError(f"context parallelism: model.hidden_size={m.hidden_size} is not a multiple of "
-                             f"parallel.context_parallel={size} (the long convs are split by channel)")
+            tp = getattr(m, "tp_size", 1)
+            held = (f"model.hidden_size={m.hidden_size}" if tp == 1 else
+                    f"model.hidden_size / parallel.tensor_parallel={tp} = {m.hidden_size} channels per TP rank")
+            raise ValueError(f"context parallelism: {held} is not a multiple of parallel.context_parallel={size} "
+                             "(the long convs are split by channel)")
     if isinstance(model, CausalLM) and model.pos_embed is not None:
         raise ValueError("context parallelism: model.position_embeddings=true is not supported for causal LMs "
                          "(M2-GPT's filters carry position; set it to false)")

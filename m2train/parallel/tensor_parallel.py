@@ -167,6 +167,13 @@ class ColumnParallelLinear(nn.Module):
         bias = self.bias if add_bias else None
         return linear_to_channels_first(x, self.weight, bias) if out_channels_first else F.linear(x, self.weight, bias)
 
+    def forward_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """forward(x)[..., rows], computing only those output rows (context parallelism evaluates a filter's
+        output layer for the channels its rank convolves)."""
+        if self.copy_input:
+            x = _copy_to_tp(x, self.group)
+        return F.linear(x, self.weight[rows], self.bias[rows] if self.bias is not None else None)
+
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + V/T) of the embedding; other ids give zeros here and the sum over TP ranks is the
@@ -287,11 +294,13 @@ class TensorParallelGLU(MonarchGLU):
 # --------------------------------------------------------------------------------------------------
 # Loss over a vocab-sharded head
 # --------------------------------------------------------------------------------------------------
-def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label != ignore_index, from vocab-sharded logits (= the
-    single-process F.cross_entropy(..., ignore_index) mean). Megatron's vocab-parallel CE overwrites its
-    input in place: it gets a copy, so returned logits stay intact."""
-    return _vocab_parallel_ce_sum(upcast(logits).clone(), labels, ignore_index) / (labels != ignore_index).sum()
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                        reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over positions whose label != ignore_index, from vocab-sharded logits (n, V/T): their
+    mean (= the single-process F.cross_entropy(..., ignore_index)) or sum. Megatron's vocab-parallel CE
+    overwrites its input in place: it gets a copy, so returned logits stay intact."""
+    total = _vocab_parallel_ce_sum(upcast(logits).clone(), labels, ignore_index)
+    return total / (labels != ignore_index).sum() if reduction == "mean" else total
 
 
 def _vocab_parallel_ce_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -309,10 +318,12 @@ def _vocab_parallel_loss_sum(hidden, weight, labels, group, ignore_index: int = 
     return _vocab_parallel_ce_sum(upcast(F.linear(_copy_to_tp(hidden, group), weight)), labels, ignore_index)
 
 
-def chunked_vocab_parallel_loss(hidden, weight, labels, chunk_tokens: int, group) -> torch.Tensor:
-    """model.loss_chunk_tokens under TP: the mean vocab-parallel cross-entropy over labelled tokens,
-    `chunk_tokens` at a time, each chunk's head + loss recomputed in backward (activation checkpointing,
-    collectives included), so no (tokens x V/T) logits shard is kept. hidden (N, H), labels (N,)."""
+def chunked_vocab_parallel_loss(hidden, weight, labels, chunk_tokens: int, group,
+                                reduction: str = "mean") -> torch.Tensor:
+    """model.loss_chunk_tokens under TP: the vocab-parallel cross-entropy over labelled tokens (their mean,
+    or sum), `chunk_tokens` at a time, each chunk's head + loss recomputed in backward (activation
+    checkpointing, collectives included), so no (tokens x V/T) logits shard is kept. hidden (N, H),
+    labels (N,)."""
     from torch.utils.checkpoint import checkpoint
 
     total = None
@@ -320,36 +331,42 @@ def chunked_vocab_parallel_loss(hidden, weight, labels, chunk_tokens: int, group
         part = checkpoint(_vocab_parallel_loss_sum, hidden[s:s + chunk_tokens], weight,
                           labels[s:s + chunk_tokens], group, use_reentrant=False)
         total = part if total is None else total + part
-    return total / (labels != -100).sum()
+    return total / (labels != -100).sum() if reduction == "mean" else total
 
 
-def _causal_lm_forward(self, input_ids, labels=None, attention_mask=None) -> ModelOutput:
-    """CausalLM.forward with a vocab-sharded tied (or untied) head; logits are this rank's vocab shard
-    (none with model.loss_chunk_tokens in training: chunked_vocab_parallel_loss)."""
-    hidden = self.hidden_states(input_ids)
-    if labels is not None and self.chunked_loss:
-        loss = chunked_vocab_parallel_loss(hidden.flatten(0, 1), self.lm_head_weight, labels.flatten(),
-                                           self.config.loss_chunk_tokens, self._tp_group)
-        return ModelOutput(logits=None, loss=loss)
-    logits = F.linear(_copy_to_tp(hidden, self._tp_group), self.lm_head_weight)
-    loss = vocab_parallel_loss(logits.flatten(0, 1), labels.flatten()) if labels is not None else None
-    return ModelOutput(logits=logits, loss=loss)
+class _TensorParallelCausalLMHead:
+    """CausalLM's head steps with the vocab-sharded tied (or untied) head: logits are this rank's vocab shard
+    (`gather_logits` for the full ones), losses come from megatron's vocab-parallel cross-entropy (with
+    model.loss_chunk_tokens in training: chunked_vocab_parallel_loss, no logits kept). CausalLM.forward
+    itself is unchanged, and so is context parallelism's on top of it."""
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(_copy_to_tp(hidden, self._tp_group), self.lm_head_weight)
+
+    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        return vocab_parallel_loss(logits.flatten(0, 1), labels.flatten(), reduction=reduction)
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        return chunked_vocab_parallel_loss(hidden.flatten(0, 1), self.lm_head_weight, labels.flatten(),
+                                           self.config.loss_chunk_tokens, self._tp_group, reduction)
 
 
-def _mlm_forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None) -> ModelOutput:
+class _TensorParallelMaskedLM:
     """EncoderForMaskedLM.forward with the vocab-sharded tied decoder (reference label semantics: labels > 0
     are scored; with mlm_logits_at_masked_only the head runs only there, logits zero elsewhere)."""
-    hidden = self.bert(input_ids, token_type_ids, attention_mask)
-    head = self.mlm
 
-    def decode(h):
-        h = head.norm(F.gelu(head.dense(h)))
-        return F.linear(_copy_to_tp(h, self._tp_group), self.bert.embeddings.word_embeddings.weight,
-                        head.decoder_bias)
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None) -> ModelOutput:
+        hidden = self.bert(input_ids, token_type_ids, attention_mask)
+        head = self.mlm
 
-    logits, loss = mlm_forward(decode, hidden, labels, self.config.mlm_logits_at_masked_only,
-                               loss_fn=vocab_parallel_loss)
-    return ModelOutput(logits=logits, loss=loss)
+        def decode(h):
+            h = head.norm(F.gelu(head.dense(h)))
+            return F.linear(_copy_to_tp(h, self._tp_group), self.bert.embeddings.word_embeddings.weight,
+                            head.decoder_bias)
+
+        logits, loss = mlm_forward(decode, hidden, labels, self.config.mlm_logits_at_masked_only,
+                                   loss_fn=vocab_parallel_loss)
+        return ModelOutput(logits=logits, loss=loss)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,6 +387,10 @@ def apply_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
                          "(m2train.parallel.groups.tp_group())")
     if getattr(model, "_tp_rules", None) is not None:
         raise ValueError("apply_tensor_parallel: this model is already tensor-parallel")
+    from .context_parallel import is_context_parallel
+    if is_context_parallel(model):
+        # TP replaces the mixers and would drop the CP classes: m2train.parallel applies TP first.
+        raise ValueError("apply_tensor_parallel: apply tensor parallelism before context parallelism")
     rules = shard_rules(model, size)
     if size == 1:
         return model
@@ -451,7 +472,7 @@ def _shard_vocab(model: nn.Module, piece, rank: int, size: int, group) -> None:
         if model.lm_head is not None:
             model.lm_head.weight = nn.Parameter(piece("lm_head.weight"))
             _mark_parallel(model.lm_head.weight, 0)
-        _swap_forward(model, _causal_lm_forward)
+        _swap_class(model, _TensorParallelCausalLMHead)
         return
     emb = model.bert.embeddings
     emb.word_embeddings = VocabParallelEmbedding(piece("bert.embeddings.word_embeddings.weight"), start,
@@ -460,14 +481,14 @@ def _shard_vocab(model: nn.Module, piece, rank: int, size: int, group) -> None:
         model.mlm.decoder_bias = nn.Parameter(piece("mlm.decoder_bias"))
         _mark_parallel(model.mlm.decoder_bias, 0)
         model.mlm._embeddings[0] = emb.word_embeddings        # keep the decoder tied to the new shard
-        _swap_forward(model, _mlm_forward)
+        _swap_class(model, _TensorParallelMaskedLM)
 
 
-def _swap_forward(model: nn.Module, forward) -> None:
-    """Give this instance a subclass whose forward is the TP one (the way torch's fully_shard swaps
-    classes): the class still is-a the original model class and keeps every other method."""
+def _swap_class(model: nn.Module, mixin: type) -> None:
+    """Give this instance a subclass with `mixin` in front (the way torch's fully_shard swaps classes): the
+    class still is-a the original model class and keeps every other method."""
     cls = type(model)
-    model.__class__ = type(f"TensorParallel{cls.__name__}", (cls,), {"forward": forward})
+    model.__class__ = type(f"TensorParallel{cls.__name__}", (mixin, cls), {})
 
 
 def gather_logits(logits: torch.Tensor, group) -> torch.Tensor:

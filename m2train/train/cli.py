@@ -19,8 +19,10 @@ model parallelism (M2-GPT / M2-BERT; data parallel = world / (tensor x context))
                                vocabulary are split; needs T | hidden_size, vocab_size and T even for
                                block-diagonal GLUs; ZeRO 0-2. Checkpoints hold one module file per TP rank
                                and resume only with the same T (export / eval merge them).
-  parallel.context_parallel=C  sequences split over C ranks around the long convolutions (long contexts).
-  Not both at once yet. e.g. torchrun --nproc-per-node 2 -m m2train train CONFIG parallel.tensor_parallel=2
+  parallel.context_parallel=C  sequences split over C ranks around the long convolutions (long contexts);
+                               needs C | hidden_size / T and C | the sequence length.
+  Both at once: T x C ranks per replica (TP innermost), e.g. 4 processes, T = C = 2:
+    torchrun --nproc-per-node 4 -m m2train train CONFIG parallel.tensor_parallel=2 parallel.context_parallel=2
 
 resuming:
   Rerun the same command: it resumes from the newest complete checkpoint under train.checkpoint_dir

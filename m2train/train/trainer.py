@@ -186,7 +186,7 @@ class Trainer:
         from ..data import build_dataloader
         from ..models import build_model
         from ..optim import build_optimizer
-        from ..parallel import apply_parallelism
+        from ..parallel import apply_parallelism, groups
 
         cfg = self.cfg
         if self.is_main:
@@ -203,10 +203,12 @@ class Trainer:
         self.guard = SkippableStep(optimizer)
         self.engine, _ = build_engine(model, optimizer, cfg, self.dp)
         self.model = self.engine.module
-        # Dropout / masking randomness differs per data-parallel replica from here on (restored exactly on
-        # resume). TP ranks of a replica share the stream: their replicated activations (embeddings, block
-        # outputs) must see the same dropout masks, or the replicas of those tensors would diverge.
-        seed_everything(cfg.train.seed + 1 + self.dp_rank)
+        # Dropout / masking randomness differs per data-parallel replica and per CP rank (each holds other
+        # positions) from here on (restored exactly on resume). TP ranks of a replica share the stream:
+        # their replicated activations (embeddings, block outputs) must see the same dropout masks, or the
+        # replicas of those tensors would diverge.
+        cp = cfg.parallel.context_parallel
+        seed_everything(cfg.train.seed + 1 + self.dp_rank * cp + (groups.cp_rank() if cp > 1 else 0))
 
         cache = cfg.data.local_cache or str(self.run_dir / "data_cache")
         loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,

@@ -1,0 +1,159 @@
+"""Tensor and context parallelism together (TP = 2 x CP = 2) on 4 real gloo processes, fp32: the model with
+TP applied, then CP (m2train.parallel's order), equals the single-process one - loss, logits gathered over
+the vocabulary shards and the sequence chunks, and every parameter's gradient (summed over CP ranks, then
+the TP shards merged) - for M2-GPT and M2-BERT, on the torch path and with the fused kernels."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+from kernel_helpers import ran_kernel
+from test_checkpoint_helpers import run_distributed
+
+REL_TOL = 1e-5
+TP, CP = 2, 2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _batch(cfg, B: int, L: int, arch: str) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, cfg.vocab_size, (B, L), generator=gen)
+    if arch == "m2_gpt":
+        labels = torch.randint(0, cfg.vocab_size, (B, L), generator=gen)
+        labels[:, :3] = -100                               # unlabelled positions, only in CP rank 0's chunk
+        return {"input_ids": ids, "labels": labels}
+    labels = torch.where(torch.rand(B, L, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, L - 5:] = 0                                    # padding at the end of sample 1 (CP rank 1's chunk)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "token_type_ids": (torch.arange(L) >= L // 2).long().expand(B, L).contiguous()}
+
+
+def _equivalence(arch: str, overrides: dict, L: int = 24) -> dict:
+    """Reference (whole model, whole sequence, this process) vs TP x CP over the 4 ranks."""
+    import torch.distributed as dist
+
+    from conftest import tiny_model_cfg
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.context_parallel import apply_context_parallel, gather_sequence, shard_batch
+    from m2train.parallel.tensor_parallel import apply_tensor_parallel, gather_logits, gather_tensors, shard_rules
+
+    torch.manual_seed(0)                                   # same full weights and batch on every rank
+    cfg = tiny_model_cfg(arch, vocab_size=128, max_seq_len=L, **overrides)
+    ref = build_model(cfg).train()
+    batch = _batch(cfg, 2, L, arch)
+    ref_out = ref(**batch)
+    ref_out.loss.backward()
+
+    model = apply_tensor_parallel(copy.deepcopy(ref), groups.tp_group())
+    model = apply_context_parallel(model, groups.cp_group(), grad_reduction="sum")
+    model.zero_grad(set_to_none=True)
+    with _recording_fused_convs() as convs:
+        out = model(**shard_batch(batch, groups.cp_group()))
+    glu_ops = [name for name in ("GLUMLPFunction", "GLUBlockdiagFunction") if ran_kernel(out.loss, name)]
+    out.loss.backward()
+    errs = {"loss": rel_err(out.loss.detach(), ref_out.loss)}
+    if not overrides.get("loss_chunk_tokens"):
+        logits = gather_sequence(gather_logits(out.logits.detach(), groups.tp_group()), groups.cp_group())
+        errs["logits"] = rel_err(logits, ref_out.logits.detach())
+    # Parameters are replicated over CP ranks, each holding its positions' (or channels') share of the
+    # gradient: sum over CP, then merge the TP shards.
+    local = {}
+    for name, p in model.named_parameters():
+        g = (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
+        dist.all_reduce(g, group=groups.cp_group())
+        local[name] = g
+    full = gather_tensors(local, shard_rules(model, TP), groups.tp_group())
+    ref_params = dict(ref.named_parameters())
+    return {"errs": errs, "grads": {n: rel_err(g, ref_params[n].grad) for n, g in full.items()},
+            "n_params": len(ref_params), "convs": convs, "glu_ops": glu_ops,
+            "zero_grads": [n for n, p in ref.named_parameters() if p.grad is None or not p.grad.any()]}
+
+
+@contextlib.contextmanager
+def _recording_fused_convs():
+    """The (input shape, fused operands) of every m2train.kernels.fftconv.gated_fft_conv call inside."""
+    from m2train.kernels import fftconv
+
+    calls, real = [], fftconv.gated_fft_conv
+
+    def counted(v, spec_re, spec_im, skip, gate_in=None, gate_out=None, addend=None, **kwargs):
+        fused = [k for k, t in (("gate_in", gate_in), ("gate_out", gate_out), ("addend", addend)) if t is not None]
+        calls.append((tuple(v.shape), ",".join(fused)))
+        return real(v, spec_re, spec_im, skip, gate_in, gate_out, addend, **kwargs)
+
+    with mock.patch.object(fftconv, "gated_fft_conv", counted):
+        yield calls
+
+
+def _assert_equivalent(r: dict) -> None:
+    assert all(e < REL_TOL for e in r["errs"].values()), r["errs"]
+    bad = {n: e for n, e in r["grads"].items() if not e < REL_TOL}
+    assert not bad, f"gradients off (relative error): {bad}"
+    assert len(r["grads"]) == r["n_params"]
+    assert len(r["zero_grads"]) < r["n_params"] // 4, r["zero_grads"]   # the comparison means something
+
+
+def _torch_path_cases(rank, world):
+    from m2train.parallel import groups
+
+    groups.init_model_parallel(tp=TP, cp=CP)
+    assert (groups.tp_rank(), groups.cp_rank()) == (rank % TP, rank // TP)
+    results = {
+        "m2_gpt": _equivalence("m2_gpt", {}),
+        "m2_gpt_chunked_loss": _equivalence("m2_gpt", {"loss_chunk_tokens": 7}),
+        "m2_bert": _equivalence("m2_bert", {}),
+        "m2_bert_no_residual_conv": _equivalence("m2_bert", {"residual_long_conv": False}),
+    }
+    groups.destroy_model_parallel()
+    return results
+
+
+def _assert_all_equivalent(results: list) -> None:
+    for r in results:
+        for case, figures in r.items():
+            try:
+                _assert_equivalent(figures)
+            except AssertionError as e:
+                raise AssertionError(f"{case}: {e}") from None
+
+
+@pytest.mark.slow  # four spawned processes importing megatron-core + DeepSpeed on 2 cores: ~1 min
+def test_tp2_cp2_forward_backward_equal_single_process():
+    results = run_distributed(_torch_path_cases, TP * CP)
+    _assert_all_equivalent(results)
+    assert all(not figures["convs"] and not figures["glu_ops"] for r in results for figures in r.values())
+
+
+def _kernel_cases(rank, world):
+    from m2train.parallel import groups
+
+    groups.init_model_parallel(tp=TP, cp=CP)
+    # Half the usual width: the interpreter runs one program per (sequence, channel).
+    small = {"kernels": "triton", "hidden_size": 16, "intermediate_size": 32}
+    results = {"m2_gpt": _equivalence("m2_gpt", small),
+               "m2_bert": _equivalence("m2_bert", {**small, "pad_masking": True})}
+    groups.destroy_model_parallel()
+    return results
+
+
+@pytest.mark.slow  # four spawned processes, the FFT-conv and GLU kernels interpreted: ~1-2 min on 2 cores
+def test_tp2_cp2_with_fused_kernels_equal_single_process():
+    results = run_distributed(_kernel_cases, TP * CP)
+    _assert_all_equivalent(results)
+    # Each layer's two long convs ran the fused kernel on whole sequences (L = 24) of this rank's
+    # H / (TP x CP) = 4 channels between the CP exchanges: the gated one, then the residual one adding it.
+    per_layer = [((2, 4, 24), "gate_out"), ((2, 4, 24), "addend")]
+    for r in results:
+        for case, figures in r.items():
+            assert figures["convs"] == per_layer * 2, (case, figures["convs"])
+            assert figures["glu_ops"] == ["GLUMLPFunction"], (case, figures["glu_ops"])   # TP's GLU slices
