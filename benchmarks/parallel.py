@@ -2,12 +2,12 @@
 
     traffic   bytes communicated per training step (forward + backward), by kind (all-reduce, all-to-all,
               all-gather, send/recv halo), per rank and in total, for M2-GPT-360M at TP = 1, 2, 4, 8
-              (CP = 1) and CP = 1, 2, 4 (TP = 1), computed from the model config; the data-parallel /
-              ZeRO gradient traffic separately.
-    check     the same formulas against MEASURED traffic: 2 gloo processes run one training step of the
-              tiny M2-GPT (configs/m2_gpt_tiny.yaml) at TP=2 and at CP=2 with every torch.distributed
-              collective wrapped to count calls and bytes. Any difference from the formula, per rank and
-              per kind, in calls or bytes, fails (exit 1).
+              (CP = 1), CP = 1, 2, 4 (TP = 1) and both together, computed from the model config; the
+              data-parallel / ZeRO gradient traffic separately.
+    check     the same formulas against MEASURED traffic: gloo processes run one training step of the
+              tiny M2-GPT (configs/m2_gpt_tiny.yaml) at TP=2, at CP=2 (2 processes) and at TP=2 x CP=2 (4)
+              with every torch.distributed collective wrapped to count calls and bytes. Any difference from
+              the formula, per rank and per kind, in calls or bytes, fails (exit 1).
     memory    per-rank memory of M2-GPT-360M at L = 2048 ... 131,072 and CP = 1 ... 8: parameters,
               gradients, optimizer state (ZeRO over the dp x cp ranks), activations per layer from the
               model's shapes, with and without activation checkpointing; then a measured check on the tiny
@@ -82,14 +82,35 @@ def _check_m2_gpt(cfg) -> None:
         raise SystemExit("benchmarks/parallel.py: model.sequence_mixer must be 'fft' (TP/CP support only that)")
 
 
-def tp_traffic(cfg, B: int, L: int, T: int, e: int) -> list[Traffic]:
-    """One training step of M2-GPT under TP=T (m2train.parallel.tensor_parallel), per TP rank.
-    e: bytes per activation element; the vocab-parallel cross-entropy works in fp32."""
+def model_parallel_traffic(cfg, B: int, L: int, T: int, P: int, e: int) -> list[Traffic]:
+    """One training step of M2-GPT under TP=T and CP=P (m2train.parallel: TP applied first, so the CP exchanges
+    move each TP rank's H/T channels), per rank in global rank order (TP innermost: rank = cp_rank·T +
+    tp_rank). e: bytes per activation element; the loss statistics are fp32."""
     _check_m2_gpt(cfg)
-    t = Traffic()
-    if T == 1:
-        return [t]
-    N, H, O = B * L, cfg.hidden_size, cfg.filter_order
+    ranks = []
+    for cp_rank in range(P):
+        t = Traffic()
+        if T > 1:
+            _tp_collectives(t, cfg, B * L // P, L, T, e)
+        if P > 1:
+            _cp_collectives(t, cfg, B, L, P, cfg.hidden_size // T, cp_rank, e)
+        ranks += [t] * T                                     # TP peers make the same calls
+    return ranks
+
+
+def tp_traffic(cfg, B: int, L: int, T: int, e: int) -> list[Traffic]:
+    """TP=T alone (m2train.parallel.tensor_parallel), per TP rank."""
+    return model_parallel_traffic(cfg, B, L, T, 1, e)
+
+
+def cp_traffic(cfg, B: int, L: int, P: int, e: int) -> list[Traffic]:
+    """CP=P alone (m2train.parallel.context_parallel), per CP rank."""
+    return model_parallel_traffic(cfg, B, L, 1, P, e)
+
+
+def _tp_collectives(t: Traffic, cfg, N: int, L: int, T: int, e: int) -> None:
+    """A TP rank's all-reduces for N tokens (the CP chunk's under CP); the filters run at the full L."""
+    H, O = cfg.hidden_size, cfg.filter_order
     convs = 1 + int(cfg.residual_long_conv)
     mlps = 2 if cfg.bidirectional else 1
     act = N * H * e
@@ -104,35 +125,25 @@ def tp_traffic(cfg, B: int, L: int, T: int, e: int) -> list[Traffic]:
     for _ in range(3):                                       # CE max, target logit, sum exp (fp32)
         _ring_all_reduce(t, "fwd", N * 4, T)
     _ring_all_reduce(t, "bwd", act, T)                       # LM-head input copied to the TP region
-    return [t] * T
 
 
-def cp_traffic(cfg, B: int, L: int, P: int, e: int) -> list[Traffic]:
-    """One training step of M2-GPT under CP=P (m2train.parallel.context_parallel), per CP rank."""
-    _check_m2_gpt(cfg)
-    if P == 1:
-        return [Traffic()]
-    H, K = cfg.hidden_size, cfg.short_conv_kernel
-    Lc = L // P
+def _cp_collectives(t: Traffic, cfg, B: int, L: int, P: int, H: int, r: int, e: int) -> None:
+    """CP rank r's exchanges of H channels (H/T under TP)."""
+    K = cfg.short_conv_kernel
     convs = 1 + int(cfg.residual_long_conv)
-    chunk = B * H * Lc * e                                   # one (B, H, L/P) operand of an all-to-all
+    chunk = B * H * (L // P) * e                             # one (B, H, L/P) operand of an all-to-all
     halo = B * 3 * H * (K - 1) * e                           # the last K-1 positions of the 3H channels
-    out = []
-    for r in range(P):
-        t = Traffic()
-        for _ in range(cfg.num_layers):
-            # seq -> channel and back, around each long conv, forward and again (inverse) backward
-            for phase in PHASES:
-                for _ in range(2 * convs):
-                    t.add(phase, "all_to_all", chunk, (P - 1) / P * chunk)
-            if K > 1:
-                if r < P - 1:
-                    t.add("fwd", "send_recv", halo, halo)    # my tail to the next rank
-                if r > 0:
-                    t.add("bwd", "send_recv", halo, halo)    # the halo's gradient to the previous rank
-        _ring_all_reduce(t, "fwd", 2 * 4, P)                 # the global token mean: (sum, count) in fp32
-        out.append(t)
-    return out
+    for _ in range(cfg.num_layers):
+        # seq -> channel and back, around each long conv, forward and again (inverse) backward
+        for phase in PHASES:
+            for _ in range(2 * convs):
+                t.add(phase, "all_to_all", chunk, (P - 1) / P * chunk)
+        if K > 1:
+            if r < P - 1:
+                t.add("fwd", "send_recv", halo, halo)        # my tail to the next rank
+            if r > 0:
+                t.add("bwd", "send_recv", halo, halo)        # the halo's gradient to the previous rank
+    _ring_all_reduce(t, "fwd", 2 * 4, P)                     # the global token mean: (sum, count) in fp32
 
 
 def zero_traffic(n_params: int, D: int, stage: int, e_grad: int = 2, e_param: int = 2) -> float:
@@ -159,25 +170,28 @@ def _mb(x: float) -> str:
     return f"{x / 2**20:.2f}"
 
 
+# (TP, CP) rows of the traffic tables: TP alone, CP alone, both (TP innermost).
+TRAFFIC_LAYOUTS = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (2, 2), (4, 2), (8, 2), (2, 4)]
+
+
 def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int, dp: int) -> str:
     n = count_params(cfg)
     lines = [f"### Traffic per training step: {cfg_name(cfg)}, micro-batch {B} x L={L}, activations "
              f"{e} bytes/element (forward + backward)",
              "",
-             "Wire MiB per rank (payload handed to the collectives in parentheses, MiB); 'total' = all ranks "
-             "of the TP or CP group. Halo send/recv: the busiest (middle) rank.",
+             "Wire MiB per rank (payload handed to the collectives in parentheses, MiB); 'total' = all TP x CP "
+             "ranks of one replica. Halo send/recv: the busiest (middle) rank.",
              "",
              "| layout | all-reduce | all-to-all | all-gather | send/recv halo | fwd / bwd | per rank | total | "
              f"ZeRO-{zero_stage} grads + params, dp={dp} (per rank) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    layouts = [(T, 1) for T in (1, 2, 4, 8)] + [(1, P) for P in (2, 4)]
-    for T, P in layouts:
-        ranks = tp_traffic(cfg, B, L, T, e) if P == 1 else cp_traffic(cfg, B, L, P, e)
+    for T, P in TRAFFIC_LAYOUTS:
+        ranks = model_parallel_traffic(cfg, B, L, T, P, e)
         busiest = max(ranks, key=lambda t: t.wire())
         cells = [f"{_mb(busiest.wire(k))} ({_mb(busiest.payload(k))})" for k in KINDS]
         cells.append(f"{_mb(busiest.wire(phase='fwd'))} / {_mb(busiest.wire(phase='bwd'))}")
         per_rank = busiest.wire()
-        total = sum(t.wire() for t in ranks) if P > 1 else per_rank * T
+        total = sum(t.wire() for t in ranks)
         # ZeRO over dp x cp ranks; each TP rank holds ~1/T of the parameters.
         zero = zero_traffic(n // T, dp * P, zero_stage)
         lines.append(f"| TP={T} CP={P} | " + " | ".join(cells) + f" | {_mb(per_rank)} | {_mb(total)} | "
@@ -261,8 +275,8 @@ def _step_batch(cfg, B: int, L: int) -> dict:
 
 
 def _measure_layout(config, tp: int, cp: int, B: int, L: int) -> dict:
-    """On this rank: build the model, apply TP or CP, count one forward + backward, then measure the bytes
-    autograd saves in one more forward."""
+    """On this rank: build the model, apply TP and / or CP, count one forward + backward, then measure the
+    bytes autograd saves in one more forward."""
     import torch.distributed as dist
     from m2train.models import build_model
     from m2train.parallel import groups
@@ -357,19 +371,20 @@ def compare_traffic(measured: list[dict], formula: list[Traffic], layout: str) -
 
 
 def check_report(config: str, B: int, L: int) -> tuple[str, bool]:
-    """Measured vs formula for TP=2 and CP=2 on `config` (fp32): exact per rank, kind, calls and bytes."""
+    """Measured vs formula for TP=2 and CP=2 (2 gloo processes) and TP=2 x CP=2 (4) on `config` (fp32): exact
+    per rank, kind, calls and bytes."""
     cfg = load_model_config(config)
-    lines = [f"### Measured vs formula: {config} ({cfg_name(cfg)}), micro-batch {B} x L={L}, fp32, 2 gloo "
-             "processes", "",
+    lines = [f"### Measured vs formula: {config} ({cfg_name(cfg)}), micro-batch {B} x L={L}, fp32, gloo "
+             "processes (2, and 4 for TP=2 x CP=2)", "",
              "| layout | rank | kind | calls measured / formula | payload bytes measured / formula | match |",
              "|---|---|---|---|---|---|"]
     ok = True
-    layouts = [(2, 1), (1, 2)]
-    for (tp, cp), measured in zip(layouts, measure_layouts(config, layouts, B, L)):
-        formula = tp_traffic(cfg, B, L, tp, 4) if cp == 1 else cp_traffic(cfg, B, L, cp, 4)
-        rows, good = compare_traffic(measured, formula, f"TP={tp} CP={cp}")
-        lines += rows
-        ok &= good
+    runs = [([(2, 1), (1, 2)], 2), ([(2, 2)], 4)]
+    for layouts, world in runs:
+        for (tp, cp), measured in zip(layouts, measure_layouts(config, layouts, B, L, world)):
+            rows, good = compare_traffic(measured, model_parallel_traffic(cfg, B, L, tp, cp, 4), f"TP={tp} CP={cp}")
+            lines += rows
+            ok &= good
     return "\n".join(lines), ok
 
 

@@ -1,6 +1,6 @@
-"""benchmarks/parallel.py: its traffic formulas equal the collectives a real 2-rank gloo step makes (TP=2
-and CP=2, tiny M2-GPT, counted by wrapping torch.distributed), a wrong formula is caught, and the CP
-activation-memory formula equals the bytes autograd saves."""
+"""benchmarks/parallel.py: its traffic formulas equal the collectives a real gloo step makes (TP=2 and CP=2
+on 2 ranks, TP=2 x CP=2 on 4; tiny M2-GPT, counted by wrapping torch.distributed), a wrong formula is caught,
+and the CP activation-memory formula equals the bytes autograd saves."""
 
 from __future__ import annotations
 
@@ -41,6 +41,26 @@ def test_traffic_formula_equals_measured_and_catches_errors():
             assert abs(saved - f) <= B * L * 8 + 16, (saved, f)
 
 
+@pytest.mark.slow  # four gloo processes: ~1 min on 2 busy cores
+def test_tp_and_cp_together_traffic_formula_equals_measured():
+    cfg = bench.load_model_config(TINY)
+    B, L = 1, 32
+    measured = bench.measure_layouts(TINY, [(2, 2)], B, L, world=4)[0]
+    rows, ok = bench.compare_traffic(measured, bench.model_parallel_traffic(cfg, B, L, 2, 2, 4), "TP=2 CP=2")
+    assert ok, "\n".join(rows)
+    kinds = {k for m in measured for k, v in m["kinds"].items() if v[0]}
+    assert kinds == {("fwd", "all_reduce"), ("bwd", "all_reduce"), ("fwd", "all_to_all"), ("bwd", "all_to_all"),
+                     ("fwd", "send_recv"), ("bwd", "send_recv")}
+    # Teeth: CP exchanging all H channels (not the TP rank's H/2) is a mismatch.
+    wrong = []
+    for r in range(2):
+        t = bench.Traffic()
+        bench._tp_collectives(t, cfg, B * L // 2, L, 2, 4)
+        bench._cp_collectives(t, cfg, B, L, 2, cfg.hidden_size, r, 4)
+        wrong += [t, t]
+    assert not bench.compare_traffic(measured, wrong, "wrong")[1]
+
+
 def test_formulas_scale_as_designed():
     cfg = bench.load_model_config(str(Path(TINY).parents[0] / "m2_gpt_360m.yaml"))
     # CP: per-rank all-to-all payload halves from CP=2 to CP=4; the halo does not grow with L.
@@ -52,6 +72,13 @@ def test_formulas_scale_as_designed():
     # TP: the payload per rank does not depend on T, the ring wire bytes grow as 2(T-1)/T.
     t2, t8 = (bench.tp_traffic(cfg, 1, 2048, T, 2)[0] for T in (2, 8))
     assert t2.payload() == t8.payload() and t8.wire() == pytest.approx(t2.wire() * (2 * 7 / 8) / (2 * 1 / 2))
+    # TP and CP together: CP exchanges a TP rank's H/T channels, TP all-reduces a CP rank's L/P tokens.
+    both = bench.model_parallel_traffic(cfg, 1, 8192, 2, 2, 2)
+    assert len(both) == 4 and both[0] is both[1] and both[2] is both[3]
+    assert both[1].payload("all_to_all") == a2.payload("all_to_all") / 2
+    tp_alone = bench.tp_traffic(cfg, 1, 8192, 2, 2)[0]
+    filters = cfg.num_layers * 2 * 8192 * cfg.filter_order * 2        # (L, O) features: full L on every rank
+    assert both[0].payload("all_reduce") - 8 == (tp_alone.payload("all_reduce") - filters) / 2 + filters
     # Memory: activations per rank shrink with CP, checkpointing keeps far less than all layers.
     n = bench.count_params(cfg)
     m = [bench.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, P, 1, False) for P in (1, 8)]
