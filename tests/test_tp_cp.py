@@ -1,7 +1,8 @@
 """Tensor and context parallelism together (TP = 2 x CP = 2) on 4 real gloo processes, fp32: the model with
 TP applied, then CP (m2train.parallel's order), equals the single-process one - loss, logits gathered over
 the vocabulary shards and the sequence chunks, and every parameter's gradient (summed over CP ranks, then
-the TP shards merged) - for M2-GPT and M2-BERT, on the torch path and with the fused kernels."""
+the TP shards merged) - for M2-GPT and M2-BERT, on the torch path (also under activation checkpointing) and
+with the fused kernels; with dropout on, TP peers keep their replicated tensors identical."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def _batch(cfg, B: int, L: int, arch: str) -> dict:
             "token_type_ids": (torch.arange(L) >= L // 2).long().expand(B, L).contiguous()}
 
 
-def _equivalence(arch: str, overrides: dict, L: int = 24) -> dict:
-    """Reference (whole model, whole sequence, this process) vs TP x CP over the 4 ranks."""
+def _equivalence(arch: str, overrides: dict, L: int = 24, checkpointing: str = "none") -> dict:
+    """Reference (whole model, whole sequence, this process) vs TP x CP over the 4 ranks; checkpointing:
+    activation checkpointing applied last (m2train.parallel's order), its recompute repeating the
+    exchanges and TP collectives in backward."""
     import torch.distributed as dist
 
     from conftest import tiny_model_cfg
@@ -56,6 +59,9 @@ def _equivalence(arch: str, overrides: dict, L: int = 24) -> dict:
 
     model = apply_tensor_parallel(copy.deepcopy(ref), groups.tp_group())
     model = apply_context_parallel(model, groups.cp_group(), grad_reduction="sum")
+    if checkpointing != "none":
+        from m2train.parallel.activation_checkpointing import apply_activation_checkpointing
+        apply_activation_checkpointing(model, checkpointing)
     model.zero_grad(set_to_none=True)
     with _recording_fused_convs() as convs:
         out = model(**shard_batch(batch, groups.cp_group()))
@@ -113,9 +119,33 @@ def _torch_path_cases(rank, world):
         "m2_gpt_chunked_loss": _equivalence("m2_gpt", {"loss_chunk_tokens": 7}),
         "m2_bert": _equivalence("m2_bert", {}),
         "m2_bert_no_residual_conv": _equivalence("m2_bert", {"residual_long_conv": False}),
+        "m2_gpt_every_block_checkpointed": _equivalence("m2_gpt", {}, checkpointing="every_block"),
     }
+    dropout = _dropout_replicas(rank)
     groups.destroy_model_parallel()
-    return results
+    return results, dropout
+
+
+def _dropout_replicas(rank: int) -> dict:
+    """With dropout on and the trainer's seeding (m2train.train.trainer.replica_seed: one stream per CP rank,
+    shared by its TP peers), the loss and the replicated parameters' gradients of TP peers are identical."""
+    from conftest import tiny_model_cfg
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.context_parallel import apply_context_parallel, shard_batch
+    from m2train.parallel.tensor_parallel import apply_tensor_parallel, shard_rules
+    from m2train.train.trainer import replica_seed
+
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg("m2_bert", vocab_size=128, max_seq_len=24, hidden_dropout=0.1, mixer_dropout=0.1)
+    model = apply_tensor_parallel(build_model(cfg).train(), groups.tp_group())
+    model = apply_context_parallel(model, groups.cp_group())
+    torch.manual_seed(replica_seed(0, 0, CP, groups.cp_rank()))
+    out = model(**shard_batch(_batch(cfg, 2, 24, "m2_bert"), groups.cp_group()))
+    out.loss.backward()
+    rules = shard_rules(model, TP)
+    return {"loss": out.loss.item(),
+            "replicated_grads": {n: p.grad.clone() for n, p in model.named_parameters() if n not in rules}}
 
 
 def _assert_all_equivalent(results: list) -> None:
@@ -129,9 +159,15 @@ def _assert_all_equivalent(results: list) -> None:
 
 @pytest.mark.slow  # four spawned processes importing megatron-core + DeepSpeed on 2 cores: ~1 min
 def test_tp2_cp2_forward_backward_equal_single_process():
-    results = run_distributed(_torch_path_cases, TP * CP)
+    results, dropout = zip(*run_distributed(_torch_path_cases, TP * CP))
     _assert_all_equivalent(results)
     assert all(not figures["convs"] and not figures["glu_ops"] for r in results for figures in r.values())
+    # Dropout: one loss everywhere (the global mean); TP peers (ranks 2c, 2c + 1) keep replicated tensors equal.
+    assert len({d["loss"] for d in dropout}) == 1
+    for c in range(CP):
+        a, b = dropout[c * TP]["replicated_grads"], dropout[c * TP + 1]["replicated_grads"]
+        assert a.keys() == b.keys() and len(a) > 10
+        assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
 
 
 def _kernel_cases(rank, world):

@@ -160,3 +160,17 @@ def test_finished_rank_answers_launcher_sigterm_with_its_exit_code():
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 3
     assert time.time() - t0 < 10
+
+
+def test_replica_seeds_are_shared_by_tp_peers_only():
+    """One RNG stream per (dp replica, CP rank): every layout's ranks (megatron order, TP innermost) get
+    distinct seeds except TP peers, which must draw the same masks for the activations they replicate."""
+    from m2train.train.trainer import replica_seed
+
+    for tp, cp, dp in [(1, 1, 4), (2, 1, 2), (1, 2, 2), (2, 2, 2), (4, 2, 1), (2, 4, 3)]:
+        seeds = {}
+        for rank in range(tp * cp * dp):
+            cp_rank, dp_rank = (rank // tp) % cp, rank // (tp * cp)
+            seeds.setdefault(replica_seed(7, dp_rank, cp, cp_rank), set()).add((dp_rank, cp_rank))
+        assert len(seeds) == cp * dp and all(len(v) == 1 for v in seeds.values()), (tp, cp, dp, seeds)
+    assert [replica_seed(7, r) for r in range(3)] == [8, 9, 10]      # pure data parallel: as before CP existed

@@ -69,6 +69,13 @@ class Progress:
 # Small helpers
 # --------------------------------------------------------------------------------------------------
 
+def replica_seed(seed: int, dp_rank: int, cp_size: int = 1, cp_rank: int = 0) -> int:
+    """The training RNG seed of a rank: one stream per (data-parallel replica, CP rank). CP ranks hold other
+    positions of the same sequences, so their dropout masks must differ; TP ranks of one (dp, cp) position
+    share the stream, so the activations they replicate see the same masks."""
+    return seed + 1 + dp_rank * cp_size + cp_rank
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -203,12 +210,9 @@ class Trainer:
         self.guard = SkippableStep(optimizer)
         self.engine, _ = build_engine(model, optimizer, cfg, self.dp)
         self.model = self.engine.module
-        # Dropout / masking randomness differs per data-parallel replica and per CP rank (each holds other
-        # positions) from here on (restored exactly on resume). TP ranks of a replica share the stream:
-        # their replicated activations (embeddings, block outputs) must see the same dropout masks, or the
-        # replicas of those tensors would diverge.
+        # Dropout / masking randomness from here on (restored exactly on resume): see replica_seed.
         cp = cfg.parallel.context_parallel
-        seed_everything(cfg.train.seed + 1 + self.dp_rank * cp + (groups.cp_rank() if cp > 1 else 0))
+        seed_everything(replica_seed(cfg.train.seed, self.dp_rank, cp, groups.cp_rank() if cp > 1 else 0))
 
         cache = cfg.data.local_cache or str(self.run_dir / "data_cache")
         loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
