@@ -395,7 +395,8 @@ class Trainer:
             logger.print(
                 f"m2train train: {cfg.name} ({cfg.model.arch}, {full_parameter_count(self.model) / 1e6:.2f}M params) "
                 f"on {self.env.world_size} process(es) [{self.env.backend}, ZeRO-{cfg.parallel.zero_stage}, "
-                f"{t.precision}{self._layout_note()}], global batch {t.global_batch_size} = {t.micro_batch_size} x {self.dp} x "
+                f"{t.precision}{self._layout_note()}], global batch {t.global_batch_size} = "
+                f"{t.micro_batch_size} x {self.dp} x "
                 f"{t.grad_accum_steps}, {seq_len} tokens/sample; peak {peak / 1e9:.0f} GFLOP/s/device "
                 f"({peak_src}); run dir {self.run_dir}; engine + loaders {t_built - t_setup:.1f} s, "
                 f"resume {t_resumed - t_built:.1f} s")
