@@ -122,8 +122,26 @@ def _torch_path_cases(rank, world):
         "m2_gpt_every_block_checkpointed": _equivalence("m2_gpt", {}, checkpointing="every_block"),
     }
     dropout = _dropout_replicas(rank)
+    dropout["error"] = _channel_error()
     groups.destroy_model_parallel()
     return results, dropout
+
+
+def _channel_error() -> str:
+    """The error for a width whose TP shard does not split over the CP ranks (34 / 2 = 17 channels)."""
+    from conftest import tiny_model_cfg
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.context_parallel import apply_context_parallel
+    from m2train.parallel.tensor_parallel import apply_tensor_parallel
+
+    cfg = tiny_model_cfg("m2_gpt", vocab_size=128, hidden_size=34, intermediate_size=68, mlp_type="dense")
+    model = apply_tensor_parallel(build_model(cfg), groups.tp_group())
+    try:
+        apply_context_parallel(model, groups.cp_group())
+    except ValueError as e:
+        return str(e)
+    return "no error"
 
 
 def _dropout_replicas(rank: int) -> dict:
@@ -164,6 +182,9 @@ def test_tp2_cp2_forward_backward_equal_single_process():
     assert all(not figures["convs"] and not figures["glu_ops"] for r in results for figures in r.values())
     # Dropout: one loss everywhere (the global mean); TP peers (ranks 2c, 2c + 1) keep replicated tensors equal.
     assert len({d["loss"] for d in dropout}) == 1
+    assert all(d["error"] == "context parallelism: model.hidden_size / parallel.tensor_parallel=2 = 17 channels "
+               "per TP rank is not a multiple of parallel.context_parallel=2 (the long convs are split by channel)"
+               for d in dropout), dropout[0]["error"]
     for c in range(CP):
         a, b = dropout[c * TP]["replicated_grads"], dropout[c * TP + 1]["replicated_grads"]
         assert a.keys() == b.keys() and len(a) > 10
