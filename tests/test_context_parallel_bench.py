@@ -12,6 +12,7 @@ import pytest
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # after everything else: shadows nothing
 import parallel as bench  # noqa: E402  (benchmarks/ is scripts, not a package)
+import parallel_memory as memory  # noqa: E402
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs/m2_gpt_tiny.yaml")
 
@@ -37,7 +38,7 @@ def test_traffic_formula_equals_measured_and_catches_errors():
             # CP activation memory: the formula from the shapes equals what autograd saved (the token ids
             # are views of the whole batch's storage: that batch-sized int64 difference is all).
             saved = measured[0]["saved"]
-            f = bench.model_activation_bytes(cfg, B, L, cp, 4)
+            f = memory.model_activation_bytes(cfg, B, L, cp, 4)
             assert abs(saved - f) <= B * L * 8 + 16, (saved, f)
 
 
@@ -81,9 +82,9 @@ def test_formulas_scale_as_designed():
     assert both[0].payload("all_reduce") - 8 == (tp_alone.payload("all_reduce") - filters) / 2 + filters
     # Memory: activations per rank shrink with CP, checkpointing keeps far less than all layers.
     n = bench.count_params(cfg)
-    m = [bench.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, P, 1, False) for P in (1, 8)]
+    m = [memory.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, P, 1, False) for P in (1, 8)]
     assert m[1]["activations"] < m[0]["activations"] / 4
-    ck = bench.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, 1, 1, True)
+    ck = memory.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, 1, 1, True)
     assert ck["activations"] < m[0]["activations"] / 5
 
 
@@ -103,7 +104,7 @@ def test_chunked_loss_memory_formula_equals_saved_bytes():
         model = build_model(cfg).train()
         batch = bench._step_batch(cfg, B, L)
         saved[chunk] = saved_activation_bytes(model, lambda: model(**batch).loss)
-        formula[chunk] = bench.head_bytes(cfg, B, L, 1, 4)
+        formula[chunk] = memory.head_bytes(cfg, B, L, 1, 4)
     assert abs((saved[0] - saved[16]) - (formula[0] - formula[16])) <= 8, (saved, formula)
     assert formula[0] - formula[16] > B * L * cfg.vocab_size * 4 * 0.99
 
@@ -117,15 +118,15 @@ def test_kernel_memory_formula_equals_saved_bytes(monkeypatch):
     from m2train.kernels import fft_monarch, fftconv_long
 
     B = 2
-    (_, m1, f1), (_, m2, f2) = bench.kernel_memory_check(TINY, B, 32)
+    (_, m1, f1), (_, m2, f2) = memory.kernel_memory_check(TINY, B, 32)
     assert m1 - f1 == 4, (m1, f1)
     assert 0 <= m2 - f2 <= B * 32 * 8 // 2 + 16, (m2, f2)
     # M2-GPT-360M, 8 x 2048 tokens: the kernels keep about half of what the torch path does (no FFT buffers
     # per sequence, the short conv inside the gated conv, GELU recomputed).
-    cfg = replace(bench.load_model_config(TINY), **bench.KERNEL_CHECK_MODEL)
+    cfg = replace(bench.load_model_config(TINY), **memory.KERNEL_CHECK_MODEL)
     big = replace(bench.load_model_config(str(Path(TINY).parents[0] / "m2_gpt_360m.yaml")), max_seq_len=32768)
-    assert sum(bench.activation_bytes_per_layer(big, 8, 2048, 1, 2, True).values()) < \
-        0.55 * sum(bench.activation_bytes_per_layer(big, 8, 2048, 1, 2).values())
+    assert sum(memory.activation_bytes_per_layer(big, 8, 2048, 1, 2, True).values()) < \
+        0.55 * sum(memory.activation_bytes_per_layer(big, 8, 2048, 1, 2).values())
 
     import torch
 
@@ -141,6 +142,6 @@ def test_kernel_memory_formula_equals_saved_bytes(monkeypatch):
     model = build_model(cfg).train()
     batch = bench._step_batch(cfg, B, L)
     saved = saved_activation_bytes(model, lambda: model(**batch).loss)
-    layer = bench.activation_bytes_per_layer(cfg, B, L, 1, 4, True)
-    assert saved - (sum(layer.values()) + bench.head_bytes(cfg, B, L, 1, 4)) == 4
+    layer = memory.activation_bytes_per_layer(cfg, B, L, 1, 4, True)
+    assert saved - (sum(layer.values()) + memory.head_bytes(cfg, B, L, 1, 4)) == 4
     assert layer["long convs"] == 2 * B * L * cfg.hidden_size * 4     # pre-gate output + residual input copy
