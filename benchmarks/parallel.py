@@ -15,7 +15,8 @@
               model (bytes autograd saves for backward, CP=1 in this process and CP=2 on 2 gloo ranks);
               the same with the fused Triton kernels (model.kernels, the GPU default: no per-sequence FFT
               buffers, the short conv inside the gated conv), measured on a narrowed tiny model (in
-              Triton's interpreter without a GPU).
+              Triton's interpreter without a GPU); and, measured only, the bytes per rank under TP=2,
+              CP=2 and TP=2 x CP=2 against one process.
     all       all three (the default).
 
     python benchmarks/parallel.py                       # everything, Markdown on stdout
@@ -423,10 +424,12 @@ def main(argv=None) -> int:
         print("formula == measured for every rank, kind, call count and byte count" if ok else
               "MISMATCH between the traffic formula and the measured traffic (rows marked NO)", "\n")
     if args.what in ("all", "memory"):
-        from parallel_memory import kernel_memory_report, measured_memory_report, memory_report
+        from parallel_memory import (kernel_memory_report, measured_memory_report, memory_report,
+                                     tensor_parallel_memory_report)
         print(memory_report(cfg, args.micro_batch, args.zero_stage), "\n")
         print(measured_memory_report(args.check_config, args.check_batch, (256, 1024, 4096)), "\n")
         print(kernel_memory_report(args.check_config, args.check_batch, (32, 256)), "\n")
+        print(tensor_parallel_memory_report(args.check_config, args.check_batch, (256, 1024)), "\n")
     if not ok:
         print("FAILED: the traffic formula does not match the measured traffic", file=sys.stderr)
         return 1

@@ -9,13 +9,15 @@ report of benchmarks/parallel.py, which has the command line and the definitions
     head_bytes             the embedding / head / loss part
     memory_check           those formulas against what autograd saves in a real forward (CP = 1 in this
                            process, CP = 2 on 2 gloo ranks)
+    tensor_parallel_memory_report
+                           measured only: the saved bytes per rank under TP=2, CP=2 and TP=2 x CP=2
 """
 
 from __future__ import annotations
 
 import torch
 
-from parallel import _gb, _step_batch, cfg_name, count_params, load_model_config, measure
+from parallel import _gb, _step_batch, cfg_name, count_params, load_model_config, measure, measure_layouts
 
 
 def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int, kernels: bool = False) -> dict:
@@ -217,3 +219,31 @@ def kernel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
     return _memory_check_table(f"### Measured activation bytes vs formula with the fused kernels: {config} narrowed "
                                f"to {KERNEL_CHECK_MODEL}, micro-batch {B}, fp32",
                                {L: kernel_memory_check(config, B, L) for L in lengths})
+
+
+def tensor_parallel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
+    """MEASURED only (no formula yet): the activation bytes autograd saves per rank in one training forward
+    of `config` (fp32, torch path) on one process, under TP=2, CP=2 (2 gloo ranks) and TP=2 x CP=2 (4), as a
+    fraction of the single process's."""
+    from dataclasses import replace
+
+    from m2train.models import build_model
+    from m2train.parallel.activation_checkpointing import saved_activation_bytes
+
+    base = load_model_config(config)
+    layouts = [((2, 1), 2), ((1, 2), 2), ((2, 2), 4)]
+    lines = [f"### Measured activation bytes per rank under TP and CP: {config}, micro-batch {B}, fp32", "",
+             "| L | single process | " + " | ".join(f"TP={t} CP={c}" for (t, c), _ in layouts) + " |",
+             "|---|---|" + "---|" * len(layouts)]
+    for L in lengths:
+        cfg = replace(base, max_seq_len=max(base.max_seq_len, L))
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        batch = _step_batch(cfg, B, L)
+        single = saved_activation_bytes(model, lambda: model(**batch).loss)
+        cells = []
+        for (tp, cp), world in layouts:
+            ranks = [r["saved"] for r in measure_layouts(cfg, [(tp, cp)], B, L, world)[0]]
+            cells.append(f"{max(ranks):,} ({max(ranks) / single:.3f}x)")
+        lines.append(f"| {L} | {single:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
