@@ -195,6 +195,23 @@ def test_two_nodes_one_torchrun_each(cluster, sample_data, tmp_path):
     assert [m["step"] for m in _metrics(run) if "loss" in m] == [1, 2]
 
 
+def test_two_nodes_tensor_and_context_parallel(cluster, sample_data, tmp_path):
+    """TP=2 x CP=2 over 2 nodes x 2 processes: TP pairs inside a node, CP pairs across the nodes."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    env = _train_env(sample_data, run, max_steps=2)
+    env["M2_OVERRIDES"] += " parallel.tensor_parallel=2 parallel.context_parallel=2 parallel.zero_stage=1"
+    job = _sbatch(cluster, "slurm/m2_gpt_360m.sh", ["--nodes=2", *CPU_NODE, f"--output={log}"],
+                  {**env, "M2_PROCS_PER_NODE": "2"})
+    info = _wait(cluster, job, 400, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    assert re.search(r"world:\s+4 = 2 node\(s\) x 2 process", text)
+    assert "on 4 process(es) [gloo, ZeRO-1, fp32, tensor parallel 2, context parallel 2]" in text
+    world = json.loads((run / "checkpoints" / "step_00000002" / "manifest.json").read_text())["world"]
+    assert (world["tp"], world["cp"], world["dp"], world["world"]) == (2, 2, 1, 4)
+    assert [m["step"] for m in _metrics(run) if "loss" in m] == [1, 2]
+
+
 def _tree_digest(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
