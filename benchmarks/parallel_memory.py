@@ -167,16 +167,22 @@ def memory_report(cfg, B: int, zero_stage: int) -> str:
     return "\n".join(lines)
 
 
-def memory_check(cfg, B: int, L: int) -> list[tuple[int, int, int]]:
-    """(P, bytes autograd saves in one forward on rank 0, formula) at CP = 1 (this process) and CP = 2 (2 gloo
-    ranks), fp32; the formula of the kernels' path when cfg.kernels is "triton"."""
+def saved_in_this_process(cfg, B: int, L: int) -> int:
+    """Bytes autograd saves in one training forward of the unsharded model (seed 0, `_step_batch`), the
+    single-process counterpart of the ranks' `_measure_layout`."""
     from m2train.models import build_model
     from m2train.parallel.activation_checkpointing import saved_activation_bytes
 
     torch.manual_seed(0)
     model = build_model(cfg).train()
     batch = _step_batch(cfg, B, L)
-    m1 = saved_activation_bytes(model, lambda: model(**batch).loss)
+    return saved_activation_bytes(model, lambda: model(**batch).loss)
+
+
+def memory_check(cfg, B: int, L: int) -> list[tuple[int, int, int]]:
+    """(P, bytes autograd saves in one forward on rank 0, formula) at CP = 1 (this process) and CP = 2 (2 gloo
+    ranks), fp32; the formula of the kernels' path when cfg.kernels is "triton"."""
+    m1 = saved_in_this_process(cfg, B, L)
     m2 = measure(cfg, 1, 2, B, L)[0]["saved"]
     kernels = cfg.kernels == "triton"
     return [(P, m, model_activation_bytes(cfg, B, L, P, 4, kernels)) for P, m in ((1, m1), (2, m2))]
@@ -227,23 +233,18 @@ def tensor_parallel_memory_report(config: str, B: int, lengths: tuple[int, ...])
     fraction of the single process's."""
     from dataclasses import replace
 
-    from m2train.models import build_model
-    from m2train.parallel.activation_checkpointing import saved_activation_bytes
-
     base = load_model_config(config)
-    layouts = [((2, 1), 2), ((1, 2), 2), ((2, 2), 4)]
+    runs = [([(2, 1), (1, 2)], 2), ([(2, 2)], 4)]          # (layouts sharing one set of processes, world)
+    names = [f"TP={t} CP={c}" for layouts, _ in runs for t, c in layouts]
     lines = [f"### Measured activation bytes per rank under TP and CP: {config}, micro-batch {B}, fp32", "",
-             "| L | single process | " + " | ".join(f"TP={t} CP={c}" for (t, c), _ in layouts) + " |",
-             "|---|---|" + "---|" * len(layouts)]
+             "| L | single process | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for L in lengths:
         cfg = replace(base, max_seq_len=max(base.max_seq_len, L))
-        torch.manual_seed(0)
-        model = build_model(cfg).train()
-        batch = _step_batch(cfg, B, L)
-        single = saved_activation_bytes(model, lambda: model(**batch).loss)
+        single = saved_in_this_process(cfg, B, L)
         cells = []
-        for (tp, cp), world in layouts:
-            ranks = [r["saved"] for r in measure_layouts(cfg, [(tp, cp)], B, L, world)[0]]
-            cells.append(f"{max(ranks):,} ({max(ranks) / single:.3f}x)")
+        for layouts, world in runs:
+            for ranks in measure_layouts(cfg, layouts, B, L, world):
+                busiest = max(r["saved"] for r in ranks)
+                cells.append(f"{busiest:,} ({busiest / single:.3f}x)")
         lines.append(f"| {L} | {single:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

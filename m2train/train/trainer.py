@@ -211,8 +211,7 @@ class Trainer:
         self.engine, _ = build_engine(model, optimizer, cfg, self.dp)
         self.model = self.engine.module
         # Dropout / masking randomness from here on (restored exactly on resume): see replica_seed.
-        cp = cfg.parallel.context_parallel
-        seed_everything(replica_seed(cfg.train.seed, self.dp_rank, cp, groups.cp_rank() if cp > 1 else 0))
+        seed_everything(replica_seed(cfg.train.seed, self.dp_rank, groups.cp_size(), groups.cp_rank()))
 
         cache = cfg.data.local_cache or str(self.run_dir / "data_cache")
         loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
