@@ -107,6 +107,7 @@ def _torch_path_cases(rank, world):
     }
     dropout = _dropout_replicas(rank)
     dropout["error"] = _channel_error()
+    dropout["order_error"] = _order_error()
     groups.destroy_model_parallel()
     return results, dropout
 
@@ -123,6 +124,22 @@ def _channel_error() -> str:
     model = apply_tensor_parallel(build_model(cfg), groups.tp_group())
     try:
         apply_context_parallel(model, groups.cp_group())
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _order_error() -> str:
+    """The error for TP applied after CP (it would replace the mixers and drop the CP classes)."""
+    from conftest import tiny_model_cfg
+    from m2train.models import build_model
+    from m2train.parallel import groups
+    from m2train.parallel.context_parallel import apply_context_parallel
+    from m2train.parallel.tensor_parallel import apply_tensor_parallel
+
+    model = apply_context_parallel(build_model(tiny_model_cfg("m2_gpt", vocab_size=128)), groups.cp_group())
+    try:
+        apply_tensor_parallel(model, groups.tp_group())
     except ValueError as e:
         return str(e)
     return "no error"
@@ -169,6 +186,8 @@ def test_tp2_cp2_forward_backward_equal_single_process():
     assert all(d["error"] == "context parallelism: model.hidden_size / parallel.tensor_parallel=2 = 17 channels "
                "per TP rank is not a multiple of parallel.context_parallel=2 (the long convs are split by channel)"
                for d in dropout), dropout[0]["error"]
+    assert all(d["order_error"] == "apply_tensor_parallel: apply tensor parallelism before context parallelism"
+               for d in dropout), dropout[0]["order_error"]
     for c in range(CP):
         a, b = dropout[c * TP]["replicated_grads"], dropout[c * TP + 1]["replicated_grads"]
         assert a.keys() == b.keys() and len(a) > 10
