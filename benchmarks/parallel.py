@@ -1,11 +1,12 @@
-"""Communication and memory of tensor (TP) and context (CP) parallelism for M2-GPT (issue 5).
+"""Communication and memory of tensor (TP), sequence (SP, on top of TP) and context (CP) parallelism for M2-GPT.
 
     traffic   bytes communicated per training step (forward + backward), by kind (all-reduce, all-to-all,
-              all-gather, send/recv halo), per rank and in total, for M2-GPT-360M at TP = 1, 2, 4, 8
-              (CP = 1), CP = 1, 2, 4 (TP = 1) and both together, computed from the model config; the
-              data-parallel / ZeRO gradient traffic separately.
+              all-gather, reduce-scatter, send/recv halo), per rank and in total, for M2-GPT-360M at TP = 1,
+              2, 4, 8 (CP = 1; with and without SP), CP = 1, 2, 4 (TP = 1) and both together, computed from
+              the model config; the data-parallel / ZeRO gradient traffic separately.
     check     the same formulas against MEASURED traffic: gloo processes run one training step of the
-              tiny M2-GPT (configs/m2_gpt_tiny.yaml) at TP=2, at CP=2 (2 processes) and at TP=2 x CP=2 (4)
+              tiny M2-GPT (configs/m2_gpt_tiny.yaml) at TP=2, TP=2 with SP, at CP=2 (2 processes) and at
+              TP=2 x CP=2 (4)
               with every torch.distributed collective wrapped to count calls and bytes. Any difference from
               the formula, per rank and per kind, in calls or bytes, fails (exit 1).
     memory    (formulas in benchmarks/parallel_memory.py) per-rank memory of M2-GPT-360M at L = 2048 ...
@@ -16,8 +17,9 @@
               the same with the fused Triton kernels (model.kernels, the GPU default: no per-sequence FFT
               buffers, the short conv inside the gated conv), measured on a narrowed tiny model (in
               Triton's interpreter without a GPU); and, measured only, the bytes per rank under TP=2,
-              CP=2 and TP=2 x CP=2 against one process.
-    all       all three (the default).
+              CP=2 and TP=2 x CP=2 against one process, and under TP=2 and 4 without and with SP at the
+              360M width (2 layers; `sp-memory` runs this last table alone).
+    all       all of them (the default).
 
     python benchmarks/parallel.py                       # everything, Markdown on stdout
     python benchmarks/parallel.py check                 # only the measured traffic check
@@ -25,9 +27,9 @@
 
 Definitions. "payload" is the size of the tensor(s) a rank hands to a collective (what the check compares
 exactly); "wire" is what a rank sends under the usual algorithms, derived from the payload: ring all-reduce
-2(P-1)/P·S, all-gather (P-1)·S_in, all-to-all the chunks for other ranks ((P-1)/P·S), send = S. Traffic of
-the 360M tables assumes bf16 activations (2 bytes; what the DeepSpeed bf16 engine runs) and fp32 for the
-loss statistics; the check runs fp32 (CPU).
+2(P-1)/P·S, all-gather (P-1)·S_in, reduce-scatter (P-1)/P·S_in, all-to-all the chunks for other ranks
+((P-1)/P·S), send = S. Traffic of the 360M tables assumes bf16 activations (2 bytes; what the DeepSpeed bf16
+engine runs) and fp32 for the loss statistics; the check runs fp32 (CPU).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("all_reduce", "all_to_all", "all_gather", "send_recv")
+KINDS = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter", "send_recv")
 PHASES = ("fwd", "bwd")
 
 
@@ -84,15 +86,20 @@ def _check_m2_gpt(cfg) -> None:
         raise SystemExit("benchmarks/parallel.py: model.sequence_mixer must be 'fft' (TP/CP support only that)")
 
 
-def model_parallel_traffic(cfg, B: int, L: int, T: int, P: int, e: int) -> list[Traffic]:
+def model_parallel_traffic(cfg, B: int, L: int, T: int, P: int, e: int, sp: bool = False) -> list[Traffic]:
     """One training step of M2-GPT under TP=T and CP=P (m2train.parallel: TP applied first, so the CP exchanges
     move each TP rank's H/T channels), per rank in global rank order (TP innermost: rank = cp_rank·T +
-    tp_rank). e: bytes per activation element; the loss statistics are fp32."""
+    tp_rank). e: bytes per activation element; the loss statistics are fp32. sp: TP with sequence
+    parallelism (not with CP)."""
     _check_m2_gpt(cfg)
+    if sp and (T < 2 or P > 1):
+        raise SystemExit("sequence parallelism needs TP > 1 and CP = 1")
     ranks = []
     for cp_rank in range(P):
         t = Traffic()
-        if T > 1:
+        if sp:
+            _sp_collectives(t, cfg, B * L, L, T, e)
+        elif T > 1:
             _tp_collectives(t, cfg, B * L // P, L, T, e)
         if P > 1:
             _cp_collectives(t, cfg, B, L, P, cfg.hidden_size // T, cp_rank, e)
@@ -127,6 +134,53 @@ def _tp_collectives(t: Traffic, cfg, N: int, L: int, T: int, e: int) -> None:
     for _ in range(3):                                       # CE max, target logit, sum exp (fp32)
         _ring_all_reduce(t, "fwd", N * 4, T)
     _ring_all_reduce(t, "bwd", act, T)                       # LM-head input copied to the TP region
+
+
+def _sp_collectives(t: Traffic, cfg, N: int, L: int, T: int, e: int) -> None:
+    """A TP rank's collectives under sequence parallelism (m2train.parallel.sequence_parallel), N = B·L tokens.
+    Each region's first layer all-gathers this rank's N/T tokens (forward) and gathers them again in backward
+    before reduce-scattering the input gradient; each exit reduce-scatters the partial (N, H) and all-gathers
+    its gradient; parameters applied to this rank's positions (norms, post-exit biases) all-reduce their
+    gradients; the residual long conv's input moves by all-to-all (N·H/T per rank). Unchunked loss."""
+    H, O = cfg.hidden_size, cfg.filter_order
+    convs = 1 + int(cfg.residual_long_conv)
+    mlps = 2 if cfg.bidirectional else 1
+    act, part = N * H * e, N * H * e // T
+    wire_rs = (T - 1) / T * act                              # a ring reduce-scatter (or all-gather) of act
+
+    def entry():                                             # a region's first layer (gathered_apply)
+        t.add("fwd", "all_gather", part, (T - 1) * part)
+        t.add("bwd", "all_gather", part, (T - 1) * part)     # the input gathered again for the backward
+        t.add("bwd", "reduce_scatter", act, wire_rs)         # its gradient back to this rank's positions
+
+    def exit_():                                             # a region's partial output (scatter_to_sp)
+        t.add("fwd", "reduce_scatter", act, wire_rs)
+        t.add("bwd", "all_gather", part, (T - 1) * part)
+
+    def replicated(n_params: int):                           # copy_to_tp on a parameter: gradient all-reduce
+        _ring_all_reduce(t, "bwd", n_params * 4, T)
+
+    exit_()                                                  # vocab-parallel embedding
+    for _ in range(cfg.num_layers):
+        for _ in range(2 + int(cfg.mixer_input_norm)):       # LayerNorm weight and bias
+            replicated(H)
+            replicated(H)
+        entry()                                              # in_linear
+        if cfg.residual_long_conv:
+            for phase in PHASES:                             # the residual conv's own channels, and back
+                t.add(phase, "all_to_all", part, (T - 1) / T * part)
+        for _ in range(convs * mlps):                        # filter MLP features (L, O) copied
+            _ring_all_reduce(t, "bwd", L * O * e, T)
+        exit_()                                              # out_linear
+        replicated(H)                                        # its bias
+        entry()                                              # the GLU's up-projection
+        exit_()                                              # Wo
+        replicated(H)                                        # Wo's bias
+    replicated(H)                                            # the final norm's weight and bias
+    replicated(H)
+    entry()                                                  # the LM head
+    for _ in range(3):                                       # CE max, target logit, sum exp (fp32)
+        _ring_all_reduce(t, "fwd", N * 4, T)
 
 
 def _cp_collectives(t: Traffic, cfg, B: int, L: int, P: int, H: int, r: int, e: int) -> None:
@@ -172,8 +226,14 @@ def _mb(x: float) -> str:
     return f"{x / 2**20:.2f}"
 
 
-# (TP, CP) rows of the traffic tables: TP alone, CP alone, both (TP innermost).
-TRAFFIC_LAYOUTS = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (2, 2), (4, 2), (8, 2), (2, 4)]
+# (TP, CP, sequence parallel) rows of the traffic tables: TP alone, TP with SP, CP alone, both (TP innermost).
+TRAFFIC_LAYOUTS = [(1, 1, False), (2, 1, False), (4, 1, False), (8, 1, False), (2, 1, True), (4, 1, True),
+                   (8, 1, True), (1, 2, False), (1, 4, False), (2, 2, False), (4, 2, False), (8, 2, False),
+                   (2, 4, False)]
+
+
+def layout_name(T: int, P: int, sp: bool = False) -> str:
+    return f"TP={T}{' SP' if sp else ''} CP={P}"
 
 
 def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int, dp: int) -> str:
@@ -184,11 +244,11 @@ def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int, dp: int) -> str
              "Wire MiB per rank (payload handed to the collectives in parentheses, MiB); 'total' = all TP x CP "
              "ranks of one replica. Halo send/recv: the busiest (middle) rank.",
              "",
-             "| layout | all-reduce | all-to-all | all-gather | send/recv halo | fwd / bwd | per rank | total | "
-             f"ZeRO-{zero_stage} grads + params, dp={dp} (per rank) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for T, P in TRAFFIC_LAYOUTS:
-        ranks = model_parallel_traffic(cfg, B, L, T, P, e)
+             "| layout | all-reduce | all-to-all | all-gather | reduce-scatter | send/recv halo | fwd / bwd | "
+             f"per rank | total | ZeRO-{zero_stage} grads + params, dp={dp} (per rank) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for T, P, sp in TRAFFIC_LAYOUTS:
+        ranks = model_parallel_traffic(cfg, B, L, T, P, e, sp)
         busiest = max(ranks, key=lambda t: t.wire())
         cells = [f"{_mb(busiest.wire(k))} ({_mb(busiest.payload(k))})" for k in KINDS]
         cells.append(f"{_mb(busiest.wire(phase='fwd'))} / {_mb(busiest.wire(phase='bwd'))}")
@@ -196,7 +256,7 @@ def traffic_report(cfg, B: int, L: int, e: int, zero_stage: int, dp: int) -> str
         total = sum(t.wire() for t in ranks)
         # ZeRO over dp x cp ranks; each TP rank holds ~1/T of the parameters.
         zero = zero_traffic(n // T, dp * P, zero_stage)
-        lines.append(f"| TP={T} CP={P} | " + " | ".join(cells) + f" | {_mb(per_rank)} | {_mb(total)} | "
+        lines.append(f"| {layout_name(T, P, sp)} | " + " | ".join(cells) + f" | {_mb(per_rank)} | {_mb(total)} | "
                      f"{_mb(zero)} |")
     lines += ["", f"Parameters: {n:,}. The last column is the data-parallel traffic, separate from the "
               "model-parallel traffic before it: ZeRO reduces bf16 gradients (and all-gathers the updated "
@@ -218,7 +278,8 @@ class CommCounter:
     are counted: our code, megatron-core's cross-entropy) and records calls and bytes by kind."""
 
     NAMES = ("all_reduce", "all_to_all", "all_to_all_single", "all_gather", "all_gather_into_tensor",
-             "reduce_scatter", "reduce_scatter_tensor", "broadcast", "isend", "send", "batch_isend_irecv")
+             "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "isend", "send",
+             "batch_isend_irecv")
 
     def __init__(self):
         self.traffic = Traffic()
@@ -251,9 +312,12 @@ class CommCounter:
                 me = dist.get_rank(group)
                 payload = sum(x.nbytes for x in inputs)
                 self.traffic.add(self.phase, "all_to_all", payload, payload - inputs[me].nbytes)
-            elif name == "all_gather":
-                t = args[1] if len(args) > 1 else kwargs["tensor"]
+            elif name in ("all_gather", "all_gather_into_tensor"):
+                t = args[1] if len(args) > 1 else kwargs["tensor" if name == "all_gather" else "input_tensor"]
                 self.traffic.add(self.phase, "all_gather", t.nbytes, (P - 1) * t.nbytes)
+            elif name == "reduce_scatter_single":
+                t = args[1] if len(args) > 1 else kwargs["input"]
+                self.traffic.add(self.phase, "reduce_scatter", t.nbytes, (P - 1) / P * t.nbytes)
             elif name in ("isend", "send"):
                 t = args[0]
                 self.traffic.add(self.phase, "send_recv", t.nbytes, t.nbytes)
@@ -276,9 +340,9 @@ def _step_batch(cfg, B: int, L: int) -> dict:
     return {"input_ids": ids, "labels": torch.randint(0, cfg.vocab_size, (B, L), generator=g)}
 
 
-def _measure_layout(config, tp: int, cp: int, B: int, L: int) -> dict:
-    """On this rank: build the model, apply TP and / or CP, count one forward + backward, then measure the
-    bytes autograd saves in one more forward."""
+def _measure_layout(config, tp: int, cp: int, B: int, L: int, sp: bool = False) -> dict:
+    """On this rank: build the model, apply TP (with SP when `sp`) and / or CP, count one forward + backward,
+    then measure the bytes autograd saves in one more forward."""
     import torch.distributed as dist
     from m2train.models import build_model
     from m2train.parallel import groups
@@ -293,6 +357,9 @@ def _measure_layout(config, tp: int, cp: int, B: int, L: int) -> dict:
     if tp > 1:
         from m2train.parallel.tensor_parallel import apply_tensor_parallel
         model = apply_tensor_parallel(model, groups.tp_group())
+    if sp:
+        from m2train.parallel.sequence_parallel import apply_sequence_parallel
+        model = apply_sequence_parallel(model, groups.tp_group())
     if cp > 1:
         model = apply_context_parallel(model, groups.cp_group())
         batch = shard_batch(batch, groups.cp_group())
@@ -314,7 +381,7 @@ def _worker(rank, world, port, config, layouts, B, L, queue):
         torch.set_num_threads(1)
         import torch.distributed as dist
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        res = [_measure_layout(config, tp, cp, B, L) for tp, cp in layouts]
+        res = [_measure_layout(config, *layout[:2], B, L, *layout[2:]) for layout in layouts]
         queue.put((rank, res))
         dist.destroy_process_group()
     except BaseException:
@@ -327,8 +394,9 @@ def measure(config, tp: int, cp: int, B: int, L: int, world: int = 2) -> list[di
     return measure_layouts(config, [(tp, cp)], B, L, world)[0]
 
 
-def measure_layouts(config, layouts: list[tuple[int, int]], B: int, L: int, world: int = 2) -> list[list[dict]]:
-    """Like `measure` for several (tp, cp) layouts in one set of processes: [layout][rank] -> result."""
+def measure_layouts(config, layouts: list[tuple], B: int, L: int, world: int = 2) -> list[list[dict]]:
+    """Like `measure` for several (tp, cp) or (tp, cp, sequence parallel) layouts in one set of processes:
+    [layout][rank] -> result."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -373,18 +441,18 @@ def compare_traffic(measured: list[dict], formula: list[Traffic], layout: str) -
 
 
 def check_report(config: str, B: int, L: int) -> tuple[str, bool]:
-    """Measured vs formula for TP=2 and CP=2 (2 gloo processes) and TP=2 x CP=2 (4) on `config` (fp32): exact
-    per rank, kind, calls and bytes."""
+    """Measured vs formula for TP=2, TP=2 with SP and CP=2 (2 gloo processes) and TP=2 x CP=2 (4) on `config`
+    (fp32): exact per rank, kind, calls and bytes."""
     cfg = load_model_config(config)
     lines = [f"### Measured vs formula: {config} ({cfg_name(cfg)}), micro-batch {B} x L={L}, fp32, gloo "
              "processes (2, and 4 for TP=2 x CP=2)", "",
              "| layout | rank | kind | calls measured / formula | payload bytes measured / formula | match |",
              "|---|---|---|---|---|---|"]
     ok = True
-    runs = [([(2, 1), (1, 2)], 2), ([(2, 2)], 4)]
+    runs = [([(2, 1, False), (2, 1, True), (1, 2, False)], 2), ([(2, 2, False)], 4)]
     for layouts, world in runs:
-        for (tp, cp), measured in zip(layouts, measure_layouts(config, layouts, B, L, world)):
-            rows, good = compare_traffic(measured, model_parallel_traffic(cfg, B, L, tp, cp, 4), f"TP={tp} CP={cp}")
+        for layout, measured in zip(layouts, measure_layouts(config, layouts, B, L, world)):
+            rows, good = compare_traffic(measured, model_parallel_traffic(cfg, B, L, *layout, 4), layout_name(*layout))
             lines += rows
             ok &= good
     return "\n".join(lines), ok
@@ -395,8 +463,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")     # the kernels' memory check, before Triton loads
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="all", choices=("all", "traffic", "check", "memory"),
-                    help="which report (default: all)")
+    ap.add_argument("what", nargs="?", default="all", choices=("all", "traffic", "check", "memory", "sp-memory"),
+                    help="which report (default: all; sp-memory: the last table of memory alone)")
     ap.add_argument("--config", default=str(ROOT / "configs/m2_gpt_360m.yaml"),
                     help="model config of the traffic and memory tables (default configs/m2_gpt_360m.yaml)")
     ap.add_argument("--check-config", default=str(ROOT / "configs/m2_gpt_tiny.yaml"),
@@ -430,6 +498,9 @@ def main(argv=None) -> int:
         print(measured_memory_report(args.check_config, args.check_batch, (256, 1024, 4096)), "\n")
         print(kernel_memory_report(args.check_config, args.check_batch, (32, 256)), "\n")
         print(tensor_parallel_memory_report(args.check_config, args.check_batch, (256, 1024)), "\n")
+    if args.what in ("all", "memory", "sp-memory"):
+        from parallel_memory import sequence_parallel_memory_report
+        print(sequence_parallel_memory_report(args.config, args.micro_batch, args.seq_len[0]), "\n")
     if not ok:
         print("FAILED: the traffic formula does not match the measured traffic", file=sys.stderr)
         return 1

@@ -10,14 +10,18 @@ report of benchmarks/parallel.py, which has the command line and the definitions
     memory_check           those formulas against what autograd saves in a real forward (CP = 1 in this
                            process, CP = 2 on 2 gloo ranks)
     tensor_parallel_memory_report
-                           measured only: the saved bytes per rank under TP=2, CP=2 and TP=2 x CP=2
+                           measured only: the saved bytes per rank under TP=2 (without and with sequence
+                           parallelism), CP=2 and TP=2 x CP=2
+    sequence_parallel_memory_report
+                           measured only: TP=2 and 4 without and with sequence parallelism at a real width
 """
 
 from __future__ import annotations
 
 import torch
 
-from parallel import _gb, _step_batch, cfg_name, count_params, load_model_config, measure, measure_layouts
+from parallel import (_gb, _step_batch, cfg_name, count_params, layout_name, load_model_config, measure,
+                      measure_layouts)
 
 
 def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int, kernels: bool = False) -> dict:
@@ -229,13 +233,14 @@ def kernel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
 
 def tensor_parallel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
     """MEASURED only (no formula yet): the activation bytes autograd saves per rank in one training forward
-    of `config` (fp32, torch path) on one process, under TP=2, CP=2 (2 gloo ranks) and TP=2 x CP=2 (4), as a
-    fraction of the single process's."""
+    of `config` (fp32, torch path) on one process, under TP=2 (without and with sequence parallelism), CP=2
+    (2 gloo ranks) and TP=2 x CP=2 (4), as a fraction of the single process's."""
     from dataclasses import replace
 
     base = load_model_config(config)
-    runs = [([(2, 1), (1, 2)], 2), ([(2, 2)], 4)]          # (layouts sharing one set of processes, world)
-    names = [f"TP={t} CP={c}" for layouts, _ in runs for t, c in layouts]
+    # (layouts sharing one set of processes, world)
+    runs = [([(2, 1, False), (2, 1, True), (1, 2, False)], 2), ([(2, 2, False)], 4)]
+    names = [layout_name(*layout) for layouts, _ in runs for layout in layouts]
     lines = [f"### Measured activation bytes per rank under TP and CP: {config}, micro-batch {B}, fp32", "",
              "| L | single process | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for L in lengths:
@@ -247,4 +252,25 @@ def tensor_parallel_memory_report(config: str, B: int, lengths: tuple[int, ...])
                 busiest = max(r["saved"] for r in ranks)
                 cells.append(f"{busiest:,} ({busiest / single:.3f}x)")
         lines.append(f"| {L} | {single:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sequence_parallel_memory_report(config: str, B: int, L: int, num_layers: int = 2, chunk: int = 512) -> str:
+    """MEASURED: the activation bytes autograd saves per rank in one training forward of `config` at its full
+    width, narrowed to `num_layers` layers (fp32, torch path; model.loss_chunk_tokens=`chunk`, so the head
+    keeps no logits and the table shows the layers), under TP=2 and TP=4 without and with sequence
+    parallelism (2 and 4 gloo processes), and on one process."""
+    from dataclasses import replace
+
+    cfg = replace(load_model_config(config), num_layers=num_layers, loss_chunk_tokens=chunk,
+                  max_seq_len=max(load_model_config(config).max_seq_len, L))
+    single = saved_in_this_process(cfg, B, L)
+    lines = [f"### Measured activation bytes per rank, TP without and with sequence parallelism: {cfg_name(cfg)}, "
+             f"micro-batch {B} x L={L}, fp32, torch path, loss chunks of {chunk} tokens", "",
+             f"One process: {single:,} bytes.", "",
+             "| TP | TP alone (x one process) | TP + SP (x one process) | SP / TP alone |", "|---|---|---|---|"]
+    for T in (2, 4):
+        tp, sp = (max(r["saved"] for r in ranks)
+                  for ranks in measure_layouts(cfg, [(T, 1, False), (T, 1, True)], B, L, world=T))
+        lines.append(f"| {T} | {tp:,} ({tp / single:.3f}x) | {sp:,} ({sp / single:.3f}x) | {sp / tp:.3f} |")
     return "\n".join(lines)

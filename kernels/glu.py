@@ -208,15 +208,16 @@ class GLUMLPFunction(torch.autograd.Function):
 
 
 def glu_mlp_train(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
-                  intermediate_size: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+                  intermediate_size: int, residual: torch.Tensor | None = None, apply=None) -> torch.Tensor:
     """`GLUMLPFunction` on x (..., H): w_up (nblocks, 2I/nblocks, H/nblocks) with [A; B] stacked
     (`supported_shape`), w_out (nblocks', out/nblocks', I/nblocks') for any nblocks' tiling I exactly (a TP
-    rank's Wo columns have half the blocks); residual (..., out) or None."""
+    rank's Wo columns have half the blocks); residual (..., out) or None. `apply(fn, x2, *args)` instead of
+    `fn.apply(x2, *args)`: see `_apply_on_rows`."""
     dtype = compute_dtype(x)
     out_features = w_out.shape[0] * w_out.shape[1]
     if residual is not None and residual.dtype != dtype:
         # The sum takes torch's promoted dtype, which the kernel (storing in `dtype`) would not.
-        return glu_mlp_train(x, w_up, w_out, bias, intermediate_size) + residual
+        return glu_mlp_train(x, w_up, w_out, bias, intermediate_size, apply=apply) + residual
     batch_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
     r2 = residual.reshape(-1, out_features).contiguous() if residual is not None else None
@@ -225,16 +226,29 @@ def glu_mlp_train(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_up, w_out, bias, residual))
     with torch.autocast(x.device.type, enabled=False):
-        y = GLUMLPFunction.apply(x2, w_up.to(dtype).contiguous(), w_out.to(dtype).contiguous(),
-                                 bias.to(dtype) if bias is not None else None, r2, intermediate_size, grad_wanted)
-    return y.view(*batch_shape, out_features)
+        y = _apply_on_rows(apply, GLUMLPFunction, x2, w_up.to(dtype).contiguous(), w_out.to(dtype).contiguous(),
+                           bias.to(dtype) if bias is not None else None, r2, intermediate_size, grad_wanted)
+    return _unflatten_rows(y, batch_shape, apply)
 
 
-def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+def _apply_on_rows(apply, fn, x2: torch.Tensor, *args) -> torch.Tensor:
+    """fn.apply(x2, *args), or `apply(fn, x2, *args)` when given: a caller may run the Function on more rows
+    than x2 has (sequence parallelism's gathered_apply runs it on the whole sequences of which x2 holds this
+    rank's part)."""
+    return fn.apply(x2, *args) if apply is None else apply(fn, x2, *args)
+
+
+def _unflatten_rows(y: torch.Tensor, batch_shape: torch.Size, apply) -> torch.Tensor:
+    """The (rows, features) result in x's batch shape; with a custom `apply`, the row dimension (the
+    sequence) may have grown."""
+    return y.view(*batch_shape, y.shape[-1]) if apply is None else y.view(*batch_shape[:-1], -1, y.shape[-1])
+
+
+def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int, apply=None) -> torch.Tensor:
     """gelu(A·x) ⊙ (B·x) for x (..., H), weight (nblocks, 2I/nblocks, H/nblocks) with [A; B] stacked."""
     dtype = compute_dtype(x)
     batch_shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
     with torch.autocast(x.device.type, enabled=False):
-        act = GLUBlockdiagFunction.apply(x2, weight.to(dtype).contiguous(), intermediate_size)
-    return act.view(*batch_shape, intermediate_size)
+        act = _apply_on_rows(apply, GLUBlockdiagFunction, x2, weight.to(dtype).contiguous(), intermediate_size)
+    return _unflatten_rows(act, batch_shape, apply)

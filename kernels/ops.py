@@ -97,8 +97,14 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
 
 
 def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int,
-                  mode: str = "auto") -> torch.Tensor:
-    """gelu(A·x) ⊙ (B·x), [A; B] = one block-diagonal H -> 2I layer without bias (first I outputs = gate)."""
+                  mode: str = "auto", apply=None) -> torch.Tensor:
+    """gelu(A·x) ⊙ (B·x), [A; B] = one block-diagonal H -> 2I layer without bias (first I outputs = gate).
+    `apply(fn, x2, *args)` replaces `fn.apply` for the kernel's autograd Function (sequence parallelism
+    gathers the input inside it, m2train.parallel.tp_regions.gathered_apply); with it the kernel must take
+    the call (`glu_blockdiag_supported`): there is no reference path for that input."""
+    if apply is not None and not glu_blockdiag_supported(x, weight, intermediate_size, mode):
+        raise RuntimeError("glu_blockdiag: the Triton kernel does not take this call, and a custom apply "
+                           "has no reference path; check glu_blockdiag_supported first")
     if use_triton(x, mode):
         from .glu import supported_shape
         shape = None if supported_shape(weight, x.shape[-1], intermediate_size) else (
@@ -106,11 +112,20 @@ def glu_blockdiag(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int,
             "(needs an even nblocks tiling H and 2I exactly)")
         if _triton_ok("glu_blockdiag", x, mode, weight, shape_reason=shape):
             from .glu import glu_blockdiag as kernel
-            return kernel(x, weight, intermediate_size)
+            return kernel(x, weight, intermediate_size, apply=apply)
     # Reference formula; with kernels on but an unsupported shape, the projection still takes its kernel.
     h = blockdiag_linear(x, weight, None, x.shape[-1], 2 * intermediate_size, mode)
     gate, value = h.split(intermediate_size, dim=-1)
     return F.gelu(gate) * value
+
+
+def glu_blockdiag_supported(x: torch.Tensor, weight: torch.Tensor, intermediate_size: int,
+                            mode: str = "auto") -> bool:
+    """Whether `glu_blockdiag` runs its Triton kernel on this call (no fallback, no warning)."""
+    if not use_triton(x, mode):
+        return False
+    from .glu import supported_shape
+    return supported_shape(weight, x.shape[-1], intermediate_size) and unsupported_reason(x, weight) is None
 
 
 def _mlp_out_features(w_out: torch.Tensor, out_features: int | None) -> int:
@@ -121,12 +136,12 @@ def _mlp_out_features(w_out: torch.Tensor, out_features: int | None) -> int:
 
 def glu_mlp(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,
             intermediate_size: int, mode: str = "auto", residual: torch.Tensor | None = None,
-            out_features: int | None = None) -> torch.Tensor | None:
+            out_features: int | None = None, apply=None) -> torch.Tensor | None:
     """The block-diagonal GLU MLP Wo·(gelu(A·x) ⊙ (B·x)) + bo [+ residual] as one autograd op whose backward
     recomputes the (tokens, I) activation instead of keeping it (kernels/glu.py GLUMLPFunction); None when
     the kernels cannot take the call (kernels off, blocks that do not tile H, 2I, I and `out_features`
     exactly, dtype or device), and the caller runs the two-step path (whose ops fall back, and warn, for the
-    same reason)."""
+    same reason). `apply`: as for `glu_blockdiag`."""
     nblocks, out_blk, act_blk = w_out.shape
     out_features = _mlp_out_features(w_out, out_features)
     _check_residual(residual, x, out_features)
@@ -135,7 +150,7 @@ def glu_mlp(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torc
     from .glu import glu_mlp_train, supported_shape
     if not supported_shape(w_up, x.shape[-1], intermediate_size) or unsupported_reason(x, w_up, w_out, bias):
         return None
-    return glu_mlp_train(x, w_up, w_out, bias, intermediate_size, residual)
+    return glu_mlp_train(x, w_up, w_out, bias, intermediate_size, residual, apply=apply)
 
 
 def glu_mlp_inference(x: torch.Tensor, w_up: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None,

@@ -274,6 +274,7 @@ class ParallelConfig:
     offload_params: bool = False           # ZeRO-3 parameters in CPU memory
     tensor_parallel: int = 1               # megatron-core tensor-parallel size
     context_parallel: int = 1              # sequence sharding around the long convolutions
+    sequence_parallel: bool = False        # megatron SP: activations between TP regions split by position
     backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl with CUDA, else gloo
 
     def validate(self, prefix: str = "parallel") -> None:

@@ -62,6 +62,25 @@ def test_tp_and_cp_together_traffic_formula_equals_measured():
     assert not bench.compare_traffic(measured, wrong, "wrong")[1]
 
 
+@pytest.mark.slow  # one 2-process gloo run: ~30 s
+def test_sequence_parallel_traffic_formula_equals_measured():
+    cfg = bench.load_model_config(TINY)
+    B, L = 1, 32
+    measured = bench.measure_layouts(TINY, [(2, 1, True)], B, L)[0]
+    rows, ok = bench.compare_traffic(measured, bench.model_parallel_traffic(cfg, B, L, 2, 1, 4, sp=True), "TP=2 SP")
+    assert ok, "\n".join(rows)
+    kinds = {k for m in measured for k, v in m["kinds"].items() if v[0]}
+    assert kinds == {(p, k) for p in ("fwd", "bwd") for k in ("all_reduce", "all_gather", "reduce_scatter",
+                                                             "all_to_all")}
+    # Teeth: a formula without the backward's second gather of each region's input is a mismatch.
+    wrong = bench.model_parallel_traffic(cfg, B, L, 2, 1, 4, sp=True)[0]
+    regathers = cfg.num_layers * 2 + 1
+    calls, payload, wire = wrong.kinds[("bwd", "all_gather")]
+    part = B * L * cfg.hidden_size * 4 // 2
+    wrong.kinds[("bwd", "all_gather")] = [calls - regathers, payload - regathers * part, wire - regathers * part]
+    assert not bench.compare_traffic(measured, [wrong, wrong], "wrong")[1]
+
+
 def test_formulas_scale_as_designed():
     cfg = bench.load_model_config(str(Path(TINY).parents[0] / "m2_gpt_360m.yaml"))
     # CP: per-rank all-to-all payload halves from CP=2 to CP=4; the halo does not grow with L.
@@ -80,6 +99,12 @@ def test_formulas_scale_as_designed():
     tp_alone = bench.tp_traffic(cfg, 1, 8192, 2, 2)[0]
     filters = cfg.num_layers * 2 * 8192 * cfg.filter_order * 2        # (L, O) features: full L on every rank
     assert both[0].payload("all_reduce") - 8 == (tp_alone.payload("all_reduce") - filters) / 2 + filters
+    # SP: the forward moves exactly TP's bytes (a reduce-scatter + an all-gather = an all-reduce), plus the
+    # residual conv's all-to-all; the backward adds the gathers again (and the small parameter all-reduces).
+    for T in (2, 8):
+        tp, sp = bench.tp_traffic(cfg, 1, 2048, T, 2)[0], bench.model_parallel_traffic(cfg, 1, 2048, T, 1, 2, True)[0]
+        assert sp.wire(phase="fwd") - sp.wire("all_to_all", "fwd") == pytest.approx(tp.wire(phase="fwd"))
+        assert sp.wire(phase="bwd") > tp.wire(phase="bwd")
     # Memory: activations per rank shrink with CP, checkpointing keeps far less than all layers.
     n = bench.count_params(cfg)
     m = [memory.memory_per_rank(replace(cfg, max_seq_len=32768), n, 1, 32768, P, 1, False) for P in (1, 8)]

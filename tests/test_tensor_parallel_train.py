@@ -8,7 +8,8 @@ ZeRO-1 with the m2train mpu, real MDS shards and checkpoints.
 - `m2train export` of the TP=2 checkpoint gives a single-process model whose logits equal the TP=2
   model's (loaded from the per-rank files in 2 spawned processes); `m2train eval` on the TP=2 checkpoint
   from one process reproduces the run's own validation loss;
-- TP=2 and CP=2 together (4 ranks): the same curve, an exact resume, and eval from one process.
+- TP=2 and CP=2 together (4 ranks), and TP=2 with sequence parallelism: the same curve, an exact resume, and
+  eval from one process.
 """
 
 from __future__ import annotations
@@ -207,10 +208,33 @@ def test_tp2_cp2_run_matches_single_process_resumes_and_evaluates(data, single, 
 
     metrics = evaluate_checkpoint(ckpt, batches=2, cache_dir=str(tmp_path / "cache"))
     assert math.isclose(metrics["loss"], val_got[-1], rel_tol=1e-5), (metrics, val_got)
+    _assert_resume_repeats(tp2cp2, data, TP2_CP2, 4, tmp_path)
 
+
+def _assert_resume_repeats(run_dir: Path, data: Path, overrides: list[str], nproc: int, tmp_path: Path) -> None:
+    """A copy of the run rewound to its step-10 checkpoint and rerun repeats steps 11..20 exactly."""
     resumed = tmp_path / "resumed"
-    shutil.copytree(tp2cp2, resumed)
+    shutil.copytree(run_dir, resumed)
     _rewind_to(resumed, 10)
-    log = run(resumed, data, *TINY, *TP2_CP2, f"train.run_dir={resumed}", nproc=4)
+    log = run(resumed, data, *TINY, *overrides, f"train.run_dir={resumed}", nproc=nproc)
     assert "resumed from" in log
-    assert losses(resumed) == losses(tp2cp2)               # == at every step: exact
+    assert losses(resumed) == losses(run_dir)              # == at every step: exact
+
+
+TP2_SP = ["parallel.zero_stage=1", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]
+
+
+def test_tp2_sequence_parallel_run_matches_single_process_resumes_and_evaluates(data, single, tmp_path):
+    """TP=2 with sequence parallelism (2 ranks): the loss curve, clipped norms (the LayerNorms' gradients are
+    summed over the TP ranks' positions) and validation equal the single-process run's; a resume from step 10
+    repeats steps 11..20 exactly; `m2train eval` from one process reproduces the validation loss."""
+    from m2train.train.evaluate import evaluate_checkpoint
+
+    d = tmp_path / "tp2sp"
+    log = run(d, data, *TINY, *TP2_SP, nproc=2)
+    assert "tensor parallel 2 + sequence parallel" in log
+    val_got = _assert_same_curve(d, single)
+    metrics = evaluate_checkpoint(d / "checkpoints" / f"step_{STEPS:08d}", batches=2,
+                                  cache_dir=str(tmp_path / "cache"))
+    assert math.isclose(metrics["loss"], val_got[-1], rel_tol=1e-5), (metrics, val_got)
+    _assert_resume_repeats(d, data, TP2_SP, 2, tmp_path)

@@ -1,5 +1,6 @@
 """Applies parallelism to a built model, in one fixed order:
-tensor parallel -> context parallel -> activation checkpointing -> engine wrap (m2train.train.engine).
+tensor parallel (-> sequence parallel) -> context parallel -> activation checkpointing -> engine wrap
+(m2train.train.engine).
 
 Tensor and context parallelism come first because they replace layers (and TP slices the weights every rank
 built identically from the same seed), and checkpoint wrappers must wrap the final layers; the DeepSpeed
@@ -25,6 +26,18 @@ def check_parallel_config(cfg: Config, world_size: int) -> int:
 
     p = cfg.parallel
     dp = check_layout(world_size, p.tensor_parallel, p.context_parallel)
+    if p.sequence_parallel:
+        if p.tensor_parallel < 2:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1 (it splits the "
+                              "activations TP would replicate)")
+        if p.context_parallel > 1:
+            raise ConfigError("parallel.sequence_parallel=true with parallel.context_parallel > 1 is not "
+                              "supported")
+        if cfg.model.arch != "m2_gpt":
+            raise ConfigError(f"parallel.sequence_parallel=true supports model.arch m2_gpt for now, not "
+                              f"{cfg.model.arch!r}")
+        if cfg.model.position_embeddings:
+            raise ConfigError("parallel.sequence_parallel=true does not support model.position_embeddings=true")
     if p.tensor_parallel > 1 and p.zero_stage == 3:
         raise ConfigError("parallel.zero_stage=3 with parallel.tensor_parallel>1 is not supported (ZeRO-3 "
                           "would partition the TP shards again); use zero_stage 0, 1 or 2")
@@ -45,6 +58,9 @@ def apply_parallelism(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     if p.tensor_parallel > 1:
         from .tensor_parallel import apply_tensor_parallel
         model = apply_tensor_parallel(model, groups.tp_group())
+        if p.sequence_parallel:
+            from .sequence_parallel import apply_sequence_parallel
+            model = apply_sequence_parallel(model, groups.tp_group())
     if p.context_parallel > 1:
         from .context_parallel import apply_context_parallel
         # ZeRO averages gradients over dp x cp: CP scales its loss gradient to match.

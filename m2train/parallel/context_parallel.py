@@ -420,6 +420,9 @@ def _swap_class(module: nn.Module, mixin: type, **attrs) -> None:
 
 
 def _check_supported(model: nn.Module, size: int) -> list[M2SequenceMixer]:
+    if getattr(model, "sequence_parallel", False):
+        raise ValueError("context parallelism on a sequence-parallel model is not supported: set "
+                         "parallel.sequence_parallel=false or parallel.context_parallel=1")
     if not isinstance(model, (CausalLM, EncoderForMaskedLM)):
         raise ValueError(f"context parallelism supports M2-GPT (causal LM) and M2-BERT masked LM models, not "
                          f"{type(model).__name__} (sequence classification pools over the whole sequence)")

@@ -5,7 +5,7 @@ in place: each TP rank keeps 1/T of the channels of every sequence mixer, 1/T of
 units and 1/T of the vocabulary; everything else (LayerNorms, biases after a reduction, position / token-type
 embeddings, the filters' shared MLP, z and freq) stays replicated. Communication follows megatron's two
 mappings (copy to the TP region = identity forward / all-reduce backward, reduce from it = all-reduce
-forward / identity backward; own autograd functions, see `_all_reduce`) and uses megatron-core's
+forward / identity backward; own autograd functions, m2train.parallel.tp_regions) and uses megatron-core's
 `vocab_parallel_cross_entropy` for the loss.
 
 Per layer and micro-batch of N = B·L tokens (fp32 words; H hidden, O filter order, V vocab):
@@ -27,7 +27,8 @@ Per layer and micro-batch of N = B·L tokens (fp32 words; H hidden, O filter ord
                    cross-entropy all-reduces 3 scalars per token (max, target logit, sum of exp).
 
 So a layer costs 2 forward + 2 backward all-reduces of an (N, H) activation, as a Transformer layer under
-megatron TP; activations stay replicated between layers (no sequence parallelism).
+megatron TP; activations stay replicated between layers unless m2train.parallel.sequence_parallel splits them
+by position (it overrides the region edges, `_RegionEdges`, and the layers that read a region's input).
 
 Dropout: TP peers share one RNG stream (the trainer seeds them alike), so replicated activations get the
 same masks on every rank; dropout on sharded activations (`sharded_dropout`) draws the unsharded mask and
@@ -63,43 +64,12 @@ from ..models.glu import MonarchGLU
 from ..models.heads import mlm_forward
 from ..models.mixer import M2SequenceMixer, linear_to_channels_first
 from ..models.outputs import ModelOutput, upcast
+# The collectives at the TP regions' edges (megatron's mappings) live in tp_regions.
+from .tp_regions import copy_to_tp as _copy_to_tp
+from .tp_regions import reduce_from_tp as _reduce_from_tp
 # The plan and the state-dict conversions live in tp_plan; re-exported here, where callers look for them.
 from .tp_plan import (GLUOutShard, Shard, check_tensor_parallel, gather_state_dict,  # noqa: F401
                       gather_tensors, merge_state_dicts, shard_rules, shard_state_dict)
-
-
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward, all-reduce of the gradient over TP backward (megatron's "copy to TP region")."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """All-reduce forward, identity backward (megatron's "reduce from TP region")."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    # A fresh contiguous tensor: megatron's own mapping helpers all-reduce `x.contiguous()` and return x,
-    # which silently skips the reduction when x is a non-contiguous view (as the mixer's transposed
-    # gradients are).
-    out = x.contiguous(memory_format=torch.contiguous_format).clone()
-    dist.all_reduce(out, group=group)
-    return out
 
 
 def sharded_dropout(x: torch.Tensor, dropout: nn.Dropout, dim: int, rank: int, size: int,
@@ -121,18 +91,13 @@ def sharded_dropout(x: torch.Tensor, dropout: nn.Dropout, dim: int, rank: int, s
     shape[dim] = width * size
     # Scaled before the product, as torch's CPU dropout does: for TP = 1 this is bit for bit F.dropout.
     keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p).div_(1.0 - p)
+    # The kept slice is copied out: the product saves the mask it used, and a view would keep the whole
+    # unsharded mask alive until backward.
     if groups == 1:
-        return x * keep.narrow(dim, rank * width, width)
+        return x * keep.narrow(dim, rank * width, width).contiguous()
     dim = dim % x.dim()
-    return x * keep.unflatten(dim, (groups, size, width // groups)).select(dim + 1, rank).flatten(dim, dim + 1)
-
-
-def _copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToTP.apply(x, group)
-
-
-def _reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromTP.apply(x, group)
+    mine = keep.unflatten(dim, (groups, size, width // groups)).select(dim + 1, rank).flatten(dim, dim + 1)
+    return x * mine.contiguous()
 
 
 def _mark_parallel(p: torch.Tensor, dim: int) -> None:
@@ -175,7 +140,22 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight[rows], self.bias[rows] if self.bias is not None else None)
 
 
-class VocabParallelEmbedding(nn.Module):
+class _RegionEdges:
+    """How a TP layer's input enters the TP region and its partial output leaves it, and how replicated
+    parameters applied after the exit are used. These are megatron's copy / reduce mappings;
+    m2train.parallel.sequence_parallel overrides the three for activations split along the sequence."""
+
+    def _region_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _copy_to_tp(x, self.group)
+
+    def _region_output(self, x: torch.Tensor) -> torch.Tensor:
+        return _reduce_from_tp(x, self.group)
+
+    def _replicated(self, p: torch.Tensor) -> torch.Tensor:
+        return p
+
+
+class VocabParallelEmbedding(_RegionEdges, nn.Module):
     """Rows [start, start + V/T) of the embedding; other ids give zeros here and the sum over TP ranks is the
     full lookup. Keeps nn.Embedding's padding_idx (no gradient for the pad row), unlike megatron's layer."""
 
@@ -192,10 +172,10 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.start) | (ids >= self.end)
         local = (ids - self.start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight, padding_idx=self.padding_idx)
-        return _reduce_from_tp(out.masked_fill(outside[..., None], 0.0), self.group)
+        return self._region_output(out.masked_fill(outside[..., None], 0.0))
 
 
-class TensorParallelMixer(M2SequenceMixer):
+class TensorParallelMixer(_RegionEdges, M2SequenceMixer):
     """The M2 sequence mixer on H/T channels: M2SequenceMixer's `_forward_reference` (with its fused Triton
     paths when the kernels are on) plus the TP communication and channel-sharded dropout. Holds the original
     mixer's submodules under the same names; still an M2SequenceMixer, so activation checkpointing's "mixer"
@@ -217,7 +197,7 @@ class TensorParallelMixer(M2SequenceMixer):
         # Never the CPU no-grad fast path (M2SequenceMixer._forward_fused): it reads the weights as H x H.
         if self.input_norm is not None:
             u = self.input_norm(u)
-        u = _copy_to_tp(u, self.group)           # one backward all-reduce for in_linear + residual conv
+        u = self._region_input(u)                # one backward all-reduce for in_linear + residual conv
         keep = pad_mask.to(u.dtype)[:, None, :] if self.pad_masking and pad_mask is not None else None
         return self._forward_reference(u, keep)
 
@@ -234,11 +214,11 @@ class TensorParallelMixer(M2SequenceMixer):
 
     def _project_out(self, y: torch.Tensor) -> torch.Tensor:
         """Row-parallel out_linear: this rank's partial product, all-reduced, then the (replicated) bias."""
-        out = _reduce_from_tp(F.linear(y.transpose(1, 2), self.out_linear.weight), self.group)
-        return out + self.out_linear.bias if self.out_linear.bias is not None else out
+        out = self._region_output(F.linear(y.transpose(1, 2), self.out_linear.weight))
+        return out + self._replicated(self.out_linear.bias) if self.out_linear.bias is not None else out
 
 
-class TensorParallelGLU(MonarchGLU):
+class TensorParallelGLU(_RegionEdges, MonarchGLU):
     """MonarchGLU with I/T intermediate units per rank (block-diagonal or dense layers)."""
 
     def __init__(self, glu: MonarchGLU, out_blocks: list[int] | None, group):
@@ -257,38 +237,52 @@ class TensorParallelGLU(MonarchGLU):
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """GLU(y) [+ residual], as MonarchGLU (the residual is added after the all-reduce)."""
-        out = self._tp_glu(_copy_to_tp(y, self.group))
+        out = self._tp_glu(self._region_input(y))
         return out + residual if residual is not None else out
 
     def _tp_glu(self, y: torch.Tensor) -> torch.Tensor:
         if self.out_blocks is None:              # dense
-            gate, value = F.linear(y, self.gated_layers.weight).chunk(2, dim=-1)
+            gate, value = self._first_linear(y, self.gated_layers.weight).chunk(2, dim=-1)
             partial = F.linear(self._dropout(F.gelu(gate) * value), self.wo.weight)
         else:
             wg, wo = self.gated_layers.weight, self.wo.weight
             nb, out_chunk = 2 * wo.shape[0], wo.shape[1]
             mode = kernel_mode(self)
-            if ops.kernels_enabled(y, mode):
+            if ops.kernels_enabled(y, mode) and self._kernels_take(y, wg):
                 # The GLU kernels on this rank's slices: they are themselves an aligned block-diagonal GLU of
                 # I/T units (gate block k still pairs with value block k + nb/2), and Wo's kept columns a
                 # block-diagonal layer of nb/2 blocks. Without dropout between them, the MLP op that
                 # recomputes the activation in its backward; with it, the two steps.
                 part = None
                 if not (self.training and self.dropout.p > 0):
-                    part = ops.glu_mlp(y, wg, wo, None, self.intermediate_size, mode)
+                    part = ops.glu_mlp(y, wg, wo, None, self.intermediate_size, mode, apply=self._kernel_apply(y))
                 if part is None:
-                    act = self._dropout(ops.glu_blockdiag(y, wg, self.intermediate_size, mode))
+                    act = self._dropout(ops.glu_blockdiag(y, wg, self.intermediate_size, mode,
+                                                          apply=self._kernel_apply(y)))
                     part = ops.blockdiag_linear(act, wo, None, self.intermediate_size, nb // 2 * out_chunk, mode)
             else:
-                gate, value = blockdiag_matmul(y, wg).chunk(2, dim=-1)
+                gate, value = self._first_blockdiag(y, wg).chunk(2, dim=-1)
                 act = self._dropout(F.gelu(gate) * value)
                 part = blockdiag_matmul(act, wo)
             part = part.unflatten(-1, (nb // 2, out_chunk))
             partial = part.new_zeros(*part.shape[:-2], nb, out_chunk)
             partial[..., self.out_blocks, :] = part
             partial = partial.flatten(-2)
-        out = _reduce_from_tp(partial, self.group)
-        return out + self.wo.bias.to(out.dtype) if self.wo.bias is not None else out
+        out = self._region_output(partial)
+        return out + self._replicated(self.wo.bias).to(out.dtype) if self.wo.bias is not None else out
+
+    # The layers that read the region's input (m2train.parallel.sequence_parallel gathers it inside them).
+    def _first_linear(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(y, w)
+
+    def _first_blockdiag(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return blockdiag_matmul(y, w)
+
+    def _kernels_take(self, y: torch.Tensor, w: torch.Tensor) -> bool:
+        return True               # the kernel ops fall back to their reference path themselves
+
+    def _kernel_apply(self, y: torch.Tensor):
+        return None               # the kernel ops apply their autograd Functions to y as usual
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ model parallelism (M2-GPT / M2-BERT; data parallel = world / (tensor x context))
                                vocabulary are split; needs T | hidden_size, vocab_size and T even for
                                block-diagonal GLUs; ZeRO 0-2. Checkpoints hold one module file per TP rank
                                and resume only with the same T (export / eval merge them).
+  parallel.sequence_parallel=true
+                               with TP (M2-GPT, not with CP): between the TP regions each rank keeps only
+                               its L/T positions (norms, dropout, residuals, the regions' inputs); needs
+                               T | the sequence length. Same checkpoints as TP alone.
   parallel.context_parallel=C  sequences split over C ranks around the long convolutions (long contexts);
                                needs C | hidden_size / T and C | the sequence length.
   Both at once: T x C ranks per replica (TP innermost), e.g. 4 processes, T = C = 2:

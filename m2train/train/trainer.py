@@ -232,6 +232,7 @@ class Trainer:
     def _layout_note(self) -> str:
         p = self.cfg.parallel
         return ((f", tensor parallel {p.tensor_parallel}" if p.tensor_parallel > 1 else "")
+                + (" + sequence parallel" if p.sequence_parallel else "")
                 + (f", context parallel {p.context_parallel}" if p.context_parallel > 1 else ""))
 
     # ---------------------------------------------------------------------------------------------
