@@ -278,8 +278,8 @@ class CommCounter:
     are counted: our code, megatron-core's cross-entropy) and records calls and bytes by kind."""
 
     NAMES = ("all_reduce", "all_to_all", "all_to_all_single", "all_gather", "all_gather_into_tensor",
-             "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "isend", "send",
-             "batch_isend_irecv")
+             "all_gather_single", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast",
+             "isend", "send", "batch_isend_irecv")
 
     def __init__(self):
         self.traffic = Traffic()
@@ -312,7 +312,7 @@ class CommCounter:
                 me = dist.get_rank(group)
                 payload = sum(x.nbytes for x in inputs)
                 self.traffic.add(self.phase, "all_to_all", payload, payload - inputs[me].nbytes)
-            elif name in ("all_gather", "all_gather_into_tensor"):
+            elif name in ("all_gather", "all_gather_single"):
                 t = args[1] if len(args) > 1 else kwargs["tensor" if name == "all_gather" else "input_tensor"]
                 self.traffic.add(self.phase, "all_gather", t.nbytes, (P - 1) * t.nbytes)
             elif name == "reduce_scatter_single":
@@ -452,7 +452,8 @@ def check_report(config: str, B: int, L: int) -> tuple[str, bool]:
     runs = [([(2, 1, False), (2, 1, True), (1, 2, False)], 2), ([(2, 2, False)], 4)]
     for layouts, world in runs:
         for layout, measured in zip(layouts, measure_layouts(config, layouts, B, L, world)):
-            rows, good = compare_traffic(measured, model_parallel_traffic(cfg, B, L, *layout, 4), layout_name(*layout))
+            formula = model_parallel_traffic(cfg, B, L, layout[0], layout[1], 4, *layout[2:])
+            rows, good = compare_traffic(measured, formula, layout_name(*layout))
             lines += rows
             ok &= good
     return "\n".join(lines), ok

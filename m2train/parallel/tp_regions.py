@@ -35,7 +35,7 @@ def _all_gather(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     recognise)."""
     size = dist.get_world_size(group)
     out = x.new_empty((size * x.shape[0], *x.shape[1:]))          # the collective joins along dim 0
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    dist.all_gather_single(out, x.contiguous(), group=group)
     return out.unflatten(0, (size, x.shape[0])).movedim(0, dim).flatten(dim, dim + 1)
 
 
