@@ -117,20 +117,25 @@ def cp_traffic(cfg, B: int, L: int, P: int, e: int) -> list[Traffic]:
     return model_parallel_traffic(cfg, B, L, 1, P, e)
 
 
-def _tp_collectives(t: Traffic, cfg, N: int, L: int, T: int, e: int) -> None:
-    """A TP rank's all-reduces for N tokens (the CP chunk's under CP); the filters run at the full L."""
-    H, O = cfg.hidden_size, cfg.filter_order
+def _filter_feature_all_reduces(t: Traffic, cfg, L: int, T: int, e: int) -> None:
+    """One layer's backward all-reduces of the (L, O) filter MLP features copied to the TP region (one per
+    filter MLP: 2 per long conv bidirectional, 1 causal), with or without SP."""
     convs = 1 + int(cfg.residual_long_conv)
     mlps = 2 if cfg.bidirectional else 1
-    act = N * H * e
+    for _ in range(convs * mlps):
+        _ring_all_reduce(t, "bwd", L * cfg.filter_order * e, T)
+
+
+def _tp_collectives(t: Traffic, cfg, N: int, L: int, T: int, e: int) -> None:
+    """A TP rank's all-reduces for N tokens (the CP chunk's under CP); the filters run at the full L."""
+    act = N * cfg.hidden_size * e
     _ring_all_reduce(t, "fwd", act, T)                       # vocab-parallel embedding
     for _ in range(cfg.num_layers):
         _ring_all_reduce(t, "fwd", act, T)                   # row-parallel out_linear
         _ring_all_reduce(t, "fwd", act, T)                   # GLU partial output
         _ring_all_reduce(t, "bwd", act, T)                   # mixer input copied to the TP region
         _ring_all_reduce(t, "bwd", act, T)                   # GLU input copied to the TP region
-        for _ in range(convs * mlps):                        # filter MLP features (L, O) copied
-            _ring_all_reduce(t, "bwd", L * O * e, T)
+        _filter_feature_all_reduces(t, cfg, L, T, e)
     for _ in range(3):                                       # CE max, target logit, sum exp (fp32)
         _ring_all_reduce(t, "fwd", N * 4, T)
     _ring_all_reduce(t, "bwd", act, T)                       # LM-head input copied to the TP region
@@ -142,9 +147,7 @@ def _sp_collectives(t: Traffic, cfg, N: int, L: int, T: int, e: int) -> None:
     before reduce-scattering the input gradient; each exit reduce-scatters the partial (N, H) and all-gathers
     its gradient; parameters applied to this rank's positions (norms, post-exit biases) all-reduce their
     gradients; the residual long conv's input moves by all-to-all (N·H/T per rank). Unchunked loss."""
-    H, O = cfg.hidden_size, cfg.filter_order
-    convs = 1 + int(cfg.residual_long_conv)
-    mlps = 2 if cfg.bidirectional else 1
+    H = cfg.hidden_size
     act, part = N * H * e, N * H * e // T
     wire_rs = (T - 1) / T * act                              # a ring reduce-scatter (or all-gather) of act
 
@@ -169,8 +172,7 @@ def _sp_collectives(t: Traffic, cfg, N: int, L: int, T: int, e: int) -> None:
         if cfg.residual_long_conv:
             for phase in PHASES:                             # the residual conv's own channels, and back
                 t.add(phase, "all_to_all", part, (T - 1) / T * part)
-        for _ in range(convs * mlps):                        # filter MLP features (L, O) copied
-            _ring_all_reduce(t, "bwd", L * O * e, T)
+        _filter_feature_all_reduces(t, cfg, L, T, e)
         exit_()                                              # out_linear
         replicated(H)                                        # its bias
         entry()                                              # the GLU's up-projection

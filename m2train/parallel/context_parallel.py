@@ -420,7 +420,9 @@ def _swap_class(module: nn.Module, mixin: type, **attrs) -> None:
 
 
 def _check_supported(model: nn.Module, size: int) -> list[M2SequenceMixer]:
-    if getattr(model, "sequence_parallel", False):
+    from .sequence_parallel import is_sequence_parallel
+
+    if is_sequence_parallel(model):
         raise ValueError("context parallelism on a sequence-parallel model is not supported: set "
                          "parallel.sequence_parallel=false or parallel.context_parallel=1")
     if not isinstance(model, (CausalLM, EncoderForMaskedLM)):

@@ -40,13 +40,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import ops
 from ..models.base import kernel_mode
 from ..models.gpt import CausalLM
 from ..models.m2_gpt import M2GPTBlock
 from ..models.outputs import upcast
 from .context_parallel import _AllToAll
 from .tensor_parallel import (ColumnParallelLinear, TensorParallelGLU, TensorParallelMixer, VocabParallelEmbedding,
-                              _vocab_parallel_ce_sum, sharded_dropout)
+                              _swap_class, _vocab_parallel_ce_sum, sharded_dropout)
 from .tp_regions import (BlockdiagFunction, LinearFunction, copy_to_tp, gather_from_sp, gathered_apply,
                          scatter_to_sp)
 
@@ -105,8 +106,6 @@ class _SequenceParallelGLU(_SequenceParallelEdges):
             return gathered_apply(BlockdiagFunction, _matmul_input(y), self.group, w)
 
     def _kernels_take(self, y: torch.Tensor, w: torch.Tensor) -> bool:
-        from ..kernels import ops
-
         # The kernel ops would fall back to their reference path on this rank's part alone: decide here.
         return ops.glu_blockdiag_supported(y, w, self.intermediate_size, kernel_mode(self))
 
@@ -175,14 +174,6 @@ def sequence_parallel_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, l
     return total / (labels != -100).sum() if reduction == "mean" else total
 
 
-def _swap_class(module: nn.Module, mixin: type, **attrs) -> None:
-    """Give this instance a subclass with `mixin` in front (as tensor_parallel._swap_class does)."""
-    cls = type(module)
-    module.__class__ = type(f"SequenceParallel{cls.__name__}", (mixin, cls), {})
-    for k, v in attrs.items():
-        setattr(module, k, v)
-
-
 def _check_supported(model: nn.Module, tp_group) -> None:
     from .context_parallel import is_context_parallel
 
@@ -207,22 +198,23 @@ def apply_sequence_parallel(model: nn.Module, tp_group) -> nn.Module:
     Inputs and labels stay whole on every TP rank; logits are the whole sequence's vocab shard, as under TP."""
     _check_supported(model, tp_group)
     rank, size = dist.get_rank(tp_group), dist.get_world_size(tp_group)
+    sp = "SequenceParallel"
     for m in list(model.modules()):
         if isinstance(m, TensorParallelMixer):
-            _swap_class(m, _SequenceParallelMixer)
+            _swap_class(m, _SequenceParallelMixer, sp)
             assert isinstance(m.in_linear, ColumnParallelLinear)
-            _swap_class(m.in_linear, _SequenceParallelColumnLinear)
+            _swap_class(m.in_linear, _SequenceParallelColumnLinear, sp)
         elif isinstance(m, TensorParallelGLU):
-            _swap_class(m, _SequenceParallelGLU)
+            _swap_class(m, _SequenceParallelGLU, sp)
         elif isinstance(m, VocabParallelEmbedding):
-            _swap_class(m, _SequenceParallelEdges)
+            _swap_class(m, _SequenceParallelEdges, sp)
     norms = [model.final_norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
     norms += [b.mixer.input_norm for b in model.blocks if b.mixer.input_norm is not None]
     for norm in norms:
-        _swap_class(norm, _SequenceParallelLayerNorm, group=tp_group)
+        _swap_class(norm, _SequenceParallelLayerNorm, sp, group=tp_group)
     for drop in [model.dropout] + [b.dropout for b in model.blocks]:
-        _swap_class(drop, _SequenceParallelDropout, tp_rank=rank, tp_size=size)
-    _swap_class(model, _SequenceParallelCausalLMHead)
+        _swap_class(drop, _SequenceParallelDropout, sp, tp_rank=rank, tp_size=size)
+    _swap_class(model, _SequenceParallelCausalLMHead, sp)
     model.sequence_parallel = True
     return model
 

@@ -478,11 +478,14 @@ def _shard_vocab(model: nn.Module, piece, rank: int, size: int, group) -> None:
         _swap_class(model, _TensorParallelMaskedLM)
 
 
-def _swap_class(model: nn.Module, mixin: type) -> None:
-    """Give this instance a subclass with `mixin` in front (the way torch's fully_shard swaps classes): the
-    class still is-a the original model class and keeps every other method."""
-    cls = type(model)
-    model.__class__ = type(f"TensorParallel{cls.__name__}", (mixin, cls), {})
+def _swap_class(module: nn.Module, mixin: type, prefix: str = "TensorParallel", **attrs) -> None:
+    """Give this instance a subclass with `mixin` in front (the way torch's fully_shard swaps classes), named
+    `prefix` + the class name, and set `attrs` on it: the class still is-a the original class and keeps
+    every other method. m2train.parallel.sequence_parallel swaps its mixins in the same way."""
+    cls = type(module)
+    module.__class__ = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
+    for k, v in attrs.items():
+        setattr(module, k, v)
 
 
 def gather_logits(logits: torch.Tensor, group) -> torch.Tensor:

@@ -1,15 +1,20 @@
-"""How activations enter and leave a tensor-parallel region: megatron's four mappings over the TP group, each
-an autograd.Function whose backward is the matching collective.
+"""How activations enter and leave a tensor-parallel region: megatron's mappings over the TP group, each an
+autograd.Function whose backward is the matching collective.
 
 Without sequence parallelism activations between TP regions are replicated on every TP rank:
     copy_to_tp        identity forward, all-reduce of the gradient backward (the region's input)
     reduce_from_tp    all-reduce forward, identity backward (the region's partial output)
 With sequence parallelism (m2train.parallel.sequence_parallel) they are split along the sequence (dim 1 of a
 (B, L, H) activation, rank r holding positions [r·L/T, (r+1)·L/T)):
-    gather_from_sp    all-gather forward, reduce-scatter backward (the region's input: whole sequences)
+    gathered_apply    a region's first layer on the whole sequences, all-gathered inside its autograd
+                      Function, keeping only this rank's part (gathered again in backward, whose input
+                      gradient is reduce-scattered)
     scatter_to_sp     reduce-scatter forward, all-gather backward (the region's partial output)
-A reduce-scatter and an all-gather move what one all-reduce moves, so sequence parallelism costs no extra
-traffic; what it saves is the replicated activations between the regions (norms, dropout, residuals).
+    gather_from_sp    all-gather forward, reduce-scatter backward (a plain gather whose result autograd may
+                      keep: the chunked loss uses it inside its checkpoint)
+The forward's all-gather and reduce-scatter move what TP's all-reduce moves; the backward's second gather of
+each region's input is SP's extra traffic (benchmarks/parallel.py `_sp_collectives`), the price of not
+keeping the replicated activations (norms, dropout, residuals, the regions' inputs).
 """
 
 from __future__ import annotations
@@ -30,9 +35,8 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 def _all_gather(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """Each rank's x joined along `dim` in rank order ((B, L/T, ...) -> (B, L, ...) for dim 1), as a fresh
-    contiguous tensor: layers that keep their input for backward then keep exactly this tensor (a
-    non-contiguous view would make F.linear keep a copy of its own, which `gathered_apply` could not
-    recognise)."""
+    contiguous tensor: `gathered_apply` then flattens it to rows without a copy, for the kernels' Functions
+    that take contiguous 2-D inputs."""
     size = dist.get_world_size(group)
     out = x.new_empty((size * x.shape[0], *x.shape[1:]))          # the collective joins along dim 0
     dist.all_gather_single(out, x.contiguous(), group=group)
@@ -48,11 +52,13 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     parts = x.unflatten(dim, (size, x.shape[dim] // size)).movedim(dim, 0).contiguous()
     out = parts.new_empty(parts.shape[1:])
     # The collective splits its input along dim 0 into one block per rank.
-    dist.reduce_scatter_single(out, parts.flatten(0, 1) if parts.dim() > 1 else parts, group=group)
+    dist.reduce_scatter_single(out, parts.flatten(0, 1), group=group)
     return out
 
 
 class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient over TP backward (megatron's "copy to TP region")."""
+
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
@@ -64,6 +70,8 @@ class _CopyToTP(torch.autograd.Function):
 
 
 class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward, identity backward (megatron's "reduce from TP region")."""
+
     @staticmethod
     def forward(ctx, x, group):
         return _all_reduce(x, group)
@@ -226,15 +234,5 @@ def scatter_to_sp(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     return _ScatterToSP.apply(x, group, dim)
 
 
-def enter_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
-    """A TP region's input: the replicated activation, or the whole sequences gathered from the SP split."""
-    return gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
-
-
-def leave_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
-    """A TP region's partial output summed over the TP ranks: replicated, or this rank's positions."""
-    return scatter_to_sp(x, group) if sequence_parallel else reduce_from_tp(x, group)
-
-
-__all__ = ["copy_to_tp", "reduce_from_tp", "gather_from_sp", "scatter_to_sp", "enter_tp", "leave_tp", "gathered_apply",
-           "LinearFunction", "BlockdiagFunction"]
+__all__ = ["copy_to_tp", "reduce_from_tp", "gather_from_sp", "scatter_to_sp", "gathered_apply", "LinearFunction",
+           "BlockdiagFunction"]
