@@ -8,7 +8,8 @@
 - no activation of the whole sequence's width is kept outside the TP regions: every (B, L, H) tensor TP
   keeps for backward (norm inputs and outputs, the regions' first layers' inputs, the head's input) is kept
   as this rank's (B, L/T, H) instead;
-- the unsupported layouts are clear errors, from apply_sequence_parallel and from the config check.
+- the unsupported layouts are clear errors, from apply_sequence_parallel and from the config check, and so is a
+  sequence length that does not split over the TP ranks.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def _errors() -> list[str]:
             attempt(lambda: apply_sequence_parallel(bert, tp)),
             attempt(lambda: apply_sequence_parallel(apply_tensor_parallel(gpt(position_embeddings=True), tp), tp)),
             attempt(lambda: apply_sequence_parallel(twice, tp)),
-            attempt(lambda: apply_context_parallel(twice, tp))]
+            attempt(lambda: apply_context_parallel(twice, tp)),
+            # A sequence length that does not split over the TP ranks: refused before any collective.
+            attempt(lambda: twice(input_ids=torch.ones(1, 25, dtype=torch.long)))]
 
 
 def _cases(rank, world):
@@ -202,6 +205,8 @@ def test_tp2_sequence_parallel_equals_single_process_and_keeps_only_local_positi
         assert "position_embeddings" in errors[2], errors[2]
         assert "already sequence-parallel" in errors[3], errors[3]
         assert errors[4].startswith("context parallelism on a sequence-parallel model"), errors[4]
+        assert errors[5] == ("sequence parallelism: sequence length 25 is not a multiple of "
+                             "parallel.tensor_parallel=2"), errors[5]
 
 
 @pytest.mark.parametrize("config, overrides, message", [
