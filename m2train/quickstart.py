@@ -6,7 +6,8 @@ It runs, as separate commands (printed, so a user can rerun or adapt any of them
   2. `m2train train CONFIG`          - the DeepSpeed trainer (one process, gloo) with periodic validation,
      metrics.jsonl and sharded checkpoints under OUT/run;
   3. `m2train eval OUT/run`          - perplexity of the final checkpoint on the validation split;
-  4. `m2train export OUT/run OUT/model` - consolidated safetensors + config.json + tokenizer.
+  4. `m2train export OUT/run OUT/model` - consolidated safetensors + config.json + tokenizer;
+  5. `m2train generate OUT/model`   - the exported model continues two prompts (OUT/samples.jsonl).
 Each step is a subprocess so that a failure points at the exact command, and every piece runs exactly as a
 user would run it. Rerunning the quickstart reuses the prepared data and resumes training from its latest
 checkpoint.
@@ -20,6 +21,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+# Openings in the style of the sample corpus (BBC News): what the tiny model has seen most of.
+SAMPLE_PROMPTS = ("The government said", "Shares in the company")
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -46,19 +51,22 @@ def run_quickstart(args) -> int:
     prep = m2 + ["sample-data", str(data_dir), "--seq-len", str(args.seq_len)]
     if args.workers is not None:
         prep += ["--workers", str(args.workers)]
-    _run(prep, "1/4 prepare the sample corpus (C4-format json.gz -> tokenizer -> MDS shards)")
+    _run(prep, "1/5 prepare the sample corpus (C4-format json.gz -> tokenizer -> MDS shards)")
 
     train = m2 + ["train", args.config, f"data.path={data_dir / 'gpt'}", f"train.run_dir={run_dir}"]
     if args.steps is not None:
         train += [f"train.max_steps={args.steps}"]
     train += list(args.overrides)
-    _run(train, "2/4 train (DeepSpeed engine, one CPU process)")
+    _run(train, "2/5 train (DeepSpeed engine, one CPU process)")
 
     metrics_out = out / "eval.json"
     _run(m2 + ["eval", str(run_dir), "--data", str(data_dir / "gpt"), "--out", str(metrics_out)],
-         "3/4 evaluate the final checkpoint on the validation split")
+         "3/5 evaluate the final checkpoint on the validation split")
     _run(m2 + ["export", str(run_dir), str(model_dir), "--overwrite"],
-         "4/4 export consolidated weights + config + tokenizer")
+         "4/5 export consolidated weights + config + tokenizer")
+    _run(m2 + ["generate", str(model_dir), "--max-new-tokens", "40", "--out", str(out / "samples.jsonl")]
+         + [arg for prompt in SAMPLE_PROMPTS for arg in ("--prompt", prompt)],
+         "5/5 continue two prompts with the exported model (incremental decoding)")
 
     records = _read_metrics(run_dir / "metrics.jsonl")
     evals = json.loads(metrics_out.read_text()) if metrics_out.is_file() else {}
@@ -72,7 +80,7 @@ def run_quickstart(args) -> int:
     final_loss = evals.get("loss")
     if final_loss is not None:
         print(f"  final checkpoint: val loss {final_loss:.3f}, perplexity {evals.get('perplexity', float('nan')):.1f}")
-    print(f"  metrics: {run_dir / 'metrics.jsonl'}\n  model:   {model_dir}  "
+    print(f"  metrics: {run_dir / 'metrics.jsonl'}\n  samples: {out / 'samples.jsonl'}\n  model:   {model_dir}  "
           f"(m2train.models.from_pretrained('{model_dir}'))\n  wall clock: {time.time() - t0:.0f} s")
     if not records or final_loss is None:
         print("m2train quickstart: no training metrics or evaluation found", file=sys.stderr)

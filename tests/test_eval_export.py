@@ -120,6 +120,14 @@ def _check_round_trip(tmp_path, arch, data, root, results, capsys):
     assert meta["tokenizer"]["found_via"] == "data.path/tokenizer" and meta["tokenizer"]["files"] == ["tokenizer.model"]
     assert (out / "tokenizer" / "tokenizer.model").read_bytes() == (data / "tokenizer" / "tokenizer.model").read_bytes()
     assert cli_main(["export", str(ckpt), str(out)]) == 1   # refuses to overwrite
+    if arch == "m2_gpt":
+        # m2train generate straight from the shards (tokenizer found as export finds it) = from the export.
+        gen = ["--prompt", "The river", "--temperature", "0", "--max-new-tokens", "6", "--json"]
+        capsys.readouterr()
+        assert cli_main(["generate", str(tmp_path / "run"), "--verify", "size"] + gen) == 0
+        from_shards = json.loads(capsys.readouterr().out)
+        assert cli_main(["generate", str(out)] + gen) == 0
+        assert json.loads(capsys.readouterr().out) == from_shards and len(from_shards["new_tokens"]) <= 6
 
 
 @pytest.mark.slow

@@ -26,6 +26,12 @@ def test_quickstart_end_to_end(tmp_path):
     assert (out / "model" / "tokenizer").is_dir()
     ids = torch.randint(5, 100, (1, 16))
     assert torch.isfinite(model(ids).logits).all()
+    # Step 5: the exported model continued both prompts with real text (tokenizer round trip included).
+    samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["The government said", "Shares in the company"]
+    for s in samples:
+        assert s["new_tokens"] and s["completion"].strip() and s["stopped"] in ("eos", "length")
+        assert len(s["new_tokens"]) <= 40 and all(0 <= t < model.config.vocab_size for t in s["new_tokens"])
 
     # A rerun reuses the prepared data and the finished run (resumes at max_steps: nothing to train).
     rc = main(["quickstart", "--steps", "30", "--out", str(out), "train.log_every=5", "train.eval_every=15",
@@ -40,5 +46,5 @@ def test_quickstart_help_names_every_step(capsys):
         main(["quickstart", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for word in ("sample-data", "m2train train", "m2train eval", "m2train export"):
+    for word in ("sample-data", "m2train train", "m2train eval", "m2train export", "m2train generate"):
         assert word in text

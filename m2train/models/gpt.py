@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .base import M2TrainModel
 from .chunked_loss import linear_cross_entropy
+from .decoding import DecodeState
 from .outputs import ModelOutput, upcast
 
 
@@ -75,6 +76,35 @@ class CausalLM(M2TrainModel):
         for block in self.blocks:
             h = block(h)
         return self.final_norm(h)
+
+    # Incremental decoding (m2train.models.decoding; m2train.models.generation drives it).
+    def new_decode_state(self, batch: int, max_len: int | None = None) -> DecodeState:
+        """Empty per-block caches for `batch` sequences of at most `max_len` positions (default
+        model.max_seq_len), on the model's device and in its dtype."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= self.config.max_seq_len:
+            raise ValueError(f"decode max_len {max_len} must be in 1..model.max_seq_len={self.config.max_seq_len}")
+        missing = sorted({type(b).__name__ for b in self.blocks if not hasattr(b, "step")})
+        if missing:
+            raise NotImplementedError(f"{', '.join(missing)} has no incremental decoding step")
+        ref = self.embed.weight
+        return DecodeState(max_len, [b.new_cache(batch, max_len, ref.device, ref.dtype) for b in self.blocks])
+
+    def decode(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Logits (B, T, V) of the T tokens `input_ids` (B, T) that follow the state's positions (the whole
+        prompt first, then one token per step); equal to the full forward's logits at those positions.
+        Inference only: run under torch.no_grad() in eval mode."""
+        T = input_ids.shape[1]
+        if state.length + T > state.max_len:
+            raise ValueError(f"decoding {T} more token(s) after {state.length} exceeds the decode state's "
+                             f"max_len={state.max_len}")
+        h = self.embed(input_ids)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed.weight[state.length:state.length + T]
+        for block, cache in zip(self.blocks, state.caches):
+            h = block.step(h, cache)
+        state.length += T
+        return self.lm_logits(self.final_norm(h))
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from .base import scaled_residual_init
+from .decoding import MixerCache, mixer_step
 from .glu import MonarchGLU
 from .gpt import CausalLM
 from .m2_bert import build_mixer
@@ -29,6 +30,15 @@ class M2GPTBlock(nn.Module):
             return x + self.dropout(self.mlp(self.norm2(x)))
         # No dropout between them: the residual goes into the GLU, whose kernel adds it as Wo's output
         # is stored (no separate pass over the activations).
+        return self.mlp(self.norm2(x), residual=x)
+
+    # Incremental decoding (m2train.models.decoding): the mixer keeps its short-conv tail and long-conv
+    # histories; the rest of the block is per position.
+    def new_cache(self, batch: int, max_len: int, device, dtype: torch.dtype) -> MixerCache:
+        return MixerCache.new(self.mixer, batch, max_len, device, dtype)
+
+    def step(self, x: torch.Tensor, cache: MixerCache) -> torch.Tensor:
+        x = x + mixer_step(self.mixer, self.norm1(x), cache)
         return self.mlp(self.norm2(x), residual=x)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .base import scaled_residual_init
 from .bert import EncoderForMaskedLM, EncoderForSequenceClassification
+from .decoding import AttentionCache, attention_step
 from .gpt import CausalLM
 
 
@@ -81,6 +82,14 @@ class GPTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))
+
+    # Incremental decoding (m2train.models.decoding): a KV cache.
+    def new_cache(self, batch: int, max_len: int, device, dtype: torch.dtype) -> AttentionCache:
+        return AttentionCache.new(self.attn, self.norm1.normalized_shape[0], batch, max_len, device, dtype)
+
+    def step(self, x: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        x = x + attention_step(self.attn, self.norm1(x), cache)
         return x + self.mlp(self.norm2(x))
 
 
