@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     load = os.getloadavg()[0]
     table = [HEADING, "",
-             f"- Command: `.venv/bin/python benchmarks/generation.py {' '.join(sys.argv[1:])}`".rstrip() + "",
+             "- Command: `" + " ".join([".venv/bin/python benchmarks/generation.py", *sys.argv[1:]]) + "`",
              f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, eval, inference_mode.",
              f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; 1-min load average "

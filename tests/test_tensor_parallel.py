@@ -75,11 +75,19 @@ def _equivalence(rank, world, arch, overrides, L=24):
     sd_exact = all(torch.equal(v, ref.state_dict()[k]) for k, v in full_sd.items()) and \
         full_sd.keys() == ref.state_dict().keys()
     n_sharded = sum(1 for n in rules if n in dict(tp.named_parameters()))
+    decode_refused = None                                   # (BERT: no decoding at all)
+    if arch in ("m2_gpt", "gpt"):
+        decode_refused = False
+        try:
+            tp.new_decode_state(1)
+        except NotImplementedError as e:
+            decode_refused = "not one parallelised by m2train.parallel" in str(e)
     local_numel = sum(p.numel() for p in tp.parameters())
     groups.destroy_model_parallel()
     dist.barrier()
     return {"errs": errs, "grads": grads, "n_params": len(ref_params), "sd_exact": sd_exact,
-            "n_sharded": n_sharded, "numel_ratio": local_numel / sum(p.numel() for p in ref.parameters()),
+            "n_sharded": n_sharded, "decode_refused": decode_refused,
+            "numel_ratio": local_numel / sum(p.numel() for p in ref.parameters()),
             "zero_grads": [n for n, p in ref.named_parameters() if p.grad is None or not p.grad.any()]}
 
 
@@ -168,6 +176,7 @@ def test_tp2_forward_backward_equal_single_process():
             assert not bad, f"gradients off (relative error): {bad}"
             assert len(r["grads"]) == r["n_params"]
             assert r["sd_exact"]
+            assert r["decode_refused"] is not False         # a TP causal LM refuses incremental decoding
             assert r["n_sharded"] >= 10
             assert r["numel_ratio"] < 0.75                  # the big matrices really are split
             # The comparison means something only if the gradients are not trivially zero.

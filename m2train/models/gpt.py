@@ -84,6 +84,14 @@ class CausalLM(M2TrainModel):
         max_len = self.config.max_seq_len if max_len is None else max_len
         if not 0 < max_len <= self.config.max_seq_len:
             raise ValueError(f"decode max_len {max_len} must be in 1..model.max_seq_len={self.config.max_seq_len}")
+        # The decoding steps are the single-process math: a model whose layers m2train.parallel swapped for
+        # sharded ones (TP, CP, SP) would silently run them on its shards alone.
+        swapped = sorted({type(m).__name__ for m in self.modules()
+                          if type(m).__module__.startswith("m2train.parallel")})
+        if swapped:
+            raise NotImplementedError(f"incremental decoding runs on a single-process model, not one parallelised by "
+                                      f"m2train.parallel ({', '.join(swapped)}); generate from its checkpoint or "
+                                      "export (`m2train generate`), which loads the whole model")
         missing = sorted({type(b).__name__ for b in self.blocks if not hasattr(b, "step")})
         if missing:
             raise NotImplementedError(f"{', '.join(missing)} has no incremental decoding step")
