@@ -16,7 +16,7 @@ from m2train.models.generation import SamplingConfig, filter_logits, generate
 # (arch, overrides): every mixer / block variant a causal LM can be built with.
 VARIANTS = {
     "m2_gpt": ("m2_gpt", {}),
-    "no_residual_conv": ("m2_gpt", dict(residual_long_conv=False)),
+    "no_residual_conv_input_norm": ("m2_gpt", dict(residual_long_conv=False, mixer_input_norm=True)),
     "short_conv_1_dense_glu": ("m2_gpt", dict(short_conv_kernel=1, mlp_type="dense")),
     "short_conv_5_monarch_glu_positions": ("m2_gpt", dict(short_conv_kernel=5, mlp_type="monarch",
                                                           position_embeddings=True)),
