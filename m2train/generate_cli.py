@@ -114,6 +114,31 @@ def _completion_text(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
     return tok.decode(new_ids)
 
 
+class _TextStream:
+    """Prints a single continuation's text as its tokens arrive. Only text that the next tokens cannot change
+    is printed: a prefix of the decoded continuation so far without its trailing replacement marks (a
+    byte-fallback character split over tokens decodes to such marks until its last byte arrives); the caller
+    prints whatever is left once the continuation is complete."""
+
+    def __init__(self, tok, prompt_ids: list[int], eos: int | None):
+        self.tok, self.prompt_ids, self.eos = tok, prompt_ids, eos
+        self.new: list[int] = []
+        self.shown = ""
+        self.done = False
+
+    def __call__(self, step_tokens) -> None:
+        token = int(step_tokens[0])
+        if self.done or token == self.eos:
+            self.done = True
+            return
+        self.new.append(token)
+        text = _completion_text(self.tok, self.prompt_ids, self.new)
+        safe = text.rstrip("\ufffd")        # (an incomplete character may decode to one mark per byte)
+        if safe.startswith(self.shown) and len(safe) > len(self.shown):
+            print(safe[len(self.shown):], end="", flush=True)
+            self.shown = safe
+
+
 def run_generate(args) -> int:
     try:
         return _generate(args)
@@ -151,8 +176,12 @@ def _generate(args) -> int:
         if not ids:
             raise GenerateError(f"prompt {i + 1} is empty and the tokenizer has no end-of-text token to start from")
         batch = torch.tensor([ids] * args.num_samples, dtype=torch.long)
+        # One continuation in plain text is printed as it is generated; several, or JSON, once complete.
+        stream = None if args.json or args.num_samples > 1 else _TextStream(tok, body, eos)
+        if stream is not None:
+            print(f"=== prompt {i + 1}, sample 1 ===\n{text}", end="", flush=True)
         out = generate(model, batch, args.max_new_tokens, sampling, eos_token_id=eos, generator=generator,
-                       use_cache=not args.no_cache)
+                       use_cache=not args.no_cache, on_token=stream)
         for s, (new, stopped) in enumerate(zip(out.new_tokens, out.stopped)):
             total_new += len(new) + (stopped == "eos")
             completion = _completion_text(tok, body, new)
@@ -160,9 +189,13 @@ def _generate(args) -> int:
                             "prompt_tokens": len(ids), "new_tokens": new, "stopped": stopped})
             if args.json:
                 print(json.dumps(records[-1]), flush=True)
-            else:
-                print(f"=== prompt {i + 1}, sample {s + 1} ({len(new)} new tokens, stopped at {stopped}) ===")
-                print(text + completion, flush=True)
+                continue
+            if stream is None:
+                print(f"=== prompt {i + 1}, sample {s + 1} ===\n{text}", end="")
+            shown = stream.shown if stream is not None else ""
+            # (Should decoding ever have rewritten text already shown, the whole continuation follows.)
+            print(completion[len(shown):] if completion.startswith(shown) else "\n" + completion)
+            print(f"[{len(new)} new tokens, stopped at {stopped}]", flush=True)
     seconds = time.perf_counter() - t_start
     if args.out is not None:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")

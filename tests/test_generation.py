@@ -2,6 +2,8 @@
 and `m2train generate` on an exported model."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,7 +219,9 @@ def test_generate_cli_on_an_export_folder(tmp_path, capsys):
     # Plain output: a header and the prompt followed by its continuation.
     assert cli_main(args[:-3]) == 0
     text = capsys.readouterr().out
-    assert "=== prompt 2, sample 1" in text and "The river rose" + lines[0]["completion"] in text
+    # (One sample per prompt: streamed as generated, ending with the same text as the JSON's.)
+    assert "=== prompt 2, sample 1 ===" in text and "The river rose" + lines[0]["completion"] + "\n" in text
+    assert f"[{len(lines[0]['new_tokens'])} new tokens, stopped at {lines[0]['stopped']}]" in text
 
 
 def test_generate_cli_errors(tmp_path, capsys):
@@ -236,3 +240,26 @@ def test_generate_cli_errors(tmp_path, capsys):
     assert "generation needs a causal LM" in capsys.readouterr().err
     assert cli_main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_streamed_text_never_shows_a_half_decoded_character(capsys):
+    """Byte-fallback pieces of a character outside the tokenizer's vocabulary arrive one per step; the stream
+    holds the replacement mark back until the character is whole, and ends with the full continuation."""
+    import torch as _t
+
+    from data_prep.tokenizers import SentencePieceTok
+    from m2train.generate_cli import _completion_text, _TextStream
+
+    _, proto = train_sentencepiece(TEXTS)
+    path = Path(tempfile.mkdtemp()) / "tokenizer.model"
+    path.write_bytes(proto)
+    tok = SentencePieceTok(path)
+    prompt = tok.encode_batch(["The river"])[0]
+    new = tok.encode_batch([" rose ☃ and fell"])[0]
+    assert sum(tok.sp.id_to_piece(t).startswith("<0x") for t in new) >= 3      # ☃ is three byte pieces
+    stream = _TextStream(tok, prompt, tok.special_tokens["eos"])
+    for t in new:
+        stream(_t.tensor([t]))
+    printed = capsys.readouterr().out
+    assert "\ufffd" not in printed and printed == _completion_text(tok, prompt, new) == stream.shown
+    assert printed.endswith("☃ and fell")

@@ -9,6 +9,7 @@ By default the prompt is run once and every further token is one incremental dec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -75,10 +76,12 @@ class Generation:
 @torch.no_grad()
 def generate(model: CausalLM, prompt_ids: torch.Tensor, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), eos_token_id: int | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> Generation:
     """Continue each row of prompt_ids (B, P) by up to max_new_tokens tokens. A row stops at eos_token_id;
     generation ends when every row has stopped (rows that stopped early are padded with eos_token_id in
-    `tokens`). The model runs in eval mode (restored afterwards); P + max_new_tokens may not exceed
+    `tokens`). on_token, when given, is called with each step's tokens (B,) as they are picked (streaming
+    output). The model runs in eval mode (restored afterwards); P + max_new_tokens may not exceed
     model.max_seq_len, since the filters (and positions) stop there."""
     if not isinstance(model, CausalLM):
         raise TypeError(f"generation needs a causal LM (M2-GPT or GPT), not {type(model).__name__}")
@@ -107,6 +110,8 @@ def generate(model: CausalLM, prompt_ids: torch.Tensor, max_new_tokens: int,
                 nxt = nxt.masked_fill(done, eos_token_id)
                 done |= nxt == eos_token_id
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if on_token is not None:
+                on_token(nxt)
             if bool(done.all()) or i == max_new_tokens - 1:
                 break
             logits = model.decode(nxt[:, None], state)[:, -1] if use_cache else model(tokens).logits[:, -1]
