@@ -14,17 +14,23 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Layout:
-    """How the job's processes are spread: `nodes` hosts, `procs_per_node` torchrun workers on each."""
+    """How the job's processes are spread: `nodes` hosts, `procs_per_node` training processes on each, started
+    by one torchrun per node or directly as Slurm tasks (launcher "torchrun" | "srun")."""
 
     hosts: tuple[str, ...]
     procs_per_node: int
     gpus_per_node: int
     master_addr: str
     master_port: int
+    launcher: str = "torchrun"
 
     @property
     def world_size(self) -> int:
         return len(self.hosts) * self.procs_per_node
+
+
+_LAUNCHERS = {"torchrun": "torchrun (one srun task per node, torchrun starts its processes)",
+              "srun": "srun (one Slurm task per process)"}
 
 
 def git_commit(repo: str | Path) -> str:
@@ -65,6 +71,7 @@ def job_header(*, job_id: str, job_name: str, restart_count: int, max_requeues: 
         f"nodes:        {len(layout.hosts)}: {' '.join(layout.hosts)}",
         f"world:        {layout.world_size} = {len(layout.hosts)} node(s) x {layout.procs_per_node} "
         f"process(es) per node ({layout.gpus_per_node} GPU(s) per node)",
+        f"launcher:     {_LAUNCHERS.get(layout.launcher, layout.launcher)}",
         f"rendezvous:   {layout.master_addr}:{layout.master_port}",
         f"command:      {' '.join(command)}",
         "=" * 72,

@@ -5,13 +5,20 @@
 
 `batch` reads the job's settings from M2_* environment variables (see `--help` or ENV_HELP), works out the
 world layout and the rendezvous address, prints the job header, runs one `srun` step with one task per node
-(`node`), and when the step ends finishes, fails, or requeues the job (launch/requeue.py). It is the process
+(`node`) - or, with M2_LAUNCHER=srun, one task per training process - and when the step ends finishes,
+fails, or requeues the job (launch/requeue.py). It is the process
 Slurm signals with `--signal=B:USR1@300` or `scancel --signal=USR1 --batch`: it forwards the stop to the
 step, whose trainers checkpoint and exit 3, then requeues the job.
 
 `node` starts `torchrun` for its node (static rendezvous at MASTER_ADDR:MASTER_PORT, node rank
 SLURM_NODEID), waits for it and every worker, then removes the node's streaming cache folder and the
 /dev/shm entries naming it.
+
+With M2_LAUNCHER=srun there is no torchrun: srun starts every training process itself (each reads its rank
+from SLURM_PROCID / SLURM_LOCALID, m2train.launch.env; MASTER_ADDR/PORT come from the batch process), srun
+forwards the stop signal to all of them, and a second, one-task-per-node step (`clean`) removes the node
+caches afterwards. Clusters that pin GPUs or CPUs per task (task/cgroup, gpu binding) or forbid nested
+launchers want this form.
 """
 
 from __future__ import annotations
@@ -46,10 +53,12 @@ ENV_HELP = """environment variables (the sbatch scripts in slurm/ set the defaul
   M2_CKPT_DIR        -> train.checkpoint_dir (default: RUN_DIR/checkpoints)
   M2_OVERRIDES       more key=value config overrides, shell-quoted, e.g. "train.max_steps=1000 optim.lr=1e-3"
   M2_GPUS_PER_NODE   GPUs each node uses (default: SLURM_GPUS_ON_NODE, else 0 = CPU processes with gloo)
-  M2_PROCS_PER_NODE  torchrun workers per node (default: M2_GPUS_PER_NODE, or 1 without GPUs)
+  M2_PROCS_PER_NODE  training processes per node (default: M2_GPUS_PER_NODE, or 1 without GPUs)
+  M2_LAUNCHER        torchrun (default: srun starts one torchrun per node) or srun (srun starts every
+                     training process as its own Slurm task, no torchrun)
   M2_MAX_REQUEUES    how often a stopped job may requeue itself (default 10; SLURM_RESTART_COUNT counts)
-  M2_STOP_TIMEOUT    seconds torchrun gives its workers to checkpoint after the stop signal before killing
-                     them (default 240: inside the 300 s warning of --signal=B:USR1@300)
+  M2_STOP_TIMEOUT    seconds the workers get to checkpoint after the stop signal before they are killed
+                     (default 240: inside the 300 s warning of --signal=B:USR1@300)
   M2_LOCAL_CACHE     node-local folder for decompressed streaming shards (default ${TMPDIR:-/tmp}/m2train-
                      cache-$USER); each job uses M2_LOCAL_CACHE/JOB_ID/<host>-node<i>, removed when its node
                      is done
@@ -65,6 +74,7 @@ DEFAULT_STOP_TIMEOUT = 240
 _PR_SET_CHILD_SUBREAPER = 36
 # The signals the batch process turns into a graceful stop of the training step.
 _STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+LAUNCHERS = ("torchrun", "srun")
 
 
 class JobConfigError(ValueError):
@@ -99,6 +109,7 @@ class JobSettings:
     overrides: tuple[str, ...]     # config overrides for `m2train train` (M2_DATA/RUN_DIR/CKPT_DIR included)
     gpus_per_node: int
     procs_per_node: int
+    launcher: str                  # torchrun | srun
     max_requeues: int
     stop_timeout: int
     cache_root: Path               # this job's node-local cache root (JOB_ID folder)
@@ -125,12 +136,16 @@ class JobSettings:
         job_id = env.get("SLURM_JOB_ID", "")
         default_cache = Path(env.get("TMPDIR") or "/tmp") / f"m2train-cache-{env.get('USER') or os.getuid()}"
         cache_root = Path(env.get("M2_LOCAL_CACHE") or default_cache) / (job_id or f"pid{os.getpid()}")
+        launcher = env.get("M2_LAUNCHER") or "torchrun"
+        if launcher not in LAUNCHERS:
+            raise JobConfigError(f"M2_LAUNCHER={launcher!r}: use torchrun (one torchrun per node) or srun (one "
+                                 "Slurm task per process)")
         try:
             eval_args = shlex.split(env.get("M2_EVAL_ARGS", ""))
         except ValueError as err:
             raise JobConfigError(f"M2_EVAL_ARGS is not valid shell quoting: {err}") from None
         return cls(mode=mode, config=config, overrides=tuple(overrides + extra), gpus_per_node=gpus,
-                   procs_per_node=procs,
+                   procs_per_node=procs, launcher=launcher,
                    max_requeues=_env_int(env, "M2_MAX_REQUEUES", DEFAULT_MAX_REQUEUES),
                    stop_timeout=_env_int(env, "M2_STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT, minimum=1),
                    cache_root=cache_root.resolve(), checkpoint=env.get("M2_CHECKPOINT") or env.get("M2_CKPT_DIR"),
@@ -183,6 +198,39 @@ def _step_environment(env: Mapping[str, str], settings: JobSettings) -> dict[str
     return out
 
 
+def _training_step(settings: JobSettings, nodes: int, cpus: int, addr: str, port: int) -> list[str]:
+    """The srun command of the training (or eval) step. CPUs are requested explicitly because srun does not
+    inherit --cpus-per-task from sbatch (Slurm >= 22.05)."""
+    if settings.launcher == "srun":
+        # One task per process. A stopped run's trainers leave through a barrier after their checkpoint
+        # (m2train.train.trainer), so --kill-on-bad-exit cannot cut a save short; it does end the step
+        # as soon as a crashed rank exits instead of leaving the others blocked in a collective.
+        procs = settings.procs_per_node
+        return ["srun", f"--nodes={nodes}", f"--ntasks={nodes * procs}", f"--ntasks-per-node={procs}",
+                f"--cpus-per-task={max(1, cpus // procs)}", "--kill-on-bad-exit=1",
+                sys.executable, "-m", "m2train", *settings.m2train_args()]
+    # One task per node (a torchrun bound to one CPU would starve its workers: it gets the node's CPUs).
+    node_cmd = [sys.executable, "-m", "m2train.launch.job", "node", "--nnodes", str(nodes),
+                "--nproc-per-node", str(settings.procs_per_node), "--master-addr", addr, "--master-port",
+                str(port), "--stop-timeout", str(settings.stop_timeout), "--cache-dir",
+                str(settings.cache_root), "--", *settings.m2train_args()]
+    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}",
+            "--kill-on-bad-exit=1", *node_cmd]
+
+
+def _clean_caches_step(settings: JobSettings, nodes: int, env: Mapping[str, str]) -> None:
+    """M2_LAUNCHER=srun: no per-node process outlives the trainers, so one more step (one task per node) removes
+    the node-local streaming caches, as `node` does after torchrun in the default form."""
+    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
+           sys.executable, "-m", "m2train.launch.job", "clean", "--cache-dir", str(settings.cache_root)]
+    try:
+        rc = subprocess.run(cmd, env=dict(env), timeout=300).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    if rc != 0:
+        _print(f"cache clean-up step ended with {rc}; node-local caches may remain under {settings.cache_root}")
+
+
 def _print(msg: str) -> None:
     print(f"[m2train job {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -198,18 +246,9 @@ def run_batch(mode: str, env: Mapping[str, str] | None = None) -> int:
     # Decided once here and passed to every node, so all torchruns agree on the rendezvous.
     addr = env.get("MASTER_ADDR") or node_address(hosts[0])
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else slurm_port(job_id)
-    layout = Layout(tuple(hosts), settings.procs_per_node, settings.gpus_per_node, addr, port)
+    layout = Layout(tuple(hosts), settings.procs_per_node, settings.gpus_per_node, addr, port, settings.launcher)
     restart = _env_int(env, "SLURM_RESTART_COUNT", 0)
-    cpus = _cpus_per_node(env)
-
-    node_cmd = [sys.executable, "-m", "m2train.launch.job", "node", "--nnodes", str(len(hosts)),
-                "--nproc-per-node", str(settings.procs_per_node), "--master-addr", addr, "--master-port",
-                str(port), "--stop-timeout", str(settings.stop_timeout), "--cache-dir",
-                str(settings.cache_root), "--", *settings.m2train_args()]
-    # One task per node; CPUs are requested again because srun does not inherit --cpus-per-task from sbatch
-    # (Slurm >= 22.05), and a torchrun bound to one CPU would starve its workers.
-    srun_cmd = ["srun", f"--nodes={len(hosts)}", f"--ntasks={len(hosts)}", "--ntasks-per-node=1",
-                f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1", *node_cmd]
+    srun_cmd = _training_step(settings, len(hosts), _cpus_per_node(env), addr, port)
     print(job_header(job_id=job_id, job_name=env.get("SLURM_JOB_NAME", "?"), restart_count=restart,
                      max_requeues=settings.max_requeues, repo=Path.cwd(), command=srun_cmd,
                      config=settings.config, overrides=list(settings.overrides), layout=layout), flush=True)
@@ -231,11 +270,18 @@ def run_batch(mode: str, env: Mapping[str, str] | None = None) -> int:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, on_stop)
     step_start = time.time()
-    proc = subprocess.Popen(srun_cmd, env=_step_environment(env, settings))
+    step_env = _step_environment(env, settings)
+    if settings.launcher == "srun":
+        # Every task reads the rendezvous from here (m2train.launch.env), so all agree on node 0's address
+        # even where its host name does not resolve.
+        step_env.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+    proc = subprocess.Popen(srun_cmd, env=step_env)
     if stop["signal"] is not None:       # the signal came while srun was starting
         proc.send_signal(signal.SIGUSR1)
     rc = proc.wait()
     _print(f"training step exited with code {rc}")
+    if settings.launcher == "srun":
+        _clean_caches_step(settings, len(hosts), step_env)
     if mode != "train":
         return rc
     stop_reason = stop["signal"]
@@ -353,6 +399,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds the workers get to checkpoint after a stop signal")
     n.add_argument("--cache-dir", required=True, help="the job's node-local streaming cache root")
     n.add_argument("m2train_args", nargs=argparse.REMAINDER, help="-- then the m2train command")
+    c = sub.add_parser("clean", help="(started by `batch` through srun with M2_LAUNCHER=srun) remove this node's "
+                                     "streaming cache folder")
+    c.add_argument("--cache-dir", required=True, help="the job's node-local streaming cache root")
     return p
 
 
@@ -361,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "batch":
             return run_batch(args.mode)
+        if args.cmd == "clean":
+            _clean_node_cache(Path(args.cache_dir), _env_int(os.environ, "SLURM_NODEID", 0))
+            return 0
         rest = args.m2train_args[1:] if args.m2train_args[:1] == ["--"] else args.m2train_args
         if not rest:
             raise JobConfigError("node: give the m2train command after --")

@@ -148,21 +148,16 @@ def test_gpt_360m_script_unchanged_on_cpu_completes(cluster, sample_data, tmp_pa
     assert metrics["batches"] == 2 and 1.0 < metrics["perplexity"] < 2048 * 2
 
 
-def test_usr1_checkpoints_requeues_and_resumes(cluster, sample_data, tmp_path):
-    run, log = tmp_path / "run", tmp_path / "job.out"
-    # Room for the signal to arrive mid-run: from the log showing step 2 to the trainer seeing SIGUSR1 takes
-    # a poll, scancel and the batch script's forwarding (~1-3 s), and a tiny-model step can take ~20 ms on an
-    # idle machine, so with 10 steps a fresh-clone CI run once finished all of them first (stopped at 10).
-    max_steps = 200
-    job = _sbatch(cluster, "slurm/m2_gpt_360m.sh", ["--nodes=1", *CPU_NODE, f"--output={log}"],
-                  _train_env(sample_data, run, max_steps))
-    # Preempt once training is under way (a loss line for step 2 is in the log).
-    _wait(cluster, job, 240, log,
+def _preempt_once_and_check_resumed(cluster: dict, job: str, log: Path, run: Path, max_steps: int) -> str:
+    """Once training is under way (a loss line for step 2 is in the log), USR1 to the batch process; then
+    the job must stop at one step K with a checkpoint, requeue itself once, resume at K and finish, with
+    every step in metrics.jsonl exactly once. Returns the job's log."""
+    _wait(cluster, job, 300, log,
           done=lambda info: log.exists() and re.search(rf"step\s+2/{max_steps}", log.read_text()) is not None)
     r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    info = _wait(cluster, job, 360, log, done=lambda i: i["JobState"] == "COMPLETED" or
+    info = _wait(cluster, job, 420, log, done=lambda i: i["JobState"] == "COMPLETED" or
                  (i["JobState"] in ("FAILED", "CANCELLED") and i["Restarts"] != "0"))
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
@@ -172,11 +167,23 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, sample_data, tmp_path):
     k = int(stopped.group(1))
     assert 2 <= k < max_steps
     assert "requeueing (attempt 2)" in text
-    assert "attempt 2 (SLURM_RESTART_COUNT=1" in text
     assert re.search(rf"resumed from \S+step_{k:08d}\S* at step {k}\b", text), text[-4000:]
     assert f"finished {max_steps} steps" in text
     # metrics.jsonl: every step once, in order, across both attempts.
     assert [m["step"] for m in _metrics(run) if "loss" in m] == list(range(1, max_steps + 1))
+    return text
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, sample_data, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    # Room for the signal to arrive mid-run: from the log showing step 2 to the trainer seeing SIGUSR1 takes
+    # a poll, scancel and the batch script's forwarding (~1-3 s), and a tiny-model step can take ~20 ms on an
+    # idle machine, so with 10 steps a fresh-clone CI run once finished all of them first (stopped at 10).
+    max_steps = 200
+    job = _sbatch(cluster, "slurm/m2_gpt_360m.sh", ["--nodes=1", *CPU_NODE, f"--output={log}"],
+                  _train_env(sample_data, run, max_steps))
+    text = _preempt_once_and_check_resumed(cluster, job, log, run, max_steps)
+    assert "attempt 2 (SLURM_RESTART_COUNT=1" in text
 
 
 def test_two_nodes_one_torchrun_each(cluster, sample_data, tmp_path):
@@ -193,6 +200,25 @@ def test_two_nodes_one_torchrun_each(cluster, sample_data, tmp_path):
     assert "on 2 process(es) [gloo" in text              # the trainer's world: 2 ranks
     assert (run / "checkpoints" / "latest").exists()
     assert [m["step"] for m in _metrics(run) if "loss" in m] == [1, 2]
+
+
+def test_srun_launcher_one_task_per_process_checkpoints_requeues_and_resumes(cluster, sample_data, tmp_path):
+    """M2_LAUNCHER=srun on 2 nodes x 2 processes (no torchrun): the tasks form the world from Slurm's
+    variables, USR1 to the batch process reaches all four through srun, they stop at one step, save, the job
+    requeues itself and the second attempt resumes there; the clean-up step empties the node caches."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    max_steps = 200
+    env = {**_train_env(sample_data, run, max_steps), "M2_LAUNCHER": "srun", "M2_PROCS_PER_NODE": "2"}
+    job = _sbatch(cluster, "slurm/m2_gpt_360m.sh", ["--nodes=2", *CPU_NODE, f"--output={log}"], env)
+    text = _preempt_once_and_check_resumed(cluster, job, log, run, max_steps)
+    assert re.search(r"world:\s+4 = 2 node\(s\) x 2 process", text)
+    assert "launcher:     srun (one Slurm task per process)" in text
+    assert "torch.distributed.run" not in text                       # no torchrun anywhere
+    assert re.search(r"srun --nodes=2 --ntasks=4 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1 ",
+                     text)
+    assert "on 4 process(es) [gloo" in text
+    cache = Path(env["M2_LOCAL_CACHE"]) / job
+    assert not cache.exists() or not any(cache.iterdir()), sorted(cache.rglob("*"))[:10]
 
 
 def test_two_nodes_tensor_and_context_parallel(cluster, sample_data, tmp_path):

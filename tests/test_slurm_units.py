@@ -46,6 +46,25 @@ def test_settings_from_env_defaults_and_overrides(tmp_path):
     assert (cpu.gpus_per_node, cpu.procs_per_node) == (0, 1)      # CPU: one gloo process per node
 
 
+def test_training_step_commands_per_launcher(tmp_path):
+    """torchrun (default): one srun task per node running `job node` (its torchrun), all the node's CPUs.
+    srun: one task per process running `m2train` itself, the CPUs split between them."""
+    from m2train.launch.job import _training_step
+
+    env = {"M2_CONFIG": "m2_gpt_tiny", "M2_PROCS_PER_NODE": "4", "M2_LOCAL_CACHE": str(tmp_path)}
+    s = JobSettings.from_env("train", env)
+    assert s.launcher == "torchrun"
+    cmd = _training_step(s, 2, 32, "10.0.0.1", 12345)
+    assert cmd[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32",
+                       "--kill-on-bad-exit=1"]
+    assert cmd[7:10] == ["-m", "m2train.launch.job", "node"] and "--nproc-per-node" in cmd
+    s = JobSettings.from_env("train", {**env, "M2_LAUNCHER": "srun"})
+    cmd = _training_step(s, 2, 32, "10.0.0.1", 12345)
+    assert cmd[:6] == ["srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=8",
+                       "--kill-on-bad-exit=1"]
+    assert cmd[7:9] == ["-m", "m2train"] and cmd[9:] == s.m2train_args()
+
+
 def test_eval_default_checkpoint_is_the_configs_run_dir():
     s = JobSettings.from_env("eval", {"M2_CONFIG": "m2_gpt_tiny", "M2_DATA": "/d", "M2_EVAL_ARGS": "--batches 3"})
     args = s.m2train_args()
@@ -59,6 +78,7 @@ def test_eval_default_checkpoint_is_the_configs_run_dir():
     ({"M2_CONFIG": "x", "M2_GPUS_PER_NODE": "eight"}, "M2_GPUS_PER_NODE='eight' is not an integer"),
     ({"M2_CONFIG": "x", "M2_PROCS_PER_NODE": "0"}, "M2_PROCS_PER_NODE=0 must be >= 1"),
     ({"M2_CONFIG": "x", "M2_OVERRIDES": "a='b"}, "M2_OVERRIDES is not valid shell quoting"),
+    ({"M2_CONFIG": "x", "M2_LAUNCHER": "mpirun"}, "M2_LAUNCHER='mpirun': use torchrun"),
 ])
 def test_settings_errors_name_the_variable(env, message):
     with pytest.raises(JobConfigError, match=message):
@@ -83,6 +103,7 @@ def test_header_lists_commit_config_hash_nodes_and_layout():
     assert "attempt 2 (SLURM_RESTART_COUNT=1" in text
     assert "world:        16 = 2 node(s) x 8 process(es) per node (8 GPU(s) per node)" in text
     assert "rendezvous:   10.0.0.1:12345" in text
+    assert "launcher:     torchrun (one srun task per node" in text
     other = job_header(job_id="5", job_name="j", restart_count=0, max_requeues=10, repo=REPO, command=[],
                        config="m2_gpt_tiny", overrides=["train.max_steps=4"], layout=Layout(("n1",), 1, 0, "a", 1))
     hash_of = [line.split("hash ")[1] for t in (text, other) for line in t.splitlines() if "hash " in line]
@@ -94,8 +115,8 @@ def test_help_documents_every_setting():
                        text=True, timeout=60)
     assert r.returncode == 0
     for var in ("M2_CONFIG", "M2_DATA", "M2_RUN_DIR", "M2_CKPT_DIR", "M2_OVERRIDES", "M2_GPUS_PER_NODE",
-                "M2_PROCS_PER_NODE", "M2_MAX_REQUEUES", "M2_STOP_TIMEOUT", "M2_LOCAL_CACHE", "M2_CHECKPOINT",
-                "M2_EVAL_ARGS", "M2_PYTHON", "M2_REPO"):
+                "M2_PROCS_PER_NODE", "M2_LAUNCHER", "M2_MAX_REQUEUES", "M2_STOP_TIMEOUT", "M2_LOCAL_CACHE",
+                "M2_CHECKPOINT", "M2_EVAL_ARGS", "M2_PYTHON", "M2_REPO"):
         assert var in r.stdout
 
 
