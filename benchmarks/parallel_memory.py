@@ -1,4 +1,4 @@
-"""Per-rank memory of M2-GPT under context parallelism: the formulas and their measured checks (the `memory`
+"""Per-rank memory of M2-GPT under context and tensor parallelism: the formulas and their measured checks (the `memory`
 report of benchmarks/parallel.py, which has the command line and the definitions).
 
     memory_per_rank        parameters, gradients, optimizer state (ZeRO over the dp x cp ranks) and
@@ -10,8 +10,8 @@ report of benchmarks/parallel.py, which has the command line and the definitions
     memory_check           those formulas against what autograd saves in a real forward (CP = 1 in this
                            process, CP = 2 on 2 gloo ranks)
     tensor_parallel_memory_report
-                           measured only: the saved bytes per rank under TP=2 (without and with sequence
-                           parallelism), CP=2 and TP=2 x CP=2
+                           the saved bytes per rank under TP=2 (without and with sequence parallelism), CP=2
+                           and TP=2 x CP=2, against the formula where it covers the layout
     sequence_parallel_memory_report
                            measured only: TP=2 and 4 without and with sequence parallelism at a real width
 """
@@ -24,38 +24,51 @@ from parallel import (_gb, _step_batch, cfg_name, count_params, layout_name, loa
                       measure_layouts)
 
 
-def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int, kernels: bool = False) -> dict:
-    """Bytes autograd keeps for backward in one M2-GPT block on one CP rank (chunk Lc = L/P), by part.
+def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int, kernels: bool = False, T: int = 1,
+                               sp: bool = False) -> dict:
+    """Bytes autograd keeps for backward in one M2-GPT block on one rank, by part: context parallelism over P
+    ranks (chunk Lc = L/P) or tensor parallelism over T ranks (with sequence parallelism when `sp`), not both.
 
-    From the shapes of the context-parallel forward (m2train.parallel.context_parallel), counting each
-    storage once; e bytes per activation element, FFT spectra complex fp32 (8 bytes). With P = 1 the same
-    formula describes the reference forward: only the chunk is the whole sequence. kernels=True: the fused
-    Triton kernels' forward instead (`kernel_activation_bytes_per_layer`)."""
+    From the shapes of the forward (m2train.parallel.context_parallel / tensor_parallel / sequence_parallel),
+    counting each storage once; e bytes per activation element, FFT spectra complex fp32 (8 bytes). With
+    P = T = 1 it is the reference forward. TP shards every channel dimension inside the mixer and the GLU by T
+    and keeps the norms and the regions' inputs whole; SP also splits those by position. kernels=True: the
+    fused Triton kernels' forward instead (`kernel_activation_bytes_per_layer`; CP or none only)."""
+    if P > 1 and (T > 1 or sp):
+        raise NotImplementedError("the formula covers CP or TP (+ SP), not both at once")
     if kernels:
+        if T > 1:
+            raise NotImplementedError("the kernels' formula covers CP only")
         return kernel_activation_bytes_per_layer(cfg, B, L, P, e)
     H, I, O, K = cfg.hidden_size, cfg.intermediate_size, cfg.filter_order, cfg.short_conv_kernel
     Lc = L // P
+    Hc = H // max(P, T)                                         # the long convs' channels on this rank
     convs = 1 + int(cfg.residual_long_conv)
     mlps = 2 if cfg.bidirectional else 1
     n = 1 << (2 * L - 1).bit_length()                          # FFT size of the long conv
     tok = B * Lc
+    # Tokens of the replicated stream a rank keeps: all of its chunk, or under SP its L/T positions.
+    stream = tok // T if sp else tok
+    # The residual conv reads a view of the mixer input (the in_linear input, counted with the norms) unless
+    # its channels arrive by an exchange over the whole sequence: CP's or SP's all-to-all makes a new tensor.
+    residual_input = B * Hc * L * e if cfg.residual_long_conv and (P > 1 or sp) else 0
     parts = {
         # LayerNorm inputs (x, x + mixer) and their mean/rstd (fp32), in_linear / GLU inputs (norm outputs)
-        "norms + linear inputs": 4 * tok * H * e + 2 * 2 * tok * 4,
-        # short conv input with its K-1 halo, and its output (x1, x2, v are views of it)
-        "short conv": 2 * B * 3 * H * (Lc + K - 1) * e,
-        # per long conv: its channel-sharded input (B, H/P, L), the fp32 zero-padded FFT input (B, H/P, n)
-        # and its spectrum (B, H/P, n/2+1) complex64
-        "long convs": convs * B * (H // P) * (L * e + n * 4 + (n // 2 + 1) * 8),
+        "norms + linear inputs": 4 * stream * H * e + 2 * 2 * stream * 4,
+        # short conv input with its K-1 halo, and its output (x1, x2, v are views of it); 3H/T rows under TP
+        "short conv": 2 * B * 3 * (H // T) * (Lc + K - 1) * e,
+        # per long conv: the fp32 zero-padded FFT input (B, Hc, n) and its spectrum (B, Hc, n/2+1) complex64;
+        # the gated conv's input v ⊙ x1 (B, Hc, L), and the residual conv's when it is a tensor of its own
+        "long convs": convs * B * Hc * (n * 4 + (n // 2 + 1) * 8) + B * Hc * L * e + residual_input,
         # gated conv output (kept for ⊙ x2) and the mixer's pre-out_linear sum
-        "mixer outputs": 2 * tok * H * e,
-        # filters, per conv: 3 Linear -> Sin stages over (L, O) keep 3 tensors each (per MLP), the decay
-        # (L, H/P) of this rank's channels, the padded fp32 kernel (H/P, n) and its spectrum (H/P, n/2+1)
-        "filters": convs * (mlps * 9 * L * O * e + L * (H // P) * e
-                            + (H // P) * (n * 4 + (n // 2 + 1) * 8)),
+        "mixer outputs": 2 * tok * (H // T) * e,
+        # filters, per conv: 3 Linear -> Sin stages over (L, O) keep 3 tensors each (per MLP; replicated
+        # under TP), the decay (L, Hc) of this rank's channels, the padded fp32 kernel (Hc, n) and its
+        # spectrum (Hc, n/2+1)
+        "filters": convs * (mlps * 9 * L * O * e + L * Hc * e + Hc * (n * 4 + (n // 2 + 1) * 8)),
         # GLU: its input (as the block-diagonal layer's reshaped copy, counted above), the (2I) up-projection,
-        # GELU(gate), and the product fed to Wo (reshaped copy)
-        "GLU": tok * (2 * I + I + I) * e,
+        # GELU(gate), and the product fed to Wo (reshaped copy); I/T of each under TP
+        "GLU": tok * (2 * I + I + I) // T * e,
     }
     return parts
 
@@ -105,23 +118,28 @@ def kernel_activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int) -> di
     return parts
 
 
-def model_activation_bytes(cfg, B: int, L: int, P: int, e: int, kernels: bool = False) -> int:
-    """All layers' activation bytes plus the head's, on one CP rank (no activation checkpointing)."""
-    return cfg.num_layers * sum(activation_bytes_per_layer(cfg, B, L, P, e, kernels).values()) \
-        + head_bytes(cfg, B, L, P, e)
+def model_activation_bytes(cfg, B: int, L: int, P: int, e: int, kernels: bool = False, T: int = 1,
+                           sp: bool = False) -> int:
+    """All layers' activation bytes plus the head's, on one CP (or TP) rank (no activation checkpointing)."""
+    return cfg.num_layers * sum(activation_bytes_per_layer(cfg, B, L, P, e, kernels, T, sp).values()) \
+        + head_bytes(cfg, B, L, P, e, T, sp)
 
 
-def head_bytes(cfg, B: int, L: int, P: int, e: int) -> int:
+def head_bytes(cfg, B: int, L: int, P: int, e: int, T: int = 1, sp: bool = False) -> int:
     """Final norm input and output (+ fp32 stats), the int64 token ids and labels, and what the loss keeps:
-    the fp32 log-softmax of the (B, L/P, V) logits, or with model.loss_chunk_tokens (m2train.models.
-    chunked_loss) only a bool mask and a count (its masked int64 label copy replaces the labels themselves;
-    the logits are recomputed in backward: one (chunk, V) fp32 block exists at a time, transiently, and is
-    not counted here)."""
+    the fp32 log-softmax of the (B, L/P, V) logits (V/T columns under TP: the vocab-parallel head), or with
+    model.loss_chunk_tokens (m2train.models.chunked_loss) only a bool mask and a count (its masked int64
+    label copy replaces the labels themselves; the logits are recomputed in backward: one (chunk, V) fp32
+    block exists at a time, transiently, and is not counted here). Under SP the final norm's tensors hold
+    the rank's L/T positions."""
+    if cfg.loss_chunk_tokens and T > 1:
+        raise NotImplementedError("the chunked loss's formula covers TP = 1 only")
     tok = B * (L // P)
-    common = tok * cfg.hidden_size * e * 2 + 2 * tok * 4 + 2 * tok * 8
+    stream = tok // T if sp else tok
+    common = stream * cfg.hidden_size * e * 2 + 2 * stream * 4 + 2 * tok * 8
     if cfg.loss_chunk_tokens:
         return common + tok + 8
-    return common + tok * cfg.vocab_size * 4
+    return common + tok * (cfg.vocab_size // T) * 4
 
 
 def memory_per_rank(cfg, n_params: int, B: int, L: int, P: int, zero_stage: int, checkpointing: bool,
@@ -232,9 +250,10 @@ def kernel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
 
 
 def tensor_parallel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
-    """MEASURED only (no formula yet): the activation bytes autograd saves per rank in one training forward
-    of `config` (fp32, torch path) on one process, under TP=2 (without and with sequence parallelism), CP=2
-    (2 gloo ranks) and TP=2 x CP=2 (4), as a fraction of the single process's."""
+    """The activation bytes autograd saves per rank in one training forward of `config` (fp32, torch path)
+    on one process, under TP=2 (without and with sequence parallelism), CP=2 (2 gloo ranks) and TP=2 x CP=2
+    (4), as a fraction of the single process's; measured / `model_activation_bytes` where the formula
+    covers the layout (all but TP x CP)."""
     from dataclasses import replace
 
     base = load_model_config(config)
@@ -248,10 +267,13 @@ def tensor_parallel_memory_report(config: str, B: int, lengths: tuple[int, ...])
         single = saved_in_this_process(cfg, B, L)
         cells = []
         for layouts, world in runs:
-            for ranks in measure_layouts(cfg, layouts, B, L, world):
+            for (T, P, sp), ranks in zip(layouts, measure_layouts(cfg, layouts, B, L, world)):
                 busiest = max(r["saved"] for r in ranks)
-                cells.append(f"{busiest:,} ({busiest / single:.3f}x)")
-        lines.append(f"| {L} | {single:,} | " + " | ".join(cells) + " |")
+                check = "" if T > 1 and P > 1 else \
+                    f", {busiest / model_activation_bytes(cfg, B, L, P, 4, T=T, sp=sp):.3f} of formula"
+                cells.append(f"{busiest:,} ({busiest / single:.3f}x{check})")
+        one = single / model_activation_bytes(cfg, B, L, 1, 4)
+        lines.append(f"| {L} | {single:,} ({one:.3f} of formula) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
