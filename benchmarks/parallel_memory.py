@@ -11,7 +11,7 @@ report of benchmarks/parallel.py, which has the command line and the definitions
                            process, CP = 2 on 2 gloo ranks)
     tensor_parallel_memory_report
                            the saved bytes per rank under TP=2 (without and with sequence parallelism), CP=2
-                           and TP=2 x CP=2, against the formula where it covers the layout
+                           and TP=2 x CP=2, against the formula
     sequence_parallel_memory_report
                            measured only: TP=2 and 4 without and with sequence parallelism at a real width
 """
@@ -27,22 +27,23 @@ from parallel import (_gb, _step_batch, cfg_name, count_params, layout_name, loa
 def activation_bytes_per_layer(cfg, B: int, L: int, P: int, e: int, kernels: bool = False, T: int = 1,
                                sp: bool = False) -> dict:
     """Bytes autograd keeps for backward in one M2-GPT block on one rank, by part: context parallelism over P
-    ranks (chunk Lc = L/P) or tensor parallelism over T ranks (with sequence parallelism when `sp`), not both.
+    ranks (chunk Lc = L/P), tensor parallelism over T ranks (with sequence parallelism when `sp`, not with
+    CP), or both (TP innermost: CP's exchanges move the TP rank's H/T channels).
 
     From the shapes of the forward (m2train.parallel.context_parallel / tensor_parallel / sequence_parallel),
     counting each storage once; e bytes per activation element, FFT spectra complex fp32 (8 bytes). With
     P = T = 1 it is the reference forward. TP shards every channel dimension inside the mixer and the GLU by T
     and keeps the norms and the regions' inputs whole; SP also splits those by position. kernels=True: the
     fused Triton kernels' forward instead (`kernel_activation_bytes_per_layer`; CP or none only)."""
-    if P > 1 and (T > 1 or sp):
-        raise NotImplementedError("the formula covers CP or TP (+ SP), not both at once")
+    if P > 1 and sp:
+        raise NotImplementedError("sequence parallelism does not combine with CP")
     if kernels:
         if T > 1:
             raise NotImplementedError("the kernels' formula covers CP only")
         return kernel_activation_bytes_per_layer(cfg, B, L, P, e)
     H, I, O, K = cfg.hidden_size, cfg.intermediate_size, cfg.filter_order, cfg.short_conv_kernel
     Lc = L // P
-    Hc = H // max(P, T)                                         # the long convs' channels on this rank
+    Hc = H // (P * T)                           # the long convs' channels on this rank (CP exchanges H/T)
     convs = 1 + int(cfg.residual_long_conv)
     mlps = 2 if cfg.bidirectional else 1
     n = 1 << (2 * L - 1).bit_length()                          # FFT size of the long conv
@@ -252,8 +253,7 @@ def kernel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
 def tensor_parallel_memory_report(config: str, B: int, lengths: tuple[int, ...]) -> str:
     """The activation bytes autograd saves per rank in one training forward of `config` (fp32, torch path)
     on one process, under TP=2 (without and with sequence parallelism), CP=2 (2 gloo ranks) and TP=2 x CP=2
-    (4), as a fraction of the single process's; measured / `model_activation_bytes` where the formula
-    covers the layout (all but TP x CP)."""
+    (4), as a fraction of the single process's, and measured / `model_activation_bytes`."""
     from dataclasses import replace
 
     base = load_model_config(config)
@@ -269,8 +269,7 @@ def tensor_parallel_memory_report(config: str, B: int, lengths: tuple[int, ...])
         for layouts, world in runs:
             for (T, P, sp), ranks in zip(layouts, measure_layouts(cfg, layouts, B, L, world)):
                 busiest = max(r["saved"] for r in ranks)
-                check = "" if T > 1 and P > 1 else \
-                    f", {busiest / model_activation_bytes(cfg, B, L, P, 4, T=T, sp=sp):.3f} of formula"
+                check = f", {busiest / model_activation_bytes(cfg, B, L, P, 4, T=T, sp=sp):.3f} of formula"
                 cells.append(f"{busiest:,} ({busiest / single:.3f}x{check})")
         one = single / model_activation_bytes(cfg, B, L, 1, 4)
         lines.append(f"| {L} | {single:,} ({one:.3f} of formula) | " + " | ".join(cells) + " |")

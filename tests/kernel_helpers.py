@@ -56,3 +56,23 @@ def ieee_fp32_matmuls():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def recording_fused_convs():
+    """The (input shape, fused operands) of every m2train.kernels.fftconv.gated_fft_conv call inside the block
+    (callers import it at call time, so the patched function is the one they run)."""
+    from m2train.kernels import fftconv
+
+    calls, real = [], fftconv.gated_fft_conv
+
+    def counted(v, spec_re, spec_im, skip, gate_in=None, gate_out=None, addend=None, **kwargs):
+        fused = [k for k, t in (("gate_in", gate_in), ("gate_out", gate_out), ("addend", addend)) if t is not None]
+        calls.append((tuple(v.shape), ",".join(fused)))
+        return real(v, spec_re, spec_im, skip, gate_in, gate_out, addend, **kwargs)
+
+    fftconv.gated_fft_conv = counted
+    try:
+        yield calls
+    finally:
+        fftconv.gated_fft_conv = real

@@ -5,11 +5,13 @@ L = 32,768."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
+from kernel_helpers import recording_fused_convs
 from test_checkpoint_helpers import run_distributed
 
 REL_TOL = 1e-5
@@ -42,7 +44,8 @@ def _equivalence(rank, world, arch, overrides, grad_reduction, L, checkpointing=
     from m2train.parallel.context_parallel import apply_context_parallel, gather_sequence, shard_batch
 
     kernels = overrides.get("kernels") == "triton"
-    kernel_calls = _count_fused_conv_calls() if kernels else None
+    recording = contextlib.ExitStack()                     # closed before returning
+    kernel_calls = recording.enter_context(recording_fused_convs()) if kernels else None
     exchanges = _count_all_to_alls() if kernels else None
     torch.manual_seed(0)                                   # same weights and batch on both ranks
     cfg = tiny_model_cfg(arch, max_seq_len=L, **overrides)
@@ -92,25 +95,10 @@ def _equivalence(rank, world, arch, overrides, grad_reduction, L, checkpointing=
     # The local chunks' own losses differ from rank to rank; the reported loss must not.
     losses = [torch.zeros(()) for _ in range(world)]
     dist.all_gather(losses, out.loss.detach().float())
+    recording.close()
     return {"errs": errs, "grads": grads, "same_loss": len({x.item() for x in losses}) == 1,
             "n_params": sum(1 for _ in cp.parameters()),
             "zero_grads": [n for n, p in ref.named_parameters() if p.grad is None or not p.grad.any()]}
-
-
-def _count_fused_conv_calls() -> list:
-    """Record the input shape of every m2train.kernels.fftconv.gated_fft_conv call from now on (in this
-    process; context_parallel imports it at call time)."""
-    from m2train.kernels import fftconv
-
-    calls, original = [], fftconv.gated_fft_conv
-
-    def counted(v, spec_re, spec_im, skip, gate_in=None, gate_out=None, addend=None, **kwargs):
-        fused = [name for name, t in (("gate_in", gate_in), ("gate_out", gate_out), ("addend", addend))
-                 if t is not None]
-        calls.append((tuple(v.shape), ",".join(fused)))
-        return original(v, spec_re, spec_im, skip, gate_in, gate_out, addend, **kwargs)
-    fftconv.gated_fft_conv = counted
-    return calls
 
 
 def _count_all_to_alls() -> list:

@@ -7,14 +7,12 @@ replicated tensors identical."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from unittest import mock
 
 import pytest
 import torch
 
-from kernel_helpers import ran_kernel
+from kernel_helpers import ran_kernel, recording_fused_convs
 from test_checkpoint_helpers import run_distributed
 # The CP tests' batch (labels and padding inside both CP chunks), error and equivalence checks.
 from test_context_parallel import _assert_equivalent, rel_err
@@ -52,7 +50,7 @@ def _equivalence(arch: str, overrides: dict, L: int = 24, checkpointing: str = "
         from m2train.parallel.activation_checkpointing import apply_activation_checkpointing
         apply_activation_checkpointing(model, checkpointing)
     model.zero_grad(set_to_none=True)
-    with _recording_fused_convs() as convs:
+    with recording_fused_convs() as convs:
         out = model(**shard_batch(batch, groups.cp_group()))
     glu_ops = [name for name in ("GLUMLPFunction", "GLUBlockdiagFunction") if ran_kernel(out.loss, name)]
     out.loss.backward()
@@ -75,22 +73,6 @@ def _equivalence(arch: str, overrides: dict, L: int = 24, checkpointing: str = "
             "n_params": len(ref_params), "convs": convs, "glu_ops": glu_ops,
             "same_loss": len({x.item() for x in losses}) == 1,
             "zero_grads": [n for n, p in ref.named_parameters() if p.grad is None or not p.grad.any()]}
-
-
-@contextlib.contextmanager
-def _recording_fused_convs():
-    """The (input shape, fused operands) of every m2train.kernels.fftconv.gated_fft_conv call inside."""
-    from m2train.kernels import fftconv
-
-    calls, real = [], fftconv.gated_fft_conv
-
-    def counted(v, spec_re, spec_im, skip, gate_in=None, gate_out=None, addend=None, **kwargs):
-        fused = [k for k, t in (("gate_in", gate_in), ("gate_out", gate_out), ("addend", addend)) if t is not None]
-        calls.append((tuple(v.shape), ",".join(fused)))
-        return real(v, spec_re, spec_im, skip, gate_in, gate_out, addend, **kwargs)
-
-    with mock.patch.object(fftconv, "gated_fft_conv", counted):
-        yield calls
 
 
 def _torch_path_cases(rank, world):
