@@ -3,7 +3,8 @@ token, for M2-GPT and, as a reference, the GPT baseline with its KV cache.
 
 For each model and context length P: a random prompt of P tokens is decoded in one call ("prefill"), then
 `--tokens` single-token steps follow ("step", the median per token). "Recompute" is what generation costs
-without a cache: one full forward over P tokens per new token (the median of `--tokens` forwards at length P).
+without a cache: one full forward over P tokens per new token (the median of max(1, `--tokens` // 2) forwards
+at length P: each costs as much as the whole prefill).
 Eval mode, torch.inference_mode, batch 1, random weights (speed does not depend on them). Models are timed one
 after another; the speedup is recompute / step within the same model and length.
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from m2train.config import load_config  # noqa: E402
 from m2train.models import build_model  # noqa: E402
+from model_throughput import write_results  # noqa: E402
 
 HEADING = "## generation (CPU)"
 
@@ -96,19 +98,8 @@ def main(argv=None) -> int:
     text = "\n".join(table) + "\n"
     print("\n" + text)
     if not args.no_write:
-        _write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+        write_results(text, ROOT / "benchmarks" / "RESULTS.md", HEADING)
     return 0
-
-
-def _write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (from its heading to the next '## '), or append it."""
-    old = path.read_text() if path.is_file() else ""
-    start = old.find(HEADING + "\n")
-    if start < 0:
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(HEADING))
-    path.write_text(old[:start] + text + (old[end:] if end >= 0 else ""))
 
 
 if __name__ == "__main__":

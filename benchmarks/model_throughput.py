@@ -222,12 +222,13 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU, lscpu model name: {name}"
 
 
-def write_results(text: str, path: Path) -> None:
-    """Replace (or append) the `## model_throughput (CPU)` section of RESULTS.md."""
+def write_results(text: str, path: Path, heading: str = HEADING) -> None:
+    """Move a benchmark's section of RESULTS.md (`heading` to the next '## ', default `## model_throughput
+    (CPU)`) to the end with `text` as its new content, or append it."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(HEADING)
+    start = old.find(heading)
     if start >= 0:
-        end = old.find("\n## ", start + len(HEADING))
+        end = old.find("\n## ", start + len(heading))
         old = old[:start].rstrip() + ("\n\n" + old[end + 1:] if end >= 0 else "")
     path.write_text(old.rstrip() + "\n\n" + text.rstrip() + "\n")
 

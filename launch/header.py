@@ -29,8 +29,9 @@ class Layout:
         return len(self.hosts) * self.procs_per_node
 
 
-_LAUNCHERS = {"torchrun": "torchrun (one srun task per node, torchrun starts its processes)",
-              "srun": "srun (one Slurm task per process)"}
+# M2_LAUNCHER's values (launch/job.py checks against these) and how the header describes them.
+LAUNCHERS = {"torchrun": "torchrun (one srun task per node, torchrun starts its processes)",
+             "srun": "srun (one Slurm task per process)"}
 
 
 def git_commit(repo: str | Path) -> str:
@@ -71,7 +72,7 @@ def job_header(*, job_id: str, job_name: str, restart_count: int, max_requeues: 
         f"nodes:        {len(layout.hosts)}: {' '.join(layout.hosts)}",
         f"world:        {layout.world_size} = {len(layout.hosts)} node(s) x {layout.procs_per_node} "
         f"process(es) per node ({layout.gpus_per_node} GPU(s) per node)",
-        f"launcher:     {_LAUNCHERS.get(layout.launcher, layout.launcher)}",
+        f"launcher:     {LAUNCHERS.get(layout.launcher, layout.launcher)}",
         f"rendezvous:   {layout.master_addr}:{layout.master_port}",
         f"command:      {' '.join(command)}",
         "=" * 72,

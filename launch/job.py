@@ -41,7 +41,7 @@ from m2train.config import ConfigError
 from m2train.train.signals import read_stop_marker
 
 from .env import slurm_port
-from .header import Layout, job_header
+from .header import LAUNCHERS, Layout, job_header
 from .requeue import TIME_BUDGET, decide, requeue
 from .slurm import SlurmJobError, job_hostnames, node_address
 
@@ -74,7 +74,6 @@ DEFAULT_STOP_TIMEOUT = 240
 _PR_SET_CHILD_SUBREAPER = 36
 # The signals the batch process turns into a graceful stop of the training step.
 _STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-LAUNCHERS = ("torchrun", "srun")
 
 
 class JobConfigError(ValueError):
@@ -214,15 +213,19 @@ def _training_step(settings: JobSettings, nodes: int, cpus: int, addr: str, port
                 "--nproc-per-node", str(settings.procs_per_node), "--master-addr", addr, "--master-port",
                 str(port), "--stop-timeout", str(settings.stop_timeout), "--cache-dir",
                 str(settings.cache_root), "--", *settings.m2train_args()]
-    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}",
-            "--kill-on-bad-exit=1", *node_cmd]
+    return [*_per_node_srun(nodes, cpus), "--kill-on-bad-exit=1", *node_cmd]
+
+
+def _per_node_srun(nodes: int, cpus: int) -> list[str]:
+    """The start of an srun step with one task on each node, `cpus` CPUs each."""
+    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}"]
 
 
 def _clean_caches_step(settings: JobSettings, nodes: int, env: Mapping[str, str]) -> None:
     """M2_LAUNCHER=srun: no per-node process outlives the trainers, so one more step (one task per node) removes
     the node-local streaming caches, as `node` does after torchrun in the default form."""
-    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
-           sys.executable, "-m", "m2train.launch.job", "clean", "--cache-dir", str(settings.cache_root)]
+    cmd = [*_per_node_srun(nodes, 1), sys.executable, "-m", "m2train.launch.job", "clean", "--cache-dir",
+           str(settings.cache_root)]
     try:
         rc = subprocess.run(cmd, env=dict(env), timeout=300).returncode
     except subprocess.TimeoutExpired:

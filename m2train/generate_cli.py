@@ -77,10 +77,9 @@ def load_model_and_tokenizer(source: str, dtype: str = "auto", device: str = "cp
     from .data_prep.tokenizers import load_tokenizer
     from .models.gpt import CausalLM
     from .models.pretrained import CONFIG_NAME, WEIGHTS_NAME, from_pretrained
-    from .train.export import find_tokenizer
+    from .train.export import DTYPES, find_tokenizer
 
-    torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                   "fp64": torch.float64}[dtype]
+    torch_dtype = {**DTYPES, "auto": None, "fp64": torch.float64}[dtype]
     path = Path(source)
     if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
         model = from_pretrained(path, map_location=device, dtype=torch_dtype)
@@ -103,12 +102,14 @@ def load_model_and_tokenizer(source: str, dtype: str = "auto", device: str = "cp
     return model, tok
 
 
-def _completion_text(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
+def _completion_text(tok, prompt_ids: list[int], new_ids: list[int], prompt_text: str | None = None) -> str:
     """The text the new tokens add after the prompt. Decoding them alone would lose what depends on the
     token before (sentencepiece drops the leading space of a sequence's first word), so the prompt and its
-    continuation are decoded together and the prompt's own text is cut off."""
+    continuation are decoded together and the prompt's own text (`prompt_text`: tok.decode(prompt_ids),
+    decoded here unless given) is cut off."""
     if prompt_ids:
-        before, whole = tok.decode(prompt_ids), tok.decode(prompt_ids + new_ids)
+        before = tok.decode(prompt_ids) if prompt_text is None else prompt_text
+        whole = tok.decode(prompt_ids + new_ids)
         if whole.startswith(before):
             return whole[len(before):]
     return tok.decode(new_ids)
@@ -122,6 +123,7 @@ class _TextStream:
 
     def __init__(self, tok, prompt_ids: list[int], eos: int | None):
         self.tok, self.prompt_ids, self.eos = tok, prompt_ids, eos
+        self.prompt_text = tok.decode(prompt_ids)        # the same for every token: decoded once
         self.new: list[int] = []
         self.shown = ""
         self.done = False
@@ -132,7 +134,7 @@ class _TextStream:
             self.done = True
             return
         self.new.append(token)
-        text = _completion_text(self.tok, self.prompt_ids, self.new)
+        text = _completion_text(self.tok, self.prompt_ids, self.new, self.prompt_text)
         safe = text.rstrip("\ufffd")        # (an incomplete character may decode to one mark per byte)
         if safe.startswith(self.shown) and len(safe) > len(self.shown):
             print(safe[len(self.shown):], end="", flush=True)

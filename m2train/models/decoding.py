@@ -38,7 +38,8 @@ class DecodeLengthError(ValueError):
     """A step that would go past the length the decode state was made for."""
 
 
-def _check_room(length: int, new: int, max_len: int) -> None:
+def check_room(length: int, new: int, max_len: int) -> None:
+    """Refuse a step of `new` tokens after `length` that would not fit a state made for `max_len`."""
     if length + new > max_len:
         raise DecodeLengthError(f"decoding {new} more token(s) after {length} would exceed the decode state's "
                                 f"max_len={max_len} (at most model.max_seq_len)")
@@ -70,7 +71,7 @@ def mixer_step(mixer: M2SequenceMixer, u: torch.Tensor, cache: MixerCache) -> to
     if mixer.bidirectional:
         raise ValueError("incremental decoding needs a causal mixer; this one is bidirectional")
     T = u.shape[1]
-    _check_room(cache.length, T, cache.max_len)
+    check_room(cache.length, T, cache.max_len)
     t0, t1 = cache.length, cache.length + T
     if mixer.input_norm is not None:
         u = mixer.input_norm(u)
@@ -122,10 +123,10 @@ class AttentionCache:
 
 def attention_step(attn: nn.Module, x: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
     """Causal self-attention's output (B, T, H) for the T positions after the cache's."""
-    B, T, H = x.shape
-    _check_room(cache.length, T, cache.max_len)
+    T = x.shape[1]
+    check_room(cache.length, T, cache.max_len)
     t0, t1 = cache.length, cache.length + T
-    q, k, v = attn.qkv(x).view(B, T, 3, attn.num_heads, H // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.heads(x)
     cache.k[:, :, t0:t1] = k
     cache.v[:, :, t0:t1] = v
     mask = None
@@ -134,7 +135,7 @@ def attention_step(attn: nn.Module, x: torch.Tensor, cache: AttentionCache) -> t
         mask = torch.arange(t1, device=x.device)[None, :] <= torch.arange(t0, t1, device=x.device)[:, None]
     y = F.scaled_dot_product_attention(q, cache.k[:, :, :t1], cache.v[:, :, :t1], attn_mask=mask)
     cache.length = t1
-    return attn.out(y.transpose(1, 2).reshape(B, T, H))
+    return attn.merge(y)
 
 
 @dataclass
@@ -146,4 +147,5 @@ class DecodeState:
     length: int = 0
 
 
-__all__ = ["MixerCache", "AttentionCache", "DecodeState", "DecodeLengthError", "mixer_step", "attention_step"]
+__all__ = ["MixerCache", "AttentionCache", "DecodeState", "DecodeLengthError", "check_room", "mixer_step",
+           "attention_step"]

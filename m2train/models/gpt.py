@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .base import M2TrainModel
 from .chunked_loss import linear_cross_entropy
-from .decoding import DecodeState
+from .decoding import DecodeState, check_room
 from .outputs import ModelOutput, upcast
 
 
@@ -103,9 +103,7 @@ class CausalLM(M2TrainModel):
         prompt first, then one token per step); equal to the full forward's logits at those positions.
         Inference only: run under torch.no_grad() in eval mode."""
         T = input_ids.shape[1]
-        if state.length + T > state.max_len:
-            raise ValueError(f"decoding {T} more token(s) after {state.length} exceeds the decode state's "
-                             f"max_len={state.max_len}")
+        check_room(state.length, T, state.max_len)
         h = self.embed(input_ids)
         if self.pos_embed is not None:
             h = h + self.pos_embed.weight[state.length:state.length + T]

@@ -24,14 +24,24 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, H = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.heads(x)
         mask = None
         if attention_mask is not None and not self.causal:
             mask = attention_mask[:, None, None, :].bool()          # keys that may be attended
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, L, H))
+        return self.merge(y)
+
+    # The two projections, shared with incremental decoding (m2train.models.decoding.attention_step).
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, heads, L, head_dim) of x (B, L, H)."""
+        B, L, H = x.shape
+        return self.qkv(x).view(B, L, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """The attention output (B, heads, L, head_dim) through the output projection: (B, L, H)."""
+        B, _, L, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
